@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from oscar_kv.ref.quant import FLOAT_DTYPES, QuantizedKV, dequantize_pages, page_norms
 from oscar_kv.ref.hadamard import fwht
+from oscar_kv.ref.quant import FLOAT_DTYPES, QuantizedKV, dequantize_pages, page_norms
 
 
 def check_query(q: torch.Tensor, qkv: QuantizedKV, causal: bool) -> None:

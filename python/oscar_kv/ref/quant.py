@@ -143,7 +143,7 @@ class QuantizedKV:
 def check_kv(k: torch.Tensor, v: torch.Tensor) -> None:
     for name, t in (("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")  # noqa: TRY004 (API contract: ValueError)
         if t.dim() != 3:
             raise ValueError(
                 f"{name} must be [tokens, kv_heads, head_dim], got shape {tuple(t.shape)}"
@@ -212,7 +212,7 @@ def token_norms(k_rot: torch.Tensor, norm: str) -> torch.Tensor | None:
 def quantize_kv(k: torch.Tensor, v: torch.Tensor, config: OscarConfig) -> QuantizedKV:
     """Quantize one layer's post-RoPE K and V ([tokens, kv_heads, head_dim]) into pages."""
     if not isinstance(config, OscarConfig):
-        raise ValueError(f"config must be an OscarConfig, got {type(config).__name__}")
+        raise ValueError(f"config must be an OscarConfig, got {type(config).__name__}")  # noqa: TRY004
     check_kv(k, v)
     tokens, heads, dim = k.shape
     if dim % config.v_group:

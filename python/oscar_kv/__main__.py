@@ -1,0 +1,40 @@
+"""``python -m oscar_kv demo|fidelity``: the package's command line."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+USAGE = """usage: python -m oscar_kv COMMAND [options]
+
+commands:
+  demo       multi-turn chat with SmolLM2, bf16 cache vs OScaR 2-bit cache, side by side
+  fidelity   K/V/logit/output error of every method on synthetic and real KV tensors
+
+Run `python -m oscar_kv COMMAND --help` for a command's options."""
+
+
+def command(name: str) -> Callable[[list[str]], int] | None:
+    if name == "demo":
+        from oscar_kv.demo import main
+    elif name == "fidelity":
+        from oscar_kv.eval.fidelity import main
+    else:
+        return None
+    return main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if args else 2
+    run = command(args[0])
+    if run is None:
+        print(f"unknown command {args[0]!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    return run(args[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

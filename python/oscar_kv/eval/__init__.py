@@ -1,0 +1,1 @@
+"""Evaluation helpers: a real model (SmolLM2 from a GGUF file), KV capture, fidelity harnesses."""

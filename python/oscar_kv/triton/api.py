@@ -1,0 +1,207 @@
+"""Python launchers of the Triton kernels (argument checks live in `oscar_kv.ops`)."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+
+from oscar_kv.triton._env import in_scope
+from oscar_kv.triton.decode import decode_split_kernel, merge_kernel
+from oscar_kv.triton.quant import dequantize_pages_kernel, fwht_kernel, quantize_pages_kernel
+
+if TYPE_CHECKING:
+    from oscar_kv.ops import PageLayout
+
+_NORM_CODE = {"none": 0, "token": 1, "head": 2}
+_LOG2E = 1.4426950408889634
+
+
+def _layout_args(layout: PageLayout) -> dict[str, int]:
+    o = layout.offsets
+    cfg = layout.config
+    return {
+        "OFF_KC": o["k_codes"],
+        "OFF_VC": o["v_codes"],
+        "OFF_KS": o["k_scale"],
+        "OFF_KZ": o["k_zero"],
+        "OFF_VS": o["v_scale"],
+        "OFF_VZ": o["v_zero"],
+        "OFF_N": o["norms"],
+        "D": layout.head_dim,
+        "LOG2D": int(math.log2(layout.head_dim)),
+        "BITS": cfg.bits,
+        "KG": cfg.k_group,
+        "VG": cfg.v_group,
+        "NORM": _NORM_CODE[cfg.norm],
+    }
+
+
+@in_scope
+def quantize_pages(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pool: torch.Tensor,
+    page_ids: torch.Tensor,
+    layout: PageLayout,
+    src_index: torch.Tensor,
+) -> None:
+    """Quantize blocks k[src_index[i]], v[...] ([n, 128, H, D]) into pool rows page_ids[i]."""
+    n = page_ids.shape[0]
+    if n == 0:
+        return
+    cfg = layout.config
+    args = _layout_args(layout)
+    warps = 8 if layout.head_dim <= 128 else 16
+    quantize_pages_kernel[(n, layout.kv_heads)](
+        k,
+        v,
+        src_index,
+        page_ids,
+        pool,
+        pool.stride(0),
+        *k.stride(),
+        *v.stride(),
+        H=layout.kv_heads,
+        ROT_K=cfg.rotation == "hadamard",
+        ROT_V=cfg.rotates_v_online,
+        num_warps=warps,
+        # A fused multiply-add in the norm's x*x + y would change the stored bits.
+        enable_fp_fusion=False,
+        **args,
+    )
+
+
+@in_scope
+def dequantize_pages(
+    pool: torch.Tensor, page_ids: torch.Tensor, layout: PageLayout, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pages -> (K, V) [n, 128, H, D] in the model's basis (norm applied, rotation undone)."""
+    n = page_ids.shape[0]
+    shape = (n, 128, layout.kv_heads, layout.head_dim)
+    k = torch.empty(shape, dtype=dtype, device=pool.device)
+    v = torch.empty(shape, dtype=dtype, device=pool.device)
+    if n:
+        cfg = layout.config
+        dequantize_pages_kernel[(n, layout.kv_heads)](
+            pool,
+            pool.stride(0),
+            page_ids,
+            k,
+            v,
+            H=layout.kv_heads,
+            ROT_K=cfg.rotation == "hadamard",
+            ROT_V=cfg.rotates_v_online,
+            num_warps=8,
+            **_layout_args(layout),
+        )
+    return k, v
+
+
+@in_scope
+def fwht(x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Normalized Walsh-Hadamard transform over the last dim (bit-identical to the ref's)."""
+    d = x.shape[-1]
+    xc = x.contiguous().view(-1, d)
+    out = torch.empty(xc.shape, dtype=out_dtype or x.dtype, device=x.device)
+    rows = max(1, min(64, 8192 // d))
+    if xc.shape[0]:
+        fwht_kernel[(triton.cdiv(xc.shape[0], rows),)](
+            xc, out, xc.shape[0], ROWS=rows, D=d, LOG2D=int(math.log2(d)), num_warps=4
+        )
+    return out.view(x.shape)
+
+
+def default_num_splits(batch: int, kv_heads: int, max_pages: int, device: torch.device) -> int:
+    """Enough splits to give every SM ~2 programs; 1 in the interpreter (each costs time)."""
+    if device.type != "cuda" or max_pages <= 1:
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(max_pages, triton.cdiv(2 * sms, batch * kv_heads)))
+
+
+@in_scope
+def decode_attention(
+    q: torch.Tensor,
+    pool: torch.Tensor,
+    layout: PageLayout,
+    page_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    k_tail: torch.Tensor,
+    v_tail: torch.Tensor,
+    tail_index: torch.Tensor,
+    tail_len: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
+    precise: bool = False,
+) -> torch.Tensor:
+    """Split-KV decode over packed pages + bf16 tail; out [B, Hq, D] in q's dtype.
+
+    ``precise`` runs the dots in fp32 (IEEE) instead of fp16 operands with fp32 accumulation;
+    tests use it to compare with the reference tightly.
+    """
+    batch, hq, d = q.shape
+    hkv = layout.kv_heads
+    group = hq // hkv
+    max_pages = page_table.shape[1]
+    ns = num_splits or default_num_splits(batch, hkv, max_pages, q.device)
+    pps = max(1, triton.cdiv(max_pages, ns))
+    ns = max(1, triton.cdiv(max_pages, pps)) if max_pages else 1
+    mid_o = torch.empty((batch, hq, ns + 1, d), dtype=torch.float32, device=q.device)
+    mid_m = torch.empty((batch, hq, ns + 1), dtype=torch.float32, device=q.device)
+    mid_l = torch.empty((batch, hq, ns + 1), dtype=torch.float32, device=q.device)
+    out = torch.empty((batch, hq, d), dtype=q.dtype, device=q.device)
+    cfg = layout.config
+    gp = max(16, triton.next_power_of_2(group))
+    args = _layout_args(layout)
+    decode_split_kernel[(batch, hkv, ns + 1)](
+        q,
+        q.stride(0),
+        q.stride(1),
+        pool,
+        pool.stride(0),
+        page_table,
+        page_table.stride(0),
+        num_pages,
+        k_tail,
+        k_tail.stride(0),
+        k_tail.stride(1),
+        k_tail.stride(2),
+        v_tail,
+        v_tail.stride(0),
+        v_tail.stride(1),
+        v_tail.stride(2),
+        tail_index,
+        tail_len,
+        mid_o,
+        mid_m,
+        mid_l,
+        pps,
+        scale * _LOG2E,
+        HKV=hkv,
+        G=group,
+        GP=gp,
+        ROT_Q=cfg.rotation == "hadamard",
+        PRECISE=precise,
+        num_warps=4,
+        **args,
+    )
+    merge_kernel[(batch, hkv)](
+        mid_o,
+        mid_m,
+        mid_l,
+        out,
+        out.stride(0),
+        out.stride(1),
+        ns,
+        HKV=hkv,
+        G=group,
+        GP=triton.next_power_of_2(group),
+        D=d,
+        LOG2D=args["LOG2D"],
+        ROT_V=cfg.rotates_v_online,
+        num_warps=4,
+    )
+    return out

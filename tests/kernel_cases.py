@@ -1,0 +1,110 @@
+"""Inputs shared by the kernel tests: K/V with adversarial structure and paged caches.
+
+Kernel tests run on CUDA tensors where a device exists (compiled Triton/CUDA) and on CPU
+tensors through Triton's interpreter otherwise; `DEVICE` is that choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from oscar_kv import OscarConfig
+from oscar_kv.ops import PageLayout
+from oscar_kv.ref import quantize_kv
+from oscar_kv.ref.quant import QuantizedKV
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+KINDS = ("random", "outlier", "tiny")
+
+
+def make_kv(
+    tokens: int, heads: int, dim: int, kind: str, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 K, V [tokens, heads, dim].
+
+    outlier: a few K channels ~40x larger (what the rotation must spread) and a V outlier.
+    tiny: near-zero-norm tokens (1e-6 scale), exactly-zero tokens (norm 0 -> unit K = 0),
+    and constant V rows (scale 0 -> code 0).
+    """
+    k = torch.randn(tokens, heads, dim, generator=gen)
+    v = torch.randn(tokens, heads, dim, generator=gen)
+    if kind == "outlier":
+        k[:, :, 3] *= 40.0
+        k[:, :, dim - 5] = 25.0 + k[:, :, dim - 5]
+        v[:, :, 7] *= 30.0
+    elif kind == "tiny":
+        k[::7] *= 1e-6
+        k[5::11] = 0.0
+        v[3::13] = 0.5
+        v[4::17] = 0.0
+    elif kind != "random":
+        raise ValueError(kind)
+    return k.bfloat16(), v.bfloat16()
+
+
+@dataclass
+class Cache:
+    layout: PageLayout
+    pool: torch.Tensor
+    page_table: torch.Tensor
+    num_pages: torch.Tensor
+    k_tail: torch.Tensor
+    v_tail: torch.Tensor
+    tail_index: torch.Tensor
+    tail_len: torch.Tensor
+    qkvs: list[QuantizedKV]
+
+    def decode_args(self) -> tuple[torch.Tensor, ...]:
+        return (self.pool, self.page_table, self.num_pages, self.k_tail, self.v_tail)
+
+
+def build_cache(
+    cfg: OscarConfig,
+    lens: list[int],
+    heads: int,
+    dim: int,
+    kind: str = "random",
+    seed: int = 0,
+    device: torch.device = DEVICE,
+) -> Cache:
+    """Requests of the given lengths, quantized by the reference into a shuffled pool.
+
+    Page ids are a random permutation with unused pages in between, and tail slots are
+    permuted too, so indexing bugs cannot hide behind identity tables.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    layout = PageLayout.of(cfg, heads, dim)
+    n_pages = sum(n // 128 for n in lens)
+    pool = layout.alloc_pool(n_pages + 3)
+    perm = torch.randperm(n_pages + 3, generator=gen)[:n_pages]
+    max_pages = max(1, max(n // 128 for n in lens))
+    page_table = torch.zeros(len(lens), max_pages, dtype=torch.int32)
+    k_tail = torch.zeros(len(lens) + 1, 128, heads, dim, dtype=torch.bfloat16)
+    v_tail = torch.zeros_like(k_tail)
+    tail_index = torch.randperm(len(lens) + 1, generator=gen)[: len(lens)].int()
+    used = 0
+    qkvs = []
+    for b, n in enumerate(lens):
+        k, v = make_kv(n, heads, dim, kind, gen)
+        qkv = quantize_kv(k, v, cfg)
+        qkvs.append(qkv)
+        ids = perm[used : used + qkv.num_pages]
+        used += qkv.num_pages
+        if qkv.num_pages:
+            pool[ids] = qkv.packed_pages()
+        page_table[b, : qkv.num_pages] = ids.int()
+        k_tail[tail_index[b], : n % 128] = qkv.k_tail
+        v_tail[tail_index[b], : n % 128] = qkv.v_tail
+    return Cache(
+        layout=layout,
+        pool=pool.to(device),
+        page_table=page_table.to(device),
+        num_pages=torch.tensor([n // 128 for n in lens], dtype=torch.int32, device=device),
+        k_tail=k_tail.to(device),
+        v_tail=v_tail.to(device),
+        tail_index=tail_index.to(device),
+        tail_len=torch.tensor([n % 128 for n in lens], dtype=torch.int32, device=device),
+        qkvs=qkvs,
+    )

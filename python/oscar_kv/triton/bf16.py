@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from oscar_kv.triton._env import in_scope
+from oscar_kv.triton._env import INTERPRETED, in_scope
 from oscar_kv.triton.decode import merge_kernel
 
 _LOG2E = 1.4426950408889634
@@ -41,6 +41,7 @@ def bf16_split_kernel(
     GP: tl.constexpr,
     D: tl.constexpr,
     PAGE: tl.constexpr,
+    INTERP: tl.constexpr,
 ):
     b = tl.program_id(0)
     hk = tl.program_id(1)
@@ -67,14 +68,22 @@ def bf16_split_kernel(
         tmask = i * PAGE + t < seq_len
         off = page * cs0 + t[:, None] * cs1 + hk * cs2 + c[None, :]
         k = tl.load(k_ptr + off, mask=tmask[:, None], other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        if INTERP:
+            # The interpreter's dot multiplies bf16 as raw 16-bit integers.
+            qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * qk_scale
+        else:
+            qk = tl.dot(q, tl.trans(k)) * qk_scale
         qk = tl.where(tmask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m, tl.max(qk, axis=1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_sum = l_sum * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + off, mask=tmask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(tl.bfloat16), v)
+        if INTERP:
+            pv = tl.dot(p.to(tl.bfloat16).to(tl.float32), v.to(tl.float32))
+        else:
+            pv = tl.dot(p.to(tl.bfloat16), v)
+        acc = acc * alpha[:, None] + pv
         m = m_new
     mid = (b * HKV * G + hq) * nsplit + s
     tl.store(mid_m_ptr + mid, m, mask=qmask)
@@ -131,6 +140,7 @@ def bf16_decode_attention(
         GP=max(16, triton.next_power_of_2(group)),
         D=d,
         PAGE=page,
+        INTERP=INTERPRETED,
         num_warps=4,
     )
     # The merge treats its last split specially only for un-rotation, which is off here.

@@ -341,7 +341,8 @@ def merge_kernel(
     m, l_sum, acc = _merge_one(
         mid_o_ptr, mid_m_ptr, mid_l_ptr, row + NSPLIT, qmask, c, m, l_sum, acc, D
     )
-    out = acc / l_sum[:, None]
+    # Padding rows (qmask false) have l_sum == 0; keep them finite.
+    out = acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None]
     tl.store(
         out_ptr + b.to(tl.int64) * os0 + hq[:, None] * os1 + c[None, :],
         out.to(out_ptr.dtype.element_ty),

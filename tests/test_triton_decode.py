@@ -19,7 +19,7 @@ def reference(cache, q: torch.Tensor) -> torch.Tensor:
     return torch.cat([attention(q[b : b + 1], qkv) for b, qkv in enumerate(cache.qkvs)])
 
 
-def check(cfg, lens, h, group, d, kind="random", splits=(1, 2), seed=0, fp16=True):
+def check(cfg, lens, h, group, d, kind="random", splits=(1, 2), seed=0, fp16=True, bt=64):
     cache = build_cache(cfg, lens, h, d, kind=kind, seed=seed)
     gen = torch.Generator().manual_seed(seed + 100)
     q = torch.randn(len(lens), h * group, d, generator=gen)
@@ -30,7 +30,7 @@ def check(cfg, lens, h, group, d, kind="random", splits=(1, 2), seed=0, fp16=Tru
     for ns in splits:
         got = tri.decode_attention(
             q.to(DEVICE), cache.pool, cache.layout, cache.page_table, cache.num_pages,
-            cache.k_tail, cache.v_tail, cache.tail_index, cache.tail_len, d**-0.5, ns, True,
+            cache.k_tail, cache.v_tail, cache.tail_index, cache.tail_len, d**-0.5, ns, True, bt,
         )  # fmt: skip
         torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4 * big)
     if fp16:
@@ -74,6 +74,13 @@ def test_decode_configs(cfg):
 @pytest.mark.parametrize("kind", ["outlier", "tiny"])
 def test_decode_adversarial(kind):
     check(OscarConfig(), [384, 70], 2, 4, 64, kind=kind, splits=(3,), seed=7)
+
+
+@pytest.mark.parametrize(("bt", "k_group"), [(32, 32), (32, 128), (128, 64)])
+def test_decode_block_tokens(bt, k_group):
+    """Sub-block walks of a page: groups inside a block and a block inside a group."""
+    check(OscarConfig(k_group=k_group, norm="head"), [300], 2, 2, 64, splits=(2,), bt=bt,
+          fp16=False)  # fmt: skip
 
 
 @pytest.mark.parametrize("d", [128, 256])

@@ -42,18 +42,19 @@ def bf16_split_kernel(
     D: tl.constexpr,
     PAGE: tl.constexpr,
     INTERP: tl.constexpr,
+    BT: tl.constexpr,
 ):
+    NSUB: tl.constexpr = PAGE // BT
     b = tl.program_id(0)
     hk = tl.program_id(1)
     s = tl.program_id(2)
     nsplit = tl.num_programs(2)
     gq = tl.arange(0, GP)
     qmask = gq < G
-    t = tl.arange(0, PAGE)
     c = tl.arange(0, D)
     hq = hk * G + gq
     q = tl.load(
-        q_ptr + b.to(tl.int64) * qs0 + hq[:, None] * qs1 + c[None, :],
+        q_ptr + b.to(tl.int64) * qs0 + (hq[:, None] * qs1 + c[None, :]),
         mask=qmask[:, None],
         other=0.0,
     ).to(tl.bfloat16)
@@ -63,11 +64,15 @@ def bf16_split_kernel(
     m = tl.full([GP], float("-inf"), dtype=tl.float32)
     l_sum = tl.zeros([GP], dtype=tl.float32)
     acc = tl.zeros([GP, D], dtype=tl.float32)
-    for i in range(start, end):
+    for it in range(start * NSUB, end * NSUB):
+        i = it // NSUB
+        tt = (it % NSUB) * BT + tl.arange(0, BT)
         page = tl.load(pt_ptr + b.to(tl.int64) * pt_stride + i).to(tl.int64)
-        tmask = i * PAGE + t < seq_len
-        off = page * cs0 + t[:, None] * cs1 + hk * cs2 + c[None, :]
-        k = tl.load(k_ptr + off, mask=tmask[:, None], other=0.0)
+        tmask = i * PAGE + tt < seq_len
+        # Scalar (64-bit) page base first, so the tile offsets stay 32-bit.
+        row = page * cs0 + hk * cs2
+        off = tt[:, None] * cs1 + c[None, :]
+        k = tl.load(k_ptr + row + off, mask=tmask[:, None], other=0.0)
         if INTERP:
             # The interpreter's dot multiplies bf16 as raw 16-bit integers.
             qk = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32))) * qk_scale
@@ -75,10 +80,11 @@ def bf16_split_kernel(
             qk = tl.dot(q, tl.trans(k)) * qk_scale
         qk = tl.where(tmask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m, tl.max(qk, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(qk - m_new[:, None])
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_ref)
+        p = tl.exp2(qk - m_ref[:, None])
         l_sum = l_sum * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + off, mask=tmask[:, None], other=0.0)
+        v = tl.load(v_ptr + row + off, mask=tmask[:, None], other=0.0)
         if INTERP:
             pv = tl.dot(p.to(tl.bfloat16).to(tl.float32), v.to(tl.float32))
         else:
@@ -100,8 +106,13 @@ def bf16_decode_attention(
     seq_lens: torch.Tensor,
     scale: float | None = None,
     num_splits: int | None = None,
+    block_tokens: int = 32,
 ) -> torch.Tensor:
-    """q [B, Hq, D] over a bf16 paged cache [num_pages, PAGE, H_kv, D]; out like q."""
+    """q [B, Hq, D] over a bf16 paged cache [num_pages, PAGE, H_kv, D]; out like q.
+
+    ``block_tokens`` per inner step (divides PAGE): 32 compiles to 128 registers on sm_90a,
+    64 to 242.
+    """
     batch, hq, d = q.shape
     page, hkv = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
@@ -141,6 +152,7 @@ def bf16_decode_attention(
         D=d,
         PAGE=page,
         INTERP=INTERPRETED,
+        BT=min(page, block_tokens),
         num_warps=4,
     )
     # The merge treats its last split specially only for un-rotation, which is off here.

@@ -14,7 +14,7 @@ import triton.language as tl
 # 1.5 * 2^23: adding and subtracting it rounds an fp32 |x| < 2^22 to an integer with the
 # FPU's round-half-to-even, the same rounding as torch.round. libdevice.rint would do, but
 # the interpreter cannot run libdevice calls.
-_RINT_MAGIC = 12582912.0
+_RINT_MAGIC = tl.constexpr(12582912.0)
 
 
 @triton.jit
@@ -30,9 +30,10 @@ def fwht_rows(x, ROWS: tl.constexpr, D: tl.constexpr, LOG2D: tl.constexpr):
     Stage order (bit 0 first) and the final multiply by fp32(1/sqrt(D)) match
     `oscar_kv.ref.hadamard.fwht`, so the result is bit-identical to it.
     """
+    # Stage s pairs channel i with i + 2^s (shapes written inline: a constexpr may not be
+    # re-assigned in a compiled loop).
     for s in tl.static_range(LOG2D):
-        h: tl.constexpr = 1 << s
-        y = tl.reshape(x, [ROWS, D // (2 * h), 2, h])
+        y = tl.reshape(x, [ROWS, D >> (s + 1), 2, 1 << s])
         y = tl.permute(y, [0, 1, 3, 2])
         a, b = tl.split(y)
         y = tl.join(a + b, a - b)
@@ -49,8 +50,7 @@ def tree_sum_rows(x, ROWS: tl.constexpr, D: tl.constexpr, LOG2D: tl.constexpr):
     Same tree as `oscar_kv.ops.pinned_token_norms` (and the CUDA warp xor-reduction).
     """
     for s in tl.static_range(LOG2D):
-        half: tl.constexpr = D >> (s + 1)
-        y = tl.reshape(x, [ROWS, 2, half])
+        y = tl.reshape(x, [ROWS, 2, D >> (s + 1)])
         y = tl.permute(y, [0, 2, 1])
         a, b = tl.split(y)
         x = a + b

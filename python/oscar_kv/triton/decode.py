@@ -57,29 +57,42 @@ def _dot(a, b, PRECISE: tl.constexpr):
 
 
 @triton.jit
-def _k_plane(
+def _k_dot(
+    qp,
     kb,
-    ks,
-    kz,
+    ksp,
+    kzp,
     K: tl.constexpr,
     BITS: tl.constexpr,
-    NGK: tl.constexpr,
-    KG: tl.constexpr,
+    NGKB: tl.constexpr,
+    KGB: tl.constexpr,
     NB: tl.constexpr,
+    PRECISE: tl.constexpr,
 ):
+    """q plane [GP, NB] . dequantized K plane K of a [NGKB * KGB, NB] code tile -> [GP, BT]."""
     QMAX: tl.constexpr = (1 << BITS) - 1
-    code = ((kb >> (K * BITS)) & QMAX).to(tl.float32)
-    code = tl.reshape(code, [NGK, KG, NB])
-    return tl.reshape(code * ks[:, None, :] + kz[:, None, :], [NGK * KG, NB])
+    ks = tl.load(ksp + K).to(tl.float32)
+    kz = tl.load(kzp + K).to(tl.float32)
+    code = tl.reshape(((kb >> (K * BITS)) & QMAX).to(tl.float32), [NGKB, KGB, NB])
+    k = tl.reshape(code * ks[:, None, :] + kz[:, None, :], [NGKB * KGB, NB])
+    return _dot(qp, tl.trans(k), PRECISE)
 
 
 @triton.jit
-def _v_plane(vb, vs, vz, K: tl.constexpr, BITS: tl.constexpr, NVG: tl.constexpr, NB: tl.constexpr):
+def _v_plane(
+    vb,
+    vs,
+    vz,
+    K: tl.constexpr,
+    BITS: tl.constexpr,
+    BT: tl.constexpr,
+    NVG: tl.constexpr,
+    NB: tl.constexpr,
+):
     QMAX: tl.constexpr = (1 << BITS) - 1
-    T: tl.constexpr = 128
     code = ((vb >> (K * BITS)) & QMAX).to(tl.float32)
-    code = tl.reshape(code, [T, NVG, NB // NVG])
-    return tl.reshape(code * vs[:, :, None] + vz[:, :, None], [T, NB])
+    code = tl.reshape(code, [BT, NVG, NB // NVG])
+    return tl.reshape(code * vs[:, :, None] + vz[:, :, None], [BT, NB])
 
 
 @triton.jit
@@ -125,50 +138,53 @@ def decode_split_kernel(
     NORM: tl.constexpr,
     ROT_Q: tl.constexpr,
     PRECISE: tl.constexpr,
+    BT: tl.constexpr,
 ):
     T: tl.constexpr = 128
     PB: tl.constexpr = 8 // BITS
     NB: tl.constexpr = D // PB
     NGK: tl.constexpr = T // KG
     NVG: tl.constexpr = D // VG
+    NSUB: tl.constexpr = T // BT
+    KGB: tl.constexpr = KG if KG < BT else BT  # noqa: FURB136 (constexpr, not builtin min)
+    NGKB: tl.constexpr = BT // KGB  # K groups per sub-block
     b = tl.program_id(0)
     hk = tl.program_id(1)
     s = tl.program_id(2)
     nsplit = tl.num_programs(2) - 1
     gq = tl.arange(0, GP)
     qmask = gq < G
-    t = tl.arange(0, T)
     c = tl.arange(0, D)
     hq = hk * G + gq
     q = tl.load(
-        q_ptr + b.to(tl.int64) * qs0 + hq[:, None] * qs1 + c[None, :],
+        q_ptr + b.to(tl.int64) * qs0 + (hq[:, None] * qs1 + c[None, :]),
         mask=qmask[:, None],
         other=0.0,
     ).to(tl.float32)
     mid = (b * HKV * G + hq) * (nsplit + 1) + s
 
     if s == nsplit:
-        # bf16 tail, exact, in the model's basis.
+        # bf16 tail, exact, in the model's basis; BT tokens per step like the pages.
         slot = tl.load(tidx_ptr + b).to(tl.int64)
         n_tail = tl.load(tlen_ptr + b)
-        tmask = t < n_tail
-        kt = tl.load(
-            kt_ptr + slot * kts0 + t[:, None] * kts1 + hk * kts2 + c[None, :],
-            mask=tmask[:, None],
-            other=0.0,
-        ).to(tl.float32)
-        qk = _dot(q, tl.trans(kt), PRECISE) * qk_scale
-        qk = tl.where(tmask[None, :], qk, float("-inf"))
-        m = tl.max(qk, axis=1)
-        m_ref = tl.where(m == float("-inf"), 0.0, m)
-        p = tl.exp2(qk - m_ref[:, None])
-        l_sum = tl.sum(p, axis=1)
-        vt = tl.load(
-            vt_ptr + slot * vts0 + t[:, None] * vts1 + hk * vts2 + c[None, :],
-            mask=tmask[:, None],
-            other=0.0,
-        ).to(tl.float32)
-        acc = _dot(p, vt, PRECISE)
+        m = tl.full([GP], float("-inf"), dtype=tl.float32)
+        l_sum = tl.zeros([GP], dtype=tl.float32)
+        acc = tl.zeros([GP, D], dtype=tl.float32)
+        for t0 in range(0, n_tail, BT):
+            tt = t0 + tl.arange(0, BT)
+            tmask = tt < n_tail
+            off = tt[:, None] * kts1 + c[None, :]  # 32-bit tile offsets off a 64-bit base
+            kt = tl.load(kt_ptr + (slot * kts0 + hk * kts2) + off, mask=tmask[:, None], other=0.0)
+            qk = _dot(q, tl.trans(kt.to(tl.float32)), PRECISE) * qk_scale
+            qk = tl.where(tmask[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m, tl.max(qk, axis=1))  # finite: tt[0] < n_tail
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_sum = l_sum * alpha + tl.sum(p, axis=1)
+            m = m_new
+            voff = tt[:, None] * vts1 + c[None, :]
+            vt = tl.load(vt_ptr + (slot * vts0 + hk * vts2) + voff, mask=tmask[:, None], other=0.0)
+            acc = acc * alpha[:, None] + _dot(p, vt.to(tl.float32), PRECISE)
     else:
         n_pages = tl.load(npages_ptr + b)
         start = s * pages_per_split
@@ -179,7 +195,7 @@ def decode_split_kernel(
             qr = q
         q0, q1, q2, q3 = _planes_of(qr, GP, D, BITS)
         j = tl.arange(0, NB)
-        gk = tl.arange(0, NGK)
+        gk = tl.arange(0, NGKB)
         gv = tl.arange(0, NVG)
         m = tl.full([GP], float("-inf"), dtype=tl.float32)
         l_sum = tl.zeros([GP], dtype=tl.float32)
@@ -187,85 +203,29 @@ def decode_split_kernel(
         a1 = tl.zeros([GP, NB], dtype=tl.float32)
         a2 = tl.zeros([GP, NB], dtype=tl.float32)
         a3 = tl.zeros([GP, NB], dtype=tl.float32)
-        for i in range(start, end):
+        # Flattened (page, sub-block) loop: BT tokens per step keeps the code tiles small.
+        for it in range(start * NSUB, end * NSUB):
+            i = it // NSUB
+            t0 = (it % NSUB) * BT
+            tt = t0 + tl.arange(0, BT)
             page = tl.load(pt_ptr + b.to(tl.int64) * pt_stride + i).to(tl.int64)
             base = pool_ptr + page * page_stride
-            row = (hk * T + t[:, None]) * NB + j[None, :]
+            row = (hk * T + tt[:, None]) * NB + j[None, :]
             kb = tl.load(base + OFF_KC + row).to(tl.int32)
-            # Per-channel K params of plane k live at channel PB * j + k.
-            ksp = (base + OFF_KS).to(tl.pointer_type(tl.float16))
-            kzp = (base + OFF_KZ).to(tl.pointer_type(tl.float16))
-            pofs = (hk * NGK + gk[:, None]) * D + j[None, :] * PB
-            qk = _dot(
-                q0,
-                tl.trans(
-                    _k_plane(
-                        kb,
-                        tl.load(ksp + pofs).to(tl.float32),
-                        tl.load(kzp + pofs).to(tl.float32),
-                        0,
-                        BITS,
-                        NGK,
-                        KG,
-                        NB,
-                    )
-                ),
-                PRECISE,
-            )
-            qk += _dot(
-                q1,
-                tl.trans(
-                    _k_plane(
-                        kb,
-                        tl.load(ksp + pofs + 1).to(tl.float32),
-                        tl.load(kzp + pofs + 1).to(tl.float32),
-                        1,
-                        BITS,
-                        NGK,
-                        KG,
-                        NB,
-                    )
-                ),
-                PRECISE,
-            )
+            # K params of the sub-block's groups; plane k reads channel PB * j + k.
+            pofs = (hk * NGK + t0 // KG + gk[:, None]) * D + j[None, :] * PB
+            ksp = (base + OFF_KS).to(tl.pointer_type(tl.float16)) + pofs
+            kzp = (base + OFF_KZ).to(tl.pointer_type(tl.float16)) + pofs
+            qk = _k_dot(q0, kb, ksp, kzp, 0, BITS, NGKB, KGB, NB, PRECISE)
+            qk += _k_dot(q1, kb, ksp, kzp, 1, BITS, NGKB, KGB, NB, PRECISE)
             if BITS == 2:
-                qk += _dot(
-                    q2,
-                    tl.trans(
-                        _k_plane(
-                            kb,
-                            tl.load(ksp + pofs + 2).to(tl.float32),
-                            tl.load(kzp + pofs + 2).to(tl.float32),
-                            2,
-                            BITS,
-                            NGK,
-                            KG,
-                            NB,
-                        )
-                    ),
-                    PRECISE,
-                )
-                qk += _dot(
-                    q3,
-                    tl.trans(
-                        _k_plane(
-                            kb,
-                            tl.load(ksp + pofs + 3).to(tl.float32),
-                            tl.load(kzp + pofs + 3).to(tl.float32),
-                            3,
-                            BITS,
-                            NGK,
-                            KG,
-                            NB,
-                        )
-                    ),
-                    PRECISE,
-                )
+                qk += _k_dot(q2, kb, ksp, kzp, 2, BITS, NGKB, KGB, NB, PRECISE)
+                qk += _k_dot(q3, kb, ksp, kzp, 3, BITS, NGKB, KGB, NB, PRECISE)
             if NORM == 1:
-                nrm = tl.load((base + OFF_N).to(tl.pointer_type(tl.float32)) + t)
+                nrm = tl.load((base + OFF_N).to(tl.pointer_type(tl.float32)) + tt)
                 qk = qk * nrm[None, :]
             elif NORM == 2:
-                nrm = tl.load((base + OFF_N).to(tl.pointer_type(tl.float32)) + hk * T + t)
+                nrm = tl.load((base + OFF_N).to(tl.pointer_type(tl.float32)) + hk * T + tt)
                 qk = qk * nrm[None, :]
             qk = qk * qk_scale
             m_new = tl.maximum(m, tl.max(qk, axis=1))
@@ -275,14 +235,18 @@ def decode_split_kernel(
             m = m_new
 
             vb = tl.load(base + OFF_VC + row).to(tl.int32)
-            vofs = (hk * T + t[:, None]) * NVG + gv[None, :]
+            vofs = (hk * T + tt[:, None]) * NVG + gv[None, :]
             vs = tl.load((base + OFF_VS).to(tl.pointer_type(tl.float16)) + vofs).to(tl.float32)
             vz = tl.load((base + OFF_VZ).to(tl.pointer_type(tl.float16)) + vofs).to(tl.float32)
-            a0 = a0 * alpha[:, None] + _dot(p, _v_plane(vb, vs, vz, 0, BITS, NVG, NB), PRECISE)
-            a1 = a1 * alpha[:, None] + _dot(p, _v_plane(vb, vs, vz, 1, BITS, NVG, NB), PRECISE)
+            a0 = a0 * alpha[:, None] + _dot(p, _v_plane(vb, vs, vz, 0, BITS, BT, NVG, NB), PRECISE)
+            a1 = a1 * alpha[:, None] + _dot(p, _v_plane(vb, vs, vz, 1, BITS, BT, NVG, NB), PRECISE)
             if BITS == 2:
-                a2 = a2 * alpha[:, None] + _dot(p, _v_plane(vb, vs, vz, 2, BITS, NVG, NB), PRECISE)
-                a3 = a3 * alpha[:, None] + _dot(p, _v_plane(vb, vs, vz, 3, BITS, NVG, NB), PRECISE)
+                a2 = a2 * alpha[:, None] + _dot(
+                    p, _v_plane(vb, vs, vz, 2, BITS, BT, NVG, NB), PRECISE
+                )
+                a3 = a3 * alpha[:, None] + _dot(
+                    p, _v_plane(vb, vs, vz, 3, BITS, BT, NVG, NB), PRECISE
+                )
         acc = _from_planes(a0, a1, a2, a3, GP, D, BITS)
 
     tl.store(mid_m_ptr + mid, m, mask=qmask)

@@ -2,8 +2,8 @@
 
 `quantize_pages_kernel` writes pages byte-identical to `oscar_kv.ref.quantize_kv` (given the
 pinned norm reduction order, see `oscar_kv.ops.pinned_token_norms`). One program handles one
-(page, KV head); for norm="token" every program recomputes the norm over all heads, which
-costs H-fold FWHT work on a page but needs no cross-program reduction or second launch.
+(page, KV head, K group of tokens); for norm="token" every program recomputes its tokens'
+norms over all heads, which costs H-fold FWHT work but needs no cross-program reduction.
 GPU launches must pass ``enable_fp_fusion=False``: a fused x*x + y would change the norms.
 """
 
@@ -14,17 +14,17 @@ import triton.language as tl
 
 from oscar_kv.triton.common import codes_of, fwht_rows, group_params, pack_rows, tree_sum_rows
 
-NORM_NONE: tl.constexpr = 0
-NORM_TOKEN: tl.constexpr = 1
-NORM_HEAD: tl.constexpr = 2
+NORM_NONE = tl.constexpr(0)
+NORM_TOKEN = tl.constexpr(1)
+NORM_HEAD = tl.constexpr(2)
 
 
 @triton.jit
-def _load_rows(ptr, row, hh, s0, s1, s2, s3, T: tl.constexpr, D: tl.constexpr):
-    t = tl.arange(0, T)
+def _load_rows(ptr, row, hh, t, s0, s1, s2, s3, D: tl.constexpr):
     c = tl.arange(0, D)
-    off = row * s0 + t[:, None].to(tl.int64) * s1 + hh * s2 + c[None, :] * s3
-    return tl.load(ptr + off).to(tl.float32)
+    # 64-bit scalar base, 32-bit tile offsets (a 64-bit tile doubles its registers).
+    base = ptr + (row * s0 + hh * s2)
+    return tl.load(base + (t[:, None] * s1 + c[None, :] * s3)).to(tl.float32)
 
 
 @triton.jit
@@ -60,6 +60,8 @@ def quantize_pages_kernel(
     ROT_K: tl.constexpr,
     ROT_V: tl.constexpr,
 ):
+    # One program = one K group of KG tokens of one head: groups are independent, so the
+    # page spreads over H * 128 / KG programs and each holds a [KG, D] tile.
     T: tl.constexpr = 128
     QMAX: tl.constexpr = (1 << BITS) - 1
     RB: tl.constexpr = D * BITS // 8
@@ -68,28 +70,28 @@ def quantize_pages_kernel(
 
     i = tl.program_id(0)
     h = tl.program_id(1)
+    g = tl.program_id(2)
     row = tl.load(src_ptr + i).to(tl.int64)
     page = tl.load(page_ids_ptr + i).to(tl.int64)
     base = pool_ptr + page * page_stride
-    t = tl.arange(0, T)
+    t = g * KG + tl.arange(0, KG)
     c = tl.arange(0, D)
 
-    # ---- K: rotate, scale by the norm, per-channel groups of KG tokens.
-    k = _load_rows(k_ptr, row, h, ks0, ks1, ks2, ks3, T, D)
+    # ---- K: rotate, scale by the norm, per-channel min/max over the group's tokens.
+    k = _load_rows(k_ptr, row, h, t, ks0, ks1, ks2, ks3, D)
     if ROT_K:
-        k = fwht_rows(k, T, D, LOG2D)
+        k = fwht_rows(k, KG, D, LOG2D)
     if NORM == NORM_TOKEN:
         # Pinned order: per-head halves tree, then heads summed left to right.
-        n2 = tl.zeros([T], dtype=tl.float32)
-        for hh in tl.static_range(H):
-            kh = _load_rows(k_ptr, row, hh, ks0, ks1, ks2, ks3, T, D)
+        n2 = tl.zeros([KG], dtype=tl.float32)
+        for hh in tl.range(H):
+            kh = _load_rows(k_ptr, row, hh, t, ks0, ks1, ks2, ks3, D)
             if ROT_K:
-                kh = fwht_rows(kh, T, D, LOG2D)
-            s = tree_sum_rows(kh * kh, T, D, LOG2D)
-            n2 = n2 + s  # 0 + s0 == s0 exactly, so no special first head
+                kh = fwht_rows(kh, KG, D, LOG2D)
+            n2 = n2 + tree_sum_rows(kh * kh, KG, D, LOG2D)  # 0 + s0 == s0 exactly
         n = tl.sqrt_rn(n2)
     elif NORM == NORM_HEAD:
-        n = tl.sqrt_rn(tree_sum_rows(k * k, T, D, LOG2D))
+        n = tl.sqrt_rn(tree_sum_rows(k * k, KG, D, LOG2D))
     if NORM != NORM_NONE:
         nb = n[:, None]
         k = tl.where(nb > 0, tl.div_rn(k, tl.where(nb > 0, nb, 1.0)), 0.0)
@@ -99,25 +101,23 @@ def quantize_pages_kernel(
         else:
             tl.store((base + OFF_N).to(tl.pointer_type(tl.float32)) + h * T + t, n)
 
-    kg = tl.reshape(k, [NGK, KG, D])
-    zero, zero_f, scale, scale_f = group_params(tl.min(kg, axis=1), tl.max(kg, axis=1), QMAX)
-    codes = codes_of(kg, zero_f[:, None, :], scale_f[:, None, :], QMAX)
-    packed = pack_rows(tl.reshape(codes, [T, D]), T, D, BITS)
+    zero, zero_f, scale, scale_f = group_params(tl.min(k, axis=0), tl.max(k, axis=0), QMAX)
+    codes = codes_of(k, zero_f[None, :], scale_f[None, :], QMAX)
+    packed = pack_rows(codes, KG, D, BITS)
     j = tl.arange(0, RB)
     tl.store(base + OFF_KC + (h * T + t[:, None]) * RB + j[None, :], packed)
-    g = tl.arange(0, NGK)
-    soff = (h * NGK + g[:, None]) * D + c[None, :]
+    soff = (h * NGK + g) * D + c
     tl.store((base + OFF_KS).to(tl.pointer_type(tl.float16)) + soff, scale)
     tl.store((base + OFF_KZ).to(tl.pointer_type(tl.float16)) + soff, zero)
 
     # ---- V: per-token groups of VG channels.
-    v = _load_rows(v_ptr, row, h, vs0, vs1, vs2, vs3, T, D)
+    v = _load_rows(v_ptr, row, h, t, vs0, vs1, vs2, vs3, D)
     if ROT_V:
-        v = fwht_rows(v, T, D, LOG2D)
-    vg = tl.reshape(v, [T, NVG, VG])
+        v = fwht_rows(v, KG, D, LOG2D)
+    vg = tl.reshape(v, [KG, NVG, VG])
     zero, zero_f, scale, scale_f = group_params(tl.min(vg, axis=2), tl.max(vg, axis=2), QMAX)
     codes = codes_of(vg, zero_f[:, :, None], scale_f[:, :, None], QMAX)
-    packed = pack_rows(tl.reshape(codes, [T, D]), T, D, BITS)
+    packed = pack_rows(tl.reshape(codes, [KG, D]), KG, D, BITS)
     tl.store(base + OFF_VC + (h * T + t[:, None]) * RB + j[None, :], packed)
     gv = tl.arange(0, NVG)
     soff = (h * T + t[:, None]) * NVG + gv[None, :]
@@ -185,9 +185,10 @@ def dequantize_pages_kernel(
     if ROT_V:
         v = fwht_rows(v, T, D, LOG2D)
 
-    out = ((i * T + t[:, None]).to(tl.int64) * H + h) * D + c[None, :]
-    tl.store(k_out_ptr + out, k.to(k_out_ptr.dtype.element_ty))
-    tl.store(v_out_ptr + out, v.to(v_out_ptr.dtype.element_ty))
+    first = (i.to(tl.int64) * T * H + h) * D
+    out = t[:, None] * (H * D) + c[None, :]
+    tl.store(k_out_ptr + first + out, k.to(k_out_ptr.dtype.element_ty))
+    tl.store(v_out_ptr + first + out, v.to(v_out_ptr.dtype.element_ty))
 
 
 @triton.jit

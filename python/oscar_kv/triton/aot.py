@@ -1,0 +1,107 @@
+"""Compile the Triton kernels for a GPU architecture without a GPU (compile check only).
+
+The interpreter accepts code a real compile rejects (layouts, dot shapes, unsupported
+casts), so CI also lowers every kernel to a cubin for sm_80 and sm_90a. Run as
+``TRITON_INTERPRET=0 python -m oscar_kv.triton.aot 90`` (it must not be imported into a
+process whose kernels were created in interpreter mode).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+from oscar_kv import OscarConfig
+from oscar_kv.ops import PageLayout
+from oscar_kv.triton.api import _layout_args
+from oscar_kv.triton.bf16 import bf16_split_kernel
+from oscar_kv.triton.decode import decode_split_kernel, merge_kernel
+from oscar_kv.triton.quant import dequantize_pages_kernel, fwht_kernel, quantize_pages_kernel
+
+CONFIGS = [
+    (OscarConfig(), 8, 128),
+    (OscarConfig(bits=4, k_group=64, norm="head"), 4, 64),
+    (OscarConfig(k_group=128, norm="none", rotation="none"), 2, 256),
+]
+
+
+def _compile(fn, signature: dict[str, str], constexprs: dict[str, object], cap: int, **opts):
+    try:
+        src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    except TypeError:  # older Triton spells it `constants`
+        src = triton.compiler.ASTSource(fn=fn, signature=signature, constants=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", cap, 32), options=opts)
+
+
+def _params(fn, constexprs: dict[str, object], types: dict[str, str]) -> dict[str, str]:
+    """Signature in parameter order; unnamed scalars are i32, as Triton specializes ints
+    that fit (strides, counts) at launch."""
+    return {p: ("constexpr" if p in constexprs else types.get(p, "i32")) for p in fn.arg_names}
+
+
+def compile_all(cap: int) -> list[tuple[str, float, int]]:
+    """Compile every kernel for some representative shapes; (name, seconds, cubin bytes)."""
+    out = []
+    ptr = {
+        "pool_ptr": "*u8",
+        "src_ptr": "*i32",
+        "page_ids_ptr": "*i32",
+        "pt_ptr": "*i32",
+        "npages_ptr": "*i32",
+        "tidx_ptr": "*i32",
+        "tlen_ptr": "*i32",
+        "seq_lens_ptr": "*i32",
+        "mid_o_ptr": "*fp32",
+        "mid_m_ptr": "*fp32",
+        "mid_l_ptr": "*fp32",
+        "qk_scale": "fp32",
+        "NSPLIT": "i32",
+        "n_rows": "i32",
+        "pages_per_split": "i32",
+    }
+    bf = {"k_ptr": "*bf16", "v_ptr": "*bf16", "q_ptr": "*bf16", "kt_ptr": "*bf16",
+          "vt_ptr": "*bf16", "out_ptr": "*bf16", "x_ptr": "*bf16", "k_out_ptr": "*fp32",
+          "v_out_ptr": "*fp32"}  # fmt: skip
+    types = {**ptr, **bf}
+
+    def run(label, fn, constexprs, **opts):
+        t0 = time.perf_counter()
+        k = _compile(fn, _params(fn, constexprs, types), constexprs, cap, **opts)
+        out.append((label, time.perf_counter() - t0, len(k.asm["cubin"])))
+
+    for cfg, h, d in CONFIGS:
+        layout = PageLayout.of(cfg, h, d)
+        la = _layout_args(layout)
+        rot = {"ROT_K": cfg.rotation == "hadamard", "ROT_V": cfg.rotates_v_online}
+        tag = f"{cfg.label}-h{h}-d{d}"
+        run(f"quantize[{tag}]", quantize_pages_kernel, {**la, "H": h, **rot},
+            num_warps=8 if d <= 128 else 16, enable_fp_fusion=False)  # fmt: skip
+        run(f"dequantize[{tag}]", dequantize_pages_kernel, {**la, "H": h, **rot}, num_warps=8)
+        for group, precise in ((4, False), (1, True), (8, False)):
+            dec = {**la, "HKV": h, "G": group, "GP": 16, "PRECISE": precise,
+                   "ROT_Q": cfg.rotation == "hadamard", "BT": 32}  # fmt: skip
+            run(f"decode[{tag}-g{group}{'-precise' if precise else ''}]", decode_split_kernel,
+                dec, num_warps=4)  # fmt: skip
+            gp = triton.next_power_of_2(group)
+            run(f"merge[{tag}-g{group}]", merge_kernel,
+                {"HKV": h, "G": group, "GP": gp, "D": d, "LOG2D": int(math.log2(d)),
+                 "ROT_V": cfg.rotates_v_online}, num_warps=4)  # fmt: skip
+        run(f"fwht[d{d}]", fwht_kernel, {"ROWS": max(1, min(64, 8192 // d)), "D": d,
+                                          "LOG2D": int(math.log2(d))}, num_warps=4)  # fmt: skip
+        run(f"bf16_decode[h{h}-d{d}]", bf16_split_kernel,
+            {"HKV": h, "G": 4, "GP": 16, "D": d, "PAGE": 128, "INTERP": False, "BT": 32}, num_warps=4)  # fmt: skip
+    return out
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        sys.exit("run with TRITON_INTERPRET=0: interpreted kernels cannot be compiled")
+    caps = [int(a) for a in sys.argv[1:]] or [80, 90]
+    for cap in caps:
+        for label, secs, size in compile_all(cap):
+            print(f"sm_{cap}{'a' if cap == 90 else ''} {label}: {size} B cubin in {secs:.1f} s")

@@ -2,7 +2,11 @@
 //!
 //! Every function validates its arguments through `oscar_core` and turns a rejected argument
 //! into `ValueError` carrying the core's message (which names the argument). Nothing here can
-//! panic: the core's layout math is total on validated configurations.
+//! panic: the core's layout math is total on validated configurations, and the cache
+//! manager (`cache` module) reports every misuse as a typed error.
+
+mod buffer;
+mod cache;
 
 use oscar_core::layout::{self, LayoutConfig, LayoutError, NormMode};
 use pyo3::exceptions::PyValueError;
@@ -19,7 +23,7 @@ fn unsigned<T: TryFrom<i64>>(name: &str, value: i64) -> PyResult<T> {
         .map_err(|_| PyValueError::new_err(format!("{name} out of range, got {value}")))
 }
 
-fn config(
+pub(crate) fn config(
     kv_heads: i64,
     head_dim: i64,
     bits: i64,
@@ -103,14 +107,15 @@ fn bf16_bytes_per_token(kv_heads: i64, head_dim: i64) -> PyResult<usize> {
         })
 }
 
-/// Byte-layout math of oscar-kv's packed KV-cache pages (Rust core).
+/// Byte-layout math of oscar-kv's packed KV-cache pages and the cache manager (Rust core).
 #[pymodule]
-fn _native(_py: Python<'_>, m: &PyModule) -> PyResult<()> {
+fn _native(py: Python<'_>, m: &PyModule) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("BLOCK_TOKENS", layout::BLOCK_TOKENS)?;
     m.add_function(wrap_pyfunction!(bytes_per_token, m)?)?;
     m.add_function(wrap_pyfunction!(page_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(page_sections, m)?)?;
     m.add_function(wrap_pyfunction!(bf16_bytes_per_token, m)?)?;
+    cache::register(py, m)?;
     Ok(())
 }

@@ -1,0 +1,766 @@
+//! Python classes over the cache manager of `oscar_core`: `PageAllocator`, `RadixTree`,
+//! `PrefixCache` (the two together) and `PoolLayout` (page offsets of the packed pool).
+//!
+//! Token ids and page ids come in as int arrays (read from the buffer, no Python object per
+//! element) or sequences; page ids go out as `array.array('q')`. Node handles are Python
+//! ints (`ROOT_NODE` for the root). Every call that walks the tree runs with the GIL
+//! released. Errors are typed: `OutOfPages` (RuntimeError), `InvalidPage`, `InvalidNode`,
+//! `LockUnderflow` (ValueErrors), plain ValueError / TypeError for other bad arguments; a
+//! failed call changes nothing.
+
+use oscar_core::{CacheError, ErrorKind, NodeHandle, PageId, PoolLayout as CorePool};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::buffer::{int64_array, ints};
+
+create_exception!(
+    _native,
+    OutOfPages,
+    PyRuntimeError,
+    "The page pool has fewer free pages than requested (evict or free first)."
+);
+create_exception!(
+    _native,
+    InvalidPage,
+    PyValueError,
+    "A page id out of range, freed twice, or owned by the radix tree."
+);
+create_exception!(
+    _native,
+    InvalidNode,
+    PyValueError,
+    "A node handle that does not name a live node (evicted, split away by reset, or made up)."
+);
+create_exception!(
+    _native,
+    LockUnderflow,
+    PyValueError,
+    "unlock() on a node that holds no lock."
+);
+
+/// The typed Python exception of a core error.
+pub(crate) fn cache_error(e: CacheError) -> PyErr {
+    let msg = e.to_string();
+    match e.kind() {
+        ErrorKind::OutOfPages => OutOfPages::new_err(msg),
+        ErrorKind::InvalidPage => InvalidPage::new_err(msg),
+        ErrorKind::InvalidNode => InvalidNode::new_err(msg),
+        ErrorKind::LockUnderflow => LockUnderflow::new_err(msg),
+        ErrorKind::InvalidArgument => PyValueError::new_err(msg),
+    }
+}
+
+fn count(name: &str, v: i64) -> PyResult<usize> {
+    usize::try_from(v).map_err(|_| PyValueError::new_err(format!("{name} must be >= 0, got {v}")))
+}
+
+fn limit_arg(limit: Option<i64>) -> PyResult<Option<usize>> {
+    limit.map(|l| count("limit", l)).transpose()
+}
+
+/// Page ids as `u32`, each below `num_pages`.
+fn page_ids(obj: &PyAny, num_pages: usize) -> PyResult<Vec<PageId>> {
+    ints(obj, "pages")?
+        .into_iter()
+        .map(|p| {
+            u32::try_from(p)
+                .ok()
+                .filter(|&q| (q as usize) < num_pages)
+                .ok_or_else(|| cache_error(CacheError::PageOutOfRange { page: p, num_pages }))
+        })
+        .collect()
+}
+
+fn page_array(py: Python<'_>, pages: &[PageId]) -> PyResult<PyObject> {
+    int64_array(py, pages.len(), pages.iter().map(|&p| p as i64))
+}
+
+/// Token locations `page * page_size + slot` of `pages`, in order.
+fn token_index_array(py: Python<'_>, pages: &[PageId], page_size: usize) -> PyResult<PyObject> {
+    let ps = page_size as i64;
+    int64_array(
+        py,
+        pages.len() * page_size,
+        pages
+            .iter()
+            .flat_map(move |&p| (0..ps).map(move |j| p as i64 * ps + j)),
+    )
+}
+
+fn nodes_list(py: Python<'_>, tree: &oscar_core::RadixTree) -> PyResult<Vec<PyObject>> {
+    let ps = tree.page_size();
+    let mut out = Vec::new();
+    for n in tree.nodes() {
+        let d = PyDict::new(py);
+        d.set_item("node", n.handle.raw())?;
+        d.set_item("parent", n.parent.raw())?;
+        d.set_item("namespace", n.namespace)?;
+        d.set_item("depth_tokens", n.depth_pages * ps)?;
+        d.set_item("num_tokens", n.tokens.len())?;
+        d.set_item("first_tokens", &n.tokens[..n.tokens.len().min(8)])?;
+        d.set_item("pages", n.pages.to_vec())?;
+        d.set_item("lock_ref", n.lock_ref)?;
+        d.set_item("last_access", n.last_access)?;
+        d.set_item("num_children", n.num_children)?;
+        out.push(d.into());
+    }
+    Ok(out)
+}
+
+fn invariants(r: Result<(), String>) -> PyResult<()> {
+    r.map_err(|e| PyRuntimeError::new_err(format!("invariant broken: {e}")))
+}
+
+/// Reference-counted allocator of page ids 0..num_pages.
+#[pyclass(module = "oscar_kv._native")]
+#[pyo3(text_signature = "(num_pages)")]
+pub struct PageAllocator {
+    inner: oscar_core::PageAllocator,
+}
+
+#[pymethods]
+impl PageAllocator {
+    #[new]
+    fn new(num_pages: i64) -> PyResult<Self> {
+        let n = count("num_pages", num_pages)?;
+        Ok(PageAllocator {
+            inner: oscar_core::PageAllocator::new(n).map_err(cache_error)?,
+        })
+    }
+
+    /// Pool size.
+    #[getter]
+    fn num_pages(&self) -> usize {
+        self.inner.num_pages()
+    }
+
+    /// Free pages.
+    #[getter]
+    fn available(&self) -> usize {
+        self.inner.available()
+    }
+
+    /// Allocates n pages (count 1 each); OutOfPages if fewer are free (nothing taken).
+    #[pyo3(text_signature = "($self, n)")]
+    fn alloc(&mut self, py: Python<'_>, n: i64) -> PyResult<PyObject> {
+        let pages = self.inner.alloc(count("n", n)?).map_err(cache_error)?;
+        page_array(py, &pages)
+    }
+
+    /// Drops one reference per listed page; InvalidPage on a double free (nothing freed).
+    #[pyo3(text_signature = "($self, pages)")]
+    fn free(&mut self, pages: &PyAny) -> PyResult<()> {
+        let pages = page_ids(pages, self.inner.num_pages())?;
+        self.inner.free(&pages).map_err(cache_error)
+    }
+
+    /// Adds one reference per listed (allocated) page.
+    #[pyo3(text_signature = "($self, pages)")]
+    fn retain(&mut self, pages: &PyAny) -> PyResult<()> {
+        let pages = page_ids(pages, self.inner.num_pages())?;
+        self.inner.retain(&pages).map_err(cache_error)
+    }
+
+    /// Reference count of a page (0 = free).
+    #[pyo3(text_signature = "($self, page)")]
+    fn refcount(&self, page: i64) -> PyResult<u32> {
+        let n = self.inner.num_pages();
+        let p = u32::try_from(page)
+            .map_err(|_| cache_error(CacheError::PageOutOfRange { page, num_pages: n }))?;
+        self.inner.refcount(p).map_err(cache_error)
+    }
+
+    /// Frees every page.
+    fn reset(&mut self) {
+        self.inner.reset()
+    }
+
+    /// Raises RuntimeError if the free list and the counts disagree.
+    fn check_invariants(&self) -> PyResult<()> {
+        invariants(self.inner.check_invariants())
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "PageAllocator(num_pages={}, available={})",
+            self.inner.num_pages(),
+            self.inner.available()
+        )
+    }
+}
+
+/// Generates the tree methods shared by `RadixTree` and `PrefixCache`: `$tree` reads the
+/// core tree, `$mut` is the object whose `match_prefix_into`/`lock`/`unlock` mutate it.
+macro_rules! tree_methods {
+    ($ty:ident, |$s:ident| $tree:expr, |$m:ident| $mut:expr, { $($extra:tt)* }) => {
+        // pyo3 0.17 allows one #[pymethods] block per class (without the
+        // `multiple-pymethods` feature), so the class's own methods come in as `$extra`.
+        #[pymethods]
+        impl $ty {
+            $($extra)*
+
+            /// Tokens per page.
+            #[getter]
+            fn page_size(&self) -> usize {
+                let $s = self;
+                $tree.page_size()
+            }
+
+            /// Size of the page-id space.
+            #[getter]
+            fn num_pages(&self) -> usize {
+                let $s = self;
+                $tree.num_pages()
+            }
+
+            /// Live tree nodes (roots excluded).
+            #[getter]
+            fn num_nodes(&self) -> usize {
+                let $s = self;
+                $tree.num_nodes()
+            }
+
+            /// Pages in unlocked nodes.
+            #[getter]
+            fn evictable_pages(&self) -> usize {
+                let $s = self;
+                $tree.sizes().evictable
+            }
+
+            /// Pages in locked nodes.
+            #[getter]
+            fn protected_pages(&self) -> usize {
+                let $s = self;
+                $tree.sizes().protected
+            }
+
+            /// All pages in the tree.
+            #[getter]
+            fn total_pages(&self) -> usize {
+                let $s = self;
+                $tree.sizes().total
+            }
+
+            /// Longest cached page-aligned prefix of the first `limit` token ids:
+            /// `(pages, matched_tokens, node)`. Marks the path used; lock `node` to keep it.
+            #[args(namespace = "None", limit = "None")]
+            #[pyo3(text_signature = "($self, tokens, namespace=None, limit=None)")]
+            fn match_prefix(
+                &mut self,
+                py: Python<'_>,
+                tokens: &PyAny,
+                namespace: Option<&str>,
+                limit: Option<i64>,
+            ) -> PyResult<(PyObject, usize, u64)> {
+                let toks = crate::buffer::tokens(tokens, limit_arg(limit)?)?;
+                let mut pages = Vec::new();
+                let $m = self;
+                let node = py.allow_threads(|| $mut.match_prefix_into(namespace, &toks, &mut pages));
+                let $s = &*$m;
+                let matched = pages.len() * $tree.page_size();
+                Ok((page_array(py, &pages)?, matched, node.raw()))
+            }
+
+            /// Like `match_prefix` without the page ids: `(matched_tokens, node)`.
+            #[args(namespace = "None", limit = "None")]
+            #[pyo3(text_signature = "($self, tokens, namespace=None, limit=None)")]
+            fn match_len(
+                &mut self,
+                py: Python<'_>,
+                tokens: &PyAny,
+                namespace: Option<&str>,
+                limit: Option<i64>,
+            ) -> PyResult<(usize, u64)> {
+                let toks = crate::buffer::tokens(tokens, limit_arg(limit)?)?;
+                let $m = self;
+                let (n, node) = py.allow_threads(|| {
+                    let mut pages = Vec::new();
+                    let node = $mut.match_prefix_into(namespace, &toks, &mut pages);
+                    (pages.len(), node)
+                });
+                let $s = &*$m;
+                Ok((n * $tree.page_size(), node.raw()))
+            }
+
+            /// Locks the path to `node` (no eviction until `unlock`); returns the pages that
+            /// became protected. No-op on ROOT_NODE.
+            #[pyo3(text_signature = "($self, node)")]
+            fn lock(&mut self, py: Python<'_>, node: u64) -> PyResult<usize> {
+                let $m = self;
+                py.allow_threads(|| $mut.lock(NodeHandle::from_raw(node)))
+                    .map_err(cache_error)
+            }
+
+            /// Releases one lock on `node`; LockUnderflow if it holds none (nothing changed).
+            #[pyo3(text_signature = "($self, node)")]
+            fn unlock(&mut self, py: Python<'_>, node: u64) -> PyResult<usize> {
+                let $m = self;
+                py.allow_threads(|| $mut.unlock(NodeHandle::from_raw(node)))
+                    .map_err(cache_error)
+            }
+
+            /// Locks held on `node`.
+            #[pyo3(text_signature = "($self, node)")]
+            fn lock_ref(&self, node: u64) -> PyResult<u32> {
+                let $s = self;
+                $tree.lock_ref(NodeHandle::from_raw(node)).map_err(cache_error)
+            }
+
+            /// Page ids on the path from the root to `node`.
+            #[pyo3(text_signature = "($self, node)")]
+            fn path_pages(&self, py: Python<'_>, node: u64) -> PyResult<PyObject> {
+                let $s = self;
+                let tree = &$tree;
+                let pages = py
+                    .allow_threads(|| tree.path_pages(NodeHandle::from_raw(node)))
+                    .map_err(cache_error)?;
+                page_array(py, &pages)
+            }
+
+            /// Token locations (page * page_size + slot) of the path to `node`: SGLang's KV
+            /// indices of the cached prefix.
+            #[pyo3(text_signature = "($self, node)")]
+            fn path_token_indices(&self, py: Python<'_>, node: u64) -> PyResult<PyObject> {
+                let $s = self;
+                let tree = &$tree;
+                let pages = py
+                    .allow_threads(|| tree.path_pages(NodeHandle::from_raw(node)))
+                    .map_err(cache_error)?;
+                token_index_array(py, &pages, tree.page_size())
+            }
+
+            /// Tokens on the path from the root to `node`.
+            #[pyo3(text_signature = "($self, node)")]
+            fn depth_tokens(&self, node: u64) -> PyResult<usize> {
+                let $s = self;
+                let tree = &$tree;
+                Ok(tree
+                    .depth_pages(NodeHandle::from_raw(node))
+                    .map_err(cache_error)?
+                    * tree.page_size())
+            }
+
+            /// Whether the tree holds `page`.
+            #[pyo3(text_signature = "($self, page)")]
+            fn contains_page(&self, page: i64) -> bool {
+                let $s = self;
+                u32::try_from(page).map_or(false, |p| $tree.contains_page(p))
+            }
+
+            /// Every node, parent before children, as dicts (for debugging).
+            fn nodes(&self, py: Python<'_>) -> PyResult<Vec<PyObject>> {
+                let $s = self;
+                nodes_list(py, &$tree)
+            }
+
+            /// Raises RuntimeError naming the first broken invariant (walks everything).
+            fn check_invariants(&self, py: Python<'_>) -> PyResult<()> {
+                let $s = self;
+                let tree = &$tree;
+                invariants(py.allow_threads(|| tree.check_invariants()))
+            }
+        }
+    };
+}
+
+/// Radix tree over whole pages of token ids (SGLang RadixCache semantics), namespaced.
+/// The tree owns inserted pages until `evict`/`reset` returns them; it never frees them.
+#[pyclass(module = "oscar_kv._native")]
+#[pyo3(text_signature = "(num_pages, page_size=128)")]
+pub struct RadixTree {
+    inner: oscar_core::RadixTree,
+}
+
+tree_methods!(RadixTree, |s| s.inner, |m| m.inner, {
+    #[new]
+    #[args(page_size = "128")]
+    fn new(num_pages: i64, page_size: i64) -> PyResult<Self> {
+        Ok(RadixTree {
+            inner: oscar_core::RadixTree::new(
+                count("num_pages", num_pages)?,
+                count("page_size", page_size)?,
+            )
+            .map_err(cache_error)?,
+        })
+    }
+
+    /// Inserts the whole pages of the first `limit` tokens with one page id per whole page:
+    /// `(prefix_tokens, duplicates, node)`. `duplicates` are the caller's pages inside the
+    /// already-cached prefix that the tree did not take: the caller frees them.
+    #[args(namespace = "None", limit = "None")]
+    #[pyo3(text_signature = "($self, tokens, pages, namespace=None, limit=None)")]
+    fn insert(
+        &mut self,
+        py: Python<'_>,
+        tokens: &PyAny,
+        pages: &PyAny,
+        namespace: Option<&str>,
+        limit: Option<i64>,
+    ) -> PyResult<(usize, PyObject, u64)> {
+        let toks = crate::buffer::tokens(tokens, limit_arg(limit)?)?;
+        let pages = page_ids(pages, self.inner.num_pages())?;
+        let tree = &mut self.inner;
+        let out = py
+            .allow_threads(|| tree.insert(namespace, &toks, &pages))
+            .map_err(cache_error)?;
+        Ok((
+            out.prefix_pages * self.inner.page_size(),
+            page_array(py, &out.duplicates)?,
+            out.node.raw(),
+        ))
+    }
+
+    /// Evicts unlocked leaves, least recently used first, until at least `num_pages` pages
+    /// are out; returns them (the caller frees them).
+    #[pyo3(text_signature = "($self, num_pages)")]
+    fn evict(&mut self, py: Python<'_>, num_pages: i64) -> PyResult<PyObject> {
+        let n = count("num_pages", num_pages)?;
+        let tree = &mut self.inner;
+        let freed = py.allow_threads(|| tree.evict(n));
+        page_array(py, &freed)
+    }
+
+    /// Empties the tree; returns every page it held. All handles become invalid.
+    fn reset(&mut self, py: Python<'_>) -> PyResult<PyObject> {
+        let tree = &mut self.inner;
+        let pages = py.allow_threads(|| tree.reset());
+        page_array(py, &pages)
+    }
+
+    fn __repr__(&self) -> String {
+        let s = self.inner.sizes();
+        format!(
+            "RadixTree(page_size={}, nodes={}, pages={} (evictable {}, protected {}))",
+            self.inner.page_size(),
+            self.inner.num_nodes(),
+            s.total,
+            s.evictable,
+            s.protected
+        )
+    }
+});
+
+/// Page allocator and radix tree over the same pages, with the ownership rules of the
+/// scheduler: a page is free, in the tree, or held by a request.
+#[pyclass(module = "oscar_kv._native")]
+#[pyo3(text_signature = "(num_pages, page_size=128)")]
+pub struct PrefixCache {
+    inner: oscar_core::PrefixCache,
+}
+
+tree_methods!(PrefixCache, |s| s.inner.tree(), |m| m.inner, {
+    #[new]
+    #[args(page_size = "128")]
+    fn new(num_pages: i64, page_size: i64) -> PyResult<Self> {
+        Ok(PrefixCache {
+            inner: oscar_core::PrefixCache::new(
+                count("num_pages", num_pages)?,
+                count("page_size", page_size)?,
+            )
+            .map_err(cache_error)?,
+        })
+    }
+
+    /// Free pages.
+    #[getter]
+    fn available(&self) -> usize {
+        self.inner.available()
+    }
+
+    /// Allocates `n` pages for a request. With `evict=True` evicts the shortfall first
+    /// (LRU); OutOfPages, with nothing evicted or taken, if that cannot suffice.
+    #[args(evict = "false")]
+    #[pyo3(text_signature = "($self, n, evict=False)")]
+    fn alloc(&mut self, py: Python<'_>, n: i64, evict: bool) -> PyResult<PyObject> {
+        let n = count("n", n)?;
+        let cache = &mut self.inner;
+        let pages = py
+            .allow_threads(|| {
+                if evict {
+                    cache.alloc_evicting(n)
+                } else {
+                    cache.alloc(n)
+                }
+            })
+            .map_err(cache_error)?;
+        page_array(py, &pages)
+    }
+
+    /// Returns a request's pages; InvalidPage (nothing freed) for tree pages, free pages,
+    /// ids out of range.
+    #[pyo3(text_signature = "($self, pages)")]
+    fn free(&mut self, pages: &PyAny) -> PyResult<()> {
+        let pages = page_ids(pages, self.inner.num_pages())?;
+        self.inner.free(&pages).map_err(cache_error)
+    }
+
+    /// Reference count of a page (0 = free).
+    #[pyo3(text_signature = "($self, page)")]
+    fn refcount(&self, page: i64) -> PyResult<u32> {
+        let n = self.inner.num_pages();
+        let p = u32::try_from(page)
+            .map_err(|_| cache_error(CacheError::PageOutOfRange { page, num_pages: n }))?;
+        self.inner.allocator().refcount(p).map_err(cache_error)
+    }
+
+    /// Hands a request's whole pages to the tree and frees its duplicates of pages the tree
+    /// already had: `(prefix_tokens, freed_duplicates, node)`. Every page must be allocated.
+    #[args(namespace = "None", limit = "None")]
+    #[pyo3(text_signature = "($self, tokens, pages, namespace=None, limit=None)")]
+    fn insert(
+        &mut self,
+        py: Python<'_>,
+        tokens: &PyAny,
+        pages: &PyAny,
+        namespace: Option<&str>,
+        limit: Option<i64>,
+    ) -> PyResult<(usize, PyObject, u64)> {
+        let toks = crate::buffer::tokens(tokens, limit_arg(limit)?)?;
+        let pages = page_ids(pages, self.inner.num_pages())?;
+        let cache = &mut self.inner;
+        let out = py
+            .allow_threads(|| cache.insert(namespace, &toks, &pages))
+            .map_err(cache_error)?;
+        Ok((
+            out.prefix_pages * self.inner.page_size(),
+            page_array(py, &out.duplicates)?,
+            out.node.raw(),
+        ))
+    }
+
+    /// Evicts (LRU, unlocked leaves) at least `num_pages` pages if possible and frees them;
+    /// returns the number freed.
+    #[pyo3(text_signature = "($self, num_pages)")]
+    fn evict(&mut self, py: Python<'_>, num_pages: i64) -> PyResult<usize> {
+        let n = count("num_pages", num_pages)?;
+        let cache = &mut self.inner;
+        Ok(py.allow_threads(|| cache.evict(n)))
+    }
+
+    /// Empties the tree and frees its pages; request pages stay allocated.
+    fn reset(&mut self, py: Python<'_>) {
+        let cache = &mut self.inner;
+        py.allow_threads(|| cache.reset())
+    }
+
+    /// Also checks the allocator and that every tree page is allocated once.
+    #[pyo3(name = "check_all_invariants")]
+    fn check_all(&self, py: Python<'_>) -> PyResult<()> {
+        let cache = &self.inner;
+        invariants(py.allow_threads(|| cache.check_invariants()))
+    }
+
+    fn __repr__(&self) -> String {
+        let s = self.inner.sizes();
+        format!(
+            "PrefixCache(num_pages={}, page_size={}, available={}, tree pages={} \
+             (evictable {}, protected {}))",
+            self.inner.num_pages(),
+            self.inner.page_size(),
+            self.inner.available(),
+            s.total,
+            s.evictable,
+            s.protected
+        )
+    }
+});
+
+/// Byte offsets of the pages of a packed pool: one buffer per layer of `num_pages` pages.
+#[pyclass(module = "oscar_kv._native")]
+#[pyo3(
+    text_signature = "(kv_heads, head_dim, num_layers, num_pages, bits=2, k_group=32, v_group=32, norm='token')"
+)]
+pub struct PoolLayout {
+    inner: CorePool,
+}
+
+fn section_arg(name: &str) -> PyResult<usize> {
+    oscar_core::SECTION_NAMES
+        .iter()
+        .position(|&n| n == name)
+        .ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "section must be one of {:?}, got '{name}'",
+                oscar_core::SECTION_NAMES
+            ))
+        })
+}
+
+#[pymethods]
+impl PoolLayout {
+    #[new]
+    #[args(bits = "2", k_group = "32", v_group = "32", norm = "\"token\"")]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        kv_heads: i64,
+        head_dim: i64,
+        num_layers: i64,
+        num_pages: i64,
+        bits: i64,
+        k_group: i64,
+        v_group: i64,
+        norm: &str,
+    ) -> PyResult<Self> {
+        let cfg = crate::config(kv_heads, head_dim, bits, k_group, v_group, norm)?;
+        let inner = CorePool::new(
+            cfg,
+            count("num_layers", num_layers)?,
+            count("num_pages", num_pages)?,
+        )
+        .map_err(cache_error)?;
+        Ok(PoolLayout { inner })
+    }
+
+    /// Pages of this shape over `num_layers` layers that fit in `budget_bytes`.
+    #[staticmethod]
+    #[args(bits = "2", k_group = "32", v_group = "32", norm = "\"token\"")]
+    #[pyo3(
+        text_signature = "(budget_bytes, kv_heads, head_dim, num_layers, bits=2, k_group=32, v_group=32, norm='token')"
+    )]
+    #[allow(clippy::too_many_arguments)]
+    fn pages_for_budget(
+        budget_bytes: i64,
+        kv_heads: i64,
+        head_dim: i64,
+        num_layers: i64,
+        bits: i64,
+        k_group: i64,
+        v_group: i64,
+        norm: &str,
+    ) -> PyResult<u64> {
+        let cfg = crate::config(kv_heads, head_dim, bits, k_group, v_group, norm)?;
+        let budget = count("budget_bytes", budget_bytes)? as u64;
+        Ok(CorePool::pages_for_budget(
+            &cfg,
+            count("num_layers", num_layers)?,
+            budget,
+        ))
+    }
+
+    /// Layers.
+    #[getter]
+    fn num_layers(&self) -> usize {
+        self.inner.num_layers()
+    }
+
+    /// Pages per layer.
+    #[getter]
+    fn num_pages(&self) -> usize {
+        self.inner.num_pages()
+    }
+
+    /// Tokens the pool holds.
+    #[getter]
+    fn num_tokens(&self) -> usize {
+        self.inner.num_tokens()
+    }
+
+    /// Bytes of one page of one layer.
+    #[getter]
+    fn page_bytes(&self) -> usize {
+        self.inner.page_bytes()
+    }
+
+    /// Bytes of one layer's buffer.
+    #[getter]
+    fn layer_bytes(&self) -> usize {
+        self.inner.layer_bytes()
+    }
+
+    /// Bytes of all layers.
+    #[getter]
+    fn total_bytes(&self) -> usize {
+        self.inner.total_bytes()
+    }
+
+    /// The seven sections of a page as (name, offset, nbytes), offsets within the page.
+    fn sections(&self) -> Vec<(&'static str, usize, usize)> {
+        self.inner
+            .sections()
+            .iter()
+            .map(|s| (s.name, s.offset, s.nbytes))
+            .collect()
+    }
+
+    /// Byte offset of `page` in its layer's buffer.
+    #[pyo3(text_signature = "($self, page)")]
+    fn page_offset(&self, page: i64) -> PyResult<usize> {
+        let n = self.inner.num_pages();
+        let p = u32::try_from(page)
+            .map_err(|_| cache_error(CacheError::PageOutOfRange { page, num_pages: n }))?;
+        self.inner.page_offset(p).map_err(cache_error)
+    }
+
+    /// Byte offset of `page` of `layer` in one buffer holding all layers back to back.
+    #[pyo3(text_signature = "($self, layer, page)")]
+    fn global_offset(&self, layer: i64, page: i64) -> PyResult<usize> {
+        let n = self.inner.num_pages();
+        let p = u32::try_from(page)
+            .map_err(|_| cache_error(CacheError::PageOutOfRange { page, num_pages: n }))?;
+        self.inner
+            .global_offset(count("layer", layer)?, p)
+            .map_err(cache_error)
+    }
+
+    /// `(offset in the layer buffer, nbytes)` of a section ("k_codes" ... "norms") of `page`.
+    #[pyo3(text_signature = "($self, page, section)")]
+    fn section_range(&self, page: i64, section: &str) -> PyResult<(usize, usize)> {
+        let n = self.inner.num_pages();
+        let p = u32::try_from(page)
+            .map_err(|_| cache_error(CacheError::PageOutOfRange { page, num_pages: n }))?;
+        self.inner
+            .section_range(p, section_arg(section)?)
+            .map_err(cache_error)
+    }
+
+    /// Layer-buffer offsets of one section of many pages, as array('q').
+    #[pyo3(text_signature = "($self, pages, section)")]
+    fn section_offsets(&self, py: Python<'_>, pages: &PyAny, section: &str) -> PyResult<PyObject> {
+        let idx = section_arg(section)?;
+        let pages = page_ids(pages, self.inner.num_pages())?;
+        let mut out = Vec::with_capacity(pages.len());
+        self.inner
+            .section_offsets_into(&pages, idx, &mut out)
+            .map_err(cache_error)?;
+        int64_array(py, out.len(), out.iter().map(|&o| o as i64))
+    }
+
+    fn __repr__(&self) -> String {
+        let c = self.inner.config();
+        format!(
+            "PoolLayout(kv_heads={}, head_dim={}, num_layers={}, num_pages={}, bits={}, \
+             k_group={}, v_group={}, norm='{}', total_bytes={})",
+            c.kv_heads(),
+            c.head_dim(),
+            self.inner.num_layers(),
+            self.inner.num_pages(),
+            c.bits(),
+            c.k_group(),
+            c.v_group(),
+            c.norm(),
+            self.inner.total_bytes()
+        )
+    }
+}
+
+/// Registers the classes, exceptions and `ROOT_NODE`.
+pub(crate) fn register(py: Python<'_>, m: &PyModule) -> PyResult<()> {
+    m.add_class::<PageAllocator>()?;
+    m.add_class::<RadixTree>()?;
+    m.add_class::<PrefixCache>()?;
+    m.add_class::<PoolLayout>()?;
+    for (name, ty) in [
+        ("OutOfPages", py.get_type::<OutOfPages>()),
+        ("InvalidPage", py.get_type::<InvalidPage>()),
+        ("InvalidNode", py.get_type::<InvalidNode>()),
+        ("LockUnderflow", py.get_type::<LockUnderflow>()),
+    ] {
+        ty.setattr("__module__", "oscar_kv._native")?;
+        m.add(name, ty)?;
+    }
+    m.add("ROOT_NODE", NodeHandle::ROOT.raw())?;
+    Ok(())
+}

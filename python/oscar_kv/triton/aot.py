@@ -8,9 +8,13 @@ process whose kernels were created in interpreter mode).
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 import triton
@@ -44,8 +48,37 @@ def _params(fn, constexprs: dict[str, object], types: dict[str, str]) -> dict[st
     return {p: ("constexpr" if p in constexprs else types.get(p, "i32")) for p in fn.arg_names}
 
 
-def compile_all(cap: int) -> list[tuple[str, float, int]]:
-    """Compile every kernel for some representative shapes; (name, seconds, cubin bytes)."""
+def ptxas_usage(ptx: str, cap: int) -> str:
+    """Registers and spills of a kernel per ptxas -v ('' when no suitable ptxas is found)."""
+    base = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    arch = f"sm_{cap}{'a' if cap == 90 else ''}"
+    for name in ("ptxas-blackwell", "ptxas"):
+        exe = os.path.join(base, name)
+        if not os.path.exists(exe):
+            continue
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(ptx)
+        try:
+            r = subprocess.run(
+                [exe, "-v", "--gpu-name", arch, f.name, "-o", os.devnull],
+                capture_output=True, text=True, check=False,
+            )  # fmt: skip
+        finally:
+            os.unlink(f.name)
+        if r.returncode == 0:
+            regs = re.search(r"Used (\d+) registers", r.stderr)
+            spill = re.search(r"(\d+) bytes spill stores", r.stderr)
+            return (
+                f"{regs.group(1) if regs else '?'} regs, {spill.group(1) if spill else '?'} B spill"
+            )
+    return ""
+
+
+def compile_all(cap: int, full: bool = True) -> list[tuple[str, float, int, str]]:
+    """Compile the kernels for representative shapes: (name, seconds, cubin bytes, usage).
+
+    ``full=False``: the Qwen3-8B-shaped config only, fast enough for the default test run.
+    """
     out = []
     ptr = {
         "pool_ptr": "*u8",
@@ -72,17 +105,18 @@ def compile_all(cap: int) -> list[tuple[str, float, int]]:
     def run(label, fn, constexprs, **opts):
         t0 = time.perf_counter()
         k = _compile(fn, _params(fn, constexprs, types), constexprs, cap, **opts)
-        out.append((label, time.perf_counter() - t0, len(k.asm["cubin"])))
+        secs = time.perf_counter() - t0
+        out.append((label, secs, len(k.asm["cubin"]), ptxas_usage(k.asm["ptx"], cap)))
 
-    for cfg, h, d in CONFIGS:
+    for cfg, h, d in CONFIGS if full else CONFIGS[:1]:
         layout = PageLayout.of(cfg, h, d)
         la = _layout_args(layout)
         rot = {"ROT_K": cfg.rotation == "hadamard", "ROT_V": cfg.rotates_v_online}
         tag = f"{cfg.label}-h{h}-d{d}"
         run(f"quantize[{tag}]", quantize_pages_kernel, {**la, "H": h, **rot},
             num_warps=8 if d <= 128 else 16, enable_fp_fusion=False)  # fmt: skip
-        run(f"dequantize[{tag}]", dequantize_pages_kernel, {**la, "H": h, **rot}, num_warps=8)
-        for group, precise in ((4, False), (1, True), (8, False)):
+        run(f"dequantize[{tag}]", dequantize_pages_kernel, {**la, "H": h, **rot}, num_warps=4)
+        for group, precise in ((4, False), (1, True), (8, False)) if full else ((4, False),):
             dec = {**la, "HKV": h, "G": group, "GP": 16, "PRECISE": precise,
                    "ROT_Q": cfg.rotation == "hadamard", "BT": 32}  # fmt: skip
             run(f"decode[{tag}-g{group}{'-precise' if precise else ''}]", decode_split_kernel,
@@ -91,17 +125,25 @@ def compile_all(cap: int) -> list[tuple[str, float, int]]:
             run(f"merge[{tag}-g{group}]", merge_kernel,
                 {"HKV": h, "G": group, "GP": gp, "D": d, "LOG2D": int(math.log2(d)),
                  "ROT_V": cfg.rotates_v_online}, num_warps=4)  # fmt: skip
-        run(f"fwht[d{d}]", fwht_kernel, {"ROWS": max(1, min(64, 8192 // d)), "D": d,
+        run(f"fwht[d{d}]", fwht_kernel, {"ROWS": max(1, min(64, 2048 // d)), "D": d,
                                           "LOG2D": int(math.log2(d))}, num_warps=4)  # fmt: skip
         run(f"bf16_decode[h{h}-d{d}]", bf16_split_kernel,
             {"HKV": h, "G": 4, "GP": 16, "D": d, "PAGE": 128, "INTERP": False, "BT": 32}, num_warps=4)  # fmt: skip
     return out
 
 
-if __name__ == "__main__":
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("caps", nargs="*", type=int, default=[80, 90], help="e.g. 80 90")
+    ap.add_argument("--quick", action="store_true", help="main config only")
+    args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         sys.exit("run with TRITON_INTERPRET=0: interpreted kernels cannot be compiled")
-    caps = [int(a) for a in sys.argv[1:]] or [80, 90]
-    for cap in caps:
-        for label, secs, size in compile_all(cap):
-            print(f"sm_{cap}{'a' if cap == 90 else ''} {label}: {size} B cubin in {secs:.1f} s")
+    for cap in args.caps:
+        for label, secs, size, usage in compile_all(cap, full=not args.quick):
+            arch = f"sm_{cap}{'a' if cap == 90 else ''}"
+            print(f"{arch} {label}: {size} B cubin, {usage or 'no ptxas -v'}, {secs:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

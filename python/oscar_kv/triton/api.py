@@ -85,7 +85,7 @@ def dequantize_pages(
     v = torch.empty(shape, dtype=dtype, device=pool.device)
     if n:
         cfg = layout.config
-        dequantize_pages_kernel[(n, layout.kv_heads)](
+        dequantize_pages_kernel[(n, layout.kv_heads, 4)](
             pool,
             pool.stride(0),
             page_ids,
@@ -94,7 +94,7 @@ def dequantize_pages(
             H=layout.kv_heads,
             ROT_K=cfg.rotation == "hadamard",
             ROT_V=cfg.rotates_v_online,
-            num_warps=8,
+            num_warps=4,
             **_layout_args(layout),
         )
     return k, v
@@ -106,7 +106,7 @@ def fwht(x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     d = x.shape[-1]
     xc = x.contiguous().view(-1, d)
     out = torch.empty(xc.shape, dtype=out_dtype or x.dtype, device=x.device)
-    rows = max(1, min(64, 8192 // d))
+    rows = max(1, min(64, 2048 // d))
     if xc.shape[0]:
         fwht_kernel[(triton.cdiv(xc.shape[0], rows),)](
             xc, out, xc.shape[0], ROWS=rows, D=d, LOG2D=int(math.log2(d)), num_warps=4

@@ -149,18 +149,22 @@ def dequantize_pages_kernel(
     ROT_K: tl.constexpr,
     ROT_V: tl.constexpr,
 ):
-    """Pages back to K and V in the model's basis: out [n, 128, H, D] (contiguous)."""
+    """Pages back to K and V in the model's basis: out [n, 128, H, D] (contiguous).
+
+    Grid (page, head, 32-token chunk), so a program holds a [32, D] tile.
+    """
     T: tl.constexpr = 128
     QMAX: tl.constexpr = (1 << BITS) - 1
     PB: tl.constexpr = 8 // BITS
     RB: tl.constexpr = D // PB
     NGK: tl.constexpr = T // KG
     NVG: tl.constexpr = D // VG
+    TC: tl.constexpr = 32
     i = tl.program_id(0)
     h = tl.program_id(1)
     page = tl.load(page_ids_ptr + i).to(tl.int64)
     base = pool_ptr + page * page_stride
-    t = tl.arange(0, T)
+    t = tl.program_id(2) * TC + tl.arange(0, TC)
     c = tl.arange(0, D)
     byte = (h * T + t[:, None]) * RB + c[None, :] // PB
     shift = (c[None, :] % PB) * BITS
@@ -175,7 +179,7 @@ def dequantize_pages_kernel(
     elif NORM == NORM_HEAD:
         k = k * tl.load((base + OFF_N).to(tl.pointer_type(tl.float32)) + h * T + t)[:, None]
     if ROT_K:
-        k = fwht_rows(k, T, D, LOG2D)
+        k = fwht_rows(k, TC, D, LOG2D)
 
     vc = ((tl.load(base + OFF_VC + byte).to(tl.int32) >> shift) & QMAX).to(tl.float32)
     vofs = (h * T + t[:, None]) * NVG + c[None, :] // VG
@@ -183,7 +187,7 @@ def dequantize_pages_kernel(
     vz = tl.load((base + OFF_VZ).to(tl.pointer_type(tl.float16)) + vofs).to(tl.float32)
     v = vc * vs + vz
     if ROT_V:
-        v = fwht_rows(v, T, D, LOG2D)
+        v = fwht_rows(v, TC, D, LOG2D)
 
     first = (i.to(tl.int64) * T * H + h) * D
     out = t[:, None] * (H * D) + c[None, :]

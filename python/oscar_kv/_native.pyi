@@ -1,10 +1,13 @@
-"""Byte-layout math of oscar-kv's packed KV-cache pages (Rust core, ``rust/oscar-core``).
+"""Byte-layout math of oscar-kv's packed KV-cache pages and the cache manager (Rust core,
+``rust/oscar-core``): page allocator, radix prefix tree, prefix cache, pool page offsets.
 
 A page holds 128 tokens of one layer as seven contiguous sections: k_codes, v_codes,
 k_scale, k_zero, v_scale, v_zero, norms. Bad arguments raise ValueError naming the argument.
 """
 
-from typing import Final, Literal, TypeAlias
+from array import array
+from collections.abc import Sequence
+from typing import Any, Final, Literal, Protocol, TypeAlias
 
 __version__: Final[str]
 BLOCK_TOKENS: Final[int]
@@ -43,3 +46,171 @@ def page_sections(
 
 def bf16_bytes_per_token(kv_heads: int, head_dim: int) -> int:
     """Bytes per token of one layer of a bf16 cache: 4 * kv_heads * head_dim."""
+
+# ----- cache manager (rust/oscar-core: allocator, radix tree, prefix cache, pool layout) -----
+#
+# Token ids and page ids are passed as 1-D int arrays (numpy int32/int64, array.array('q'),
+# memoryview: read straight from the buffer) or sequences of ints. Page ids come back as
+# array.array('q') (wrap with numpy.frombuffer / torch.frombuffer, no copy). Node handles are
+# ints; ROOT_NODE is the root of every namespace (locking it is a no-op). Calls that walk the
+# tree release the GIL. A failed call changes nothing.
+
+class _IntBuffer(Protocol):
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+
+_Ints: TypeAlias = _IntBuffer | Sequence[int]
+
+ROOT_NODE: Final[int]
+
+class OutOfPages(RuntimeError):
+    """The page pool has fewer free pages than requested (evict or free first)."""
+
+class InvalidPage(ValueError):
+    """A page id out of range, freed twice, or owned by the radix tree."""
+
+class InvalidNode(ValueError):
+    """A node handle that does not name a live node (evicted, reset, or made up)."""
+
+class LockUnderflow(ValueError):
+    """unlock() on a node that holds no lock."""
+
+class PageAllocator:
+    """Reference-counted allocator of page ids 0..num_pages."""
+
+    def __init__(self, num_pages: int) -> None: ...
+    @property
+    def num_pages(self) -> int: ...
+    @property
+    def available(self) -> int: ...
+    def alloc(self, n: int) -> array[int]:
+        """n pages with count 1; OutOfPages (nothing taken) if fewer are free."""
+    def free(self, pages: _Ints) -> None:
+        """Drops one reference per listed page; InvalidPage on a double free."""
+    def retain(self, pages: _Ints) -> None: ...
+    def refcount(self, page: int) -> int: ...
+    def reset(self) -> None: ...
+    def check_invariants(self) -> None: ...
+
+class _TreeView:
+    """Methods shared by RadixTree and PrefixCache."""
+
+    @property
+    def page_size(self) -> int: ...
+    @property
+    def num_pages(self) -> int: ...
+    @property
+    def num_nodes(self) -> int: ...
+    @property
+    def evictable_pages(self) -> int: ...
+    @property
+    def protected_pages(self) -> int: ...
+    @property
+    def total_pages(self) -> int: ...
+    def match_prefix(
+        self, tokens: _Ints, namespace: str | None = None, limit: int | None = None
+    ) -> tuple[array[int], int, int]:
+        """(pages, matched_tokens, node) of the longest cached page-aligned prefix."""
+    def match_len(
+        self, tokens: _Ints, namespace: str | None = None, limit: int | None = None
+    ) -> tuple[int, int]:
+        """(matched_tokens, node), without the page ids."""
+    def lock(self, node: int) -> int:
+        """Protects the path to node; returns the pages that became protected."""
+    def unlock(self, node: int) -> int:
+        """Releases one lock; LockUnderflow if none is held."""
+    def lock_ref(self, node: int) -> int: ...
+    def path_pages(self, node: int) -> array[int]: ...
+    def path_token_indices(self, node: int) -> array[int]:
+        """page * page_size + slot for every token on the path (SGLang KV indices)."""
+    def depth_tokens(self, node: int) -> int: ...
+    def contains_page(self, page: int) -> bool: ...
+    def nodes(self) -> list[dict[str, Any]]:
+        """Every node, parent first: node, parent, namespace, depth_tokens, num_tokens,
+        first_tokens, pages, lock_ref, last_access, num_children."""
+    def check_invariants(self) -> None:
+        """RuntimeError naming the first broken invariant."""
+
+class RadixTree(_TreeView):
+    """Radix tree over whole pages of token ids with SGLang RadixCache semantics (LRU on a
+    logical clock, whole-leaf eviction), namespaced. Never frees pages itself."""
+
+    def __init__(self, num_pages: int, page_size: int = 128) -> None: ...
+    def insert(
+        self,
+        tokens: _Ints,
+        pages: _Ints,
+        namespace: str | None = None,
+        limit: int | None = None,
+    ) -> tuple[int, array[int], int]:
+        """(prefix_tokens, duplicates, node); the caller frees `duplicates`."""
+    def evict(self, num_pages: int) -> array[int]:
+        """Evicted page ids (LRU unlocked leaves, whole leaves); the caller frees them."""
+    def reset(self) -> array[int]:
+        """Every page the tree held; all handles become invalid."""
+
+class PrefixCache(_TreeView):
+    """PageAllocator + RadixTree over the same pages: a page is free, in the tree, or held
+    by a request."""
+
+    def __init__(self, num_pages: int, page_size: int = 128) -> None: ...
+    @property
+    def available(self) -> int: ...
+    def alloc(self, n: int, evict: bool = False) -> array[int]: ...
+    def free(self, pages: _Ints) -> None:
+        """InvalidPage (nothing freed) for tree pages, free pages, ids out of range."""
+    def refcount(self, page: int) -> int: ...
+    def insert(
+        self,
+        tokens: _Ints,
+        pages: _Ints,
+        namespace: str | None = None,
+        limit: int | None = None,
+    ) -> tuple[int, array[int], int]:
+        """(prefix_tokens, freed_duplicates, node); duplicates are already freed."""
+    def evict(self, num_pages: int) -> int:
+        """Number of pages evicted and freed."""
+    def reset(self) -> None: ...
+    def check_all_invariants(self) -> None: ...
+
+class PoolLayout:
+    """Byte offsets of a packed pool: one buffer per layer of num_pages pages."""
+
+    def __init__(
+        self,
+        kv_heads: int,
+        head_dim: int,
+        num_layers: int,
+        num_pages: int,
+        bits: int = 2,
+        k_group: int = 32,
+        v_group: int = 32,
+        norm: _Norm = "token",
+    ) -> None: ...
+    @staticmethod
+    def pages_for_budget(
+        budget_bytes: int,
+        kv_heads: int,
+        head_dim: int,
+        num_layers: int,
+        bits: int = 2,
+        k_group: int = 32,
+        v_group: int = 32,
+        norm: _Norm = "token",
+    ) -> int: ...
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def num_pages(self) -> int: ...
+    @property
+    def num_tokens(self) -> int: ...
+    @property
+    def page_bytes(self) -> int: ...
+    @property
+    def layer_bytes(self) -> int: ...
+    @property
+    def total_bytes(self) -> int: ...
+    def sections(self) -> list[tuple[str, int, int]]: ...
+    def page_offset(self, page: int) -> int: ...
+    def global_offset(self, layer: int, page: int) -> int: ...
+    def section_range(self, page: int, section: str) -> tuple[int, int]: ...
+    def section_offsets(self, pages: _Ints, section: str) -> array[int]: ...

@@ -1,9 +1,9 @@
 //! Integer arrays in and out of Python without a Python object per element.
 //!
-//! In: any object exporting a C-contiguous 1-D buffer of 2-, 4- or 8-byte integers
+//! In: any object exporting a 1-D (possibly strided) buffer of 2-, 4- or 8-byte integers
 //! (`numpy` int32/int64 arrays, `array.array('q')` as SGLang's `RadixKey` holds, memoryviews)
-//! is read straight from its memory; other sequences of ints (lists, tuples, non-contiguous
-//! arrays) go through the generic per-element path. Out: `array.array('q')`, which
+//! is read straight from its memory; other sequences of ints (lists, tuples, iterators) go
+//! through the generic per-element path. Out: `array.array('q')`, which
 //! `numpy.frombuffer` and `torch.frombuffer` wrap without a copy.
 //!
 //! pyo3 0.17 offers `PyBuffer` only outside the limited API or from Python 3.11 on, and it
@@ -45,7 +45,6 @@ extern "C" {
 const PYBUF_FORMAT: c_int = 0x0004;
 const PYBUF_ND: c_int = 0x0008;
 const PYBUF_STRIDES: c_int = 0x0010 | PYBUF_ND;
-const PYBUF_C_CONTIGUOUS: c_int = 0x0020 | PYBUF_STRIDES;
 
 /// An acquired buffer view, released on drop. Boxed because exporters may point `shape`
 /// into the struct itself (`PyBuffer_FillInfo` sets `shape = &view->len`), so it must not
@@ -53,8 +52,8 @@ const PYBUF_C_CONTIGUOUS: c_int = 0x0020 | PYBUF_STRIDES;
 struct View(Box<RawBuffer>);
 
 impl View {
-    /// `Ok(None)` if `obj` does not export a C-contiguous buffer (the caller falls back to
-    /// the sequence path); the Python error of that attempt is cleared.
+    /// `Ok(None)` if `obj` does not export a strided buffer (the caller falls back to the
+    /// sequence path); the Python error of that attempt is cleared.
     fn get(obj: &PyAny) -> PyResult<Option<View>> {
         let mut raw = Box::new(RawBuffer {
             buf: std::ptr::null_mut(),
@@ -71,9 +70,8 @@ impl View {
         });
         // SAFETY: `obj` is a live object (borrowed for this call, GIL held via `&PyAny`) and
         // `raw` points to a writable, correctly laid-out Py_buffer that outlives the call.
-        let rc = unsafe {
-            PyObject_GetBuffer(obj.as_ptr(), &mut *raw, PYBUF_FORMAT | PYBUF_C_CONTIGUOUS)
-        };
+        let rc =
+            unsafe { PyObject_GetBuffer(obj.as_ptr(), &mut *raw, PYBUF_FORMAT | PYBUF_STRIDES) };
         if rc != 0 {
             let err = PyErr::fetch(obj.py());
             if err.is_instance_of::<PyBufferError>(obj.py())
@@ -158,16 +156,24 @@ pub(crate) fn for_each_int(
                 raw.ndim
             )));
         }
-        let n = raw.len as usize / itemsize;
+        if raw.shape.is_null() || raw.strides.is_null() {
+            return Err(PyBufferError::new_err(format!(
+                "{what}: the exporter gave no shape or strides"
+            )));
+        }
+        // SAFETY: both pointers are non-null (checked above) and, for an acquired view of
+        // ndim 1, point to one Py_ssize_t each, valid until release.
+        let (n, stride) = unsafe { (*raw.shape, *raw.strides) };
+        let n = usize::try_from(n).unwrap_or(0);
         let base = raw.buf as *const u8;
         for i in 0..n {
-            // SAFETY: the exporter guarantees `len` readable bytes at `buf`, C-contiguous
-            // (requested by PYBUF_C_CONTIGUOUS), valid until the view is released at the end
-            // of this function; i * itemsize + itemsize <= n * itemsize <= len. Reads are
-            // unaligned-safe and never form a reference into the buffer. We hold the GIL, so
-            // Python code cannot resize or rewrite the array meanwhile.
+            // SAFETY: the exporter guarantees an item of `itemsize` readable bytes at
+            // `buf + i * strides[0]` for every 0 <= i < shape[0] (no suboffsets: PYBUF_INDIRECT
+            // was not requested), valid until the view is released at the end of this
+            // function. Reads are unaligned-safe and never form a reference into the buffer.
+            // We hold the GIL, so Python code cannot resize or rewrite the array meanwhile.
             let v = unsafe {
-                let p = base.add(i * itemsize);
+                let p = base.offset(i as isize * stride);
                 match (itemsize, signed) {
                     (8, true) => i64::from_ne_bytes(p.cast::<[u8; 8]>().read_unaligned()),
                     (8, false) => {

@@ -4,7 +4,7 @@
 //! Token ids and page ids come in as int arrays (read from the buffer, no Python object per
 //! element) or sequences; page ids go out as `array.array('q')`. Node handles are Python
 //! ints (`ROOT_NODE` for the root). Every call that walks the tree runs with the GIL
-//! released. Errors are typed: `OutOfPages` (RuntimeError), `InvalidPage`, `InvalidNode`,
+//! released, under a mutex that serializes threads sharing one object. Errors are typed: `OutOfPages` (RuntimeError), `InvalidPage`, `InvalidNode`,
 //! `LockUnderflow` (ValueErrors), plain ValueError / TypeError for other bad arguments; a
 //! failed call changes nothing.
 
@@ -13,6 +13,7 @@ use pyo3::create_exception;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+use std::sync::{Mutex, MutexGuard};
 
 use crate::buffer::{int64_array, ints};
 
@@ -192,56 +193,73 @@ impl PageAllocator {
     }
 }
 
-/// Generates the tree methods shared by `RadixTree` and `PrefixCache`: `$tree` reads the
-/// core tree, `$mut` is the object whose `match_prefix_into`/`lock`/`unlock` mutate it.
+fn poisoned() -> PyErr {
+    PyRuntimeError::new_err("the cache is unusable: an earlier call panicked while changing it")
+}
+
+/// Runs `f` on the locked state with the GIL released. Waiting for the lock happens without
+/// the GIL too, and `f` never needs the GIL, so a thread holding the lock never waits for
+/// one holding the GIL: no deadlock. Concurrent callers are serialized, not refused.
+fn walk<T: Send, R: Send>(
+    py: Python<'_>,
+    state: &Mutex<T>,
+    f: impl FnOnce(&mut T) -> R + Send,
+) -> PyResult<R> {
+    py.allow_threads(|| {
+        let mut g = state.lock().map_err(|_| poisoned())?;
+        Ok(f(&mut g))
+    })
+}
+
+/// The locked state, for short reads under the GIL.
+fn read<T>(state: &Mutex<T>) -> PyResult<MutexGuard<'_, T>> {
+    state.lock().map_err(|_| poisoned())
+}
+
+/// Generates the `#[pymethods]` block of `RadixTree` and `PrefixCache`: the methods both
+/// share, written once over `$view(&state)` (a `&oscar_core::RadixTree`), plus the class's
+/// own methods passed as `$extra` (pyo3 0.17 allows a single `#[pymethods]` block per class
+/// without its `multiple-pymethods` feature).
 macro_rules! tree_methods {
-    ($ty:ident, |$s:ident| $tree:expr, |$m:ident| $mut:expr, { $($extra:tt)* }) => {
-        // pyo3 0.17 allows one #[pymethods] block per class (without the
-        // `multiple-pymethods` feature), so the class's own methods come in as `$extra`.
+    ($ty:ident, $view:expr, { $($extra:tt)* }) => {
         #[pymethods]
         impl $ty {
             $($extra)*
 
             /// Tokens per page.
             #[getter]
-            fn page_size(&self) -> usize {
-                let $s = self;
-                $tree.page_size()
+            fn page_size(&self) -> PyResult<usize> {
+                Ok($view(&*read(&self.inner)?).page_size())
             }
 
             /// Size of the page-id space.
             #[getter]
-            fn num_pages(&self) -> usize {
-                let $s = self;
-                $tree.num_pages()
+            fn num_pages(&self) -> PyResult<usize> {
+                Ok($view(&*read(&self.inner)?).num_pages())
             }
 
             /// Live tree nodes (roots excluded).
             #[getter]
-            fn num_nodes(&self) -> usize {
-                let $s = self;
-                $tree.num_nodes()
+            fn num_nodes(&self) -> PyResult<usize> {
+                Ok($view(&*read(&self.inner)?).num_nodes())
             }
 
             /// Pages in unlocked nodes.
             #[getter]
-            fn evictable_pages(&self) -> usize {
-                let $s = self;
-                $tree.sizes().evictable
+            fn evictable_pages(&self) -> PyResult<usize> {
+                Ok($view(&*read(&self.inner)?).sizes().evictable)
             }
 
             /// Pages in locked nodes.
             #[getter]
-            fn protected_pages(&self) -> usize {
-                let $s = self;
-                $tree.sizes().protected
+            fn protected_pages(&self) -> PyResult<usize> {
+                Ok($view(&*read(&self.inner)?).sizes().protected)
             }
 
             /// All pages in the tree.
             #[getter]
-            fn total_pages(&self) -> usize {
-                let $s = self;
-                $tree.sizes().total
+            fn total_pages(&self) -> PyResult<usize> {
+                Ok($view(&*read(&self.inner)?).sizes().total)
             }
 
             /// Longest cached page-aligned prefix of the first `limit` token ids:
@@ -249,74 +267,70 @@ macro_rules! tree_methods {
             #[args(namespace = "None", limit = "None")]
             #[pyo3(text_signature = "($self, tokens, namespace=None, limit=None)")]
             fn match_prefix(
-                &mut self,
+                &self,
                 py: Python<'_>,
                 tokens: &PyAny,
                 namespace: Option<&str>,
                 limit: Option<i64>,
             ) -> PyResult<(PyObject, usize, u64)> {
                 let toks = crate::buffer::tokens(tokens, limit_arg(limit)?)?;
-                let mut pages = Vec::new();
-                let $m = self;
-                let node = py.allow_threads(|| $mut.match_prefix_into(namespace, &toks, &mut pages));
-                let $s = &*$m;
-                let matched = pages.len() * $tree.page_size();
-                Ok((page_array(py, &pages)?, matched, node.raw()))
+                let (pages, node, ps) = walk(py, &self.inner, |c| {
+                    let mut pages = Vec::new();
+                    let node = c.match_prefix_into(namespace, &toks, &mut pages);
+                    (pages, node, $view(&*c).page_size())
+                })?;
+                Ok((page_array(py, &pages)?, pages.len() * ps, node.raw()))
             }
 
             /// Like `match_prefix` without the page ids: `(matched_tokens, node)`.
             #[args(namespace = "None", limit = "None")]
             #[pyo3(text_signature = "($self, tokens, namespace=None, limit=None)")]
             fn match_len(
-                &mut self,
+                &self,
                 py: Python<'_>,
                 tokens: &PyAny,
                 namespace: Option<&str>,
                 limit: Option<i64>,
             ) -> PyResult<(usize, u64)> {
                 let toks = crate::buffer::tokens(tokens, limit_arg(limit)?)?;
-                let $m = self;
-                let (n, node) = py.allow_threads(|| {
+                let (matched, node) = walk(py, &self.inner, |c| {
                     let mut pages = Vec::new();
-                    let node = $mut.match_prefix_into(namespace, &toks, &mut pages);
-                    (pages.len(), node)
-                });
-                let $s = &*$m;
-                Ok((n * $tree.page_size(), node.raw()))
+                    let node = c.match_prefix_into(namespace, &toks, &mut pages);
+                    (pages.len() * $view(&*c).page_size(), node)
+                })?;
+                Ok((matched, node.raw()))
             }
 
             /// Locks the path to `node` (no eviction until `unlock`); returns the pages that
             /// became protected. No-op on ROOT_NODE.
             #[pyo3(text_signature = "($self, node)")]
-            fn lock(&mut self, py: Python<'_>, node: u64) -> PyResult<usize> {
-                let $m = self;
-                py.allow_threads(|| $mut.lock(NodeHandle::from_raw(node)))
+            fn lock(&self, py: Python<'_>, node: u64) -> PyResult<usize> {
+                walk(py, &self.inner, |c| c.lock(NodeHandle::from_raw(node)))?
                     .map_err(cache_error)
             }
 
             /// Releases one lock on `node`; LockUnderflow if it holds none (nothing changed).
             #[pyo3(text_signature = "($self, node)")]
-            fn unlock(&mut self, py: Python<'_>, node: u64) -> PyResult<usize> {
-                let $m = self;
-                py.allow_threads(|| $mut.unlock(NodeHandle::from_raw(node)))
+            fn unlock(&self, py: Python<'_>, node: u64) -> PyResult<usize> {
+                walk(py, &self.inner, |c| c.unlock(NodeHandle::from_raw(node)))?
                     .map_err(cache_error)
             }
 
             /// Locks held on `node`.
             #[pyo3(text_signature = "($self, node)")]
             fn lock_ref(&self, node: u64) -> PyResult<u32> {
-                let $s = self;
-                $tree.lock_ref(NodeHandle::from_raw(node)).map_err(cache_error)
+                $view(&*read(&self.inner)?)
+                    .lock_ref(NodeHandle::from_raw(node))
+                    .map_err(cache_error)
             }
 
             /// Page ids on the path from the root to `node`.
             #[pyo3(text_signature = "($self, node)")]
             fn path_pages(&self, py: Python<'_>, node: u64) -> PyResult<PyObject> {
-                let $s = self;
-                let tree = &$tree;
-                let pages = py
-                    .allow_threads(|| tree.path_pages(NodeHandle::from_raw(node)))
-                    .map_err(cache_error)?;
+                let pages = walk(py, &self.inner, |c| {
+                    $view(&*c).path_pages(NodeHandle::from_raw(node))
+                })?
+                .map_err(cache_error)?;
                 page_array(py, &pages)
             }
 
@@ -324,46 +338,50 @@ macro_rules! tree_methods {
             /// indices of the cached prefix.
             #[pyo3(text_signature = "($self, node)")]
             fn path_token_indices(&self, py: Python<'_>, node: u64) -> PyResult<PyObject> {
-                let $s = self;
-                let tree = &$tree;
-                let pages = py
-                    .allow_threads(|| tree.path_pages(NodeHandle::from_raw(node)))
-                    .map_err(cache_error)?;
-                token_index_array(py, &pages, tree.page_size())
+                let (pages, ps) = walk(py, &self.inner, |c| {
+                    let t = $view(&*c);
+                    t.path_pages(NodeHandle::from_raw(node)).map(|p| (p, t.page_size()))
+                })?
+                .map_err(cache_error)?;
+                token_index_array(py, &pages, ps)
             }
 
             /// Tokens on the path from the root to `node`.
             #[pyo3(text_signature = "($self, node)")]
-            fn depth_tokens(&self, node: u64) -> PyResult<usize> {
-                let $s = self;
-                let tree = &$tree;
-                Ok(tree
-                    .depth_pages(NodeHandle::from_raw(node))
-                    .map_err(cache_error)?
-                    * tree.page_size())
+            fn depth_tokens(&self, py: Python<'_>, node: u64) -> PyResult<usize> {
+                walk(py, &self.inner, |c| {
+                    let t = $view(&*c);
+                    t.depth_pages(NodeHandle::from_raw(node)).map(|d| d * t.page_size())
+                })?
+                .map_err(cache_error)
             }
 
             /// Whether the tree holds `page`.
             #[pyo3(text_signature = "($self, page)")]
-            fn contains_page(&self, page: i64) -> bool {
-                let $s = self;
-                u32::try_from(page).map_or(false, |p| $tree.contains_page(p))
+            fn contains_page(&self, page: i64) -> PyResult<bool> {
+                let g = read(&self.inner)?;
+                Ok(u32::try_from(page).map_or(false, |p| $view(&*g).contains_page(p)))
             }
 
             /// Every node, parent before children, as dicts (for debugging).
             fn nodes(&self, py: Python<'_>) -> PyResult<Vec<PyObject>> {
-                let $s = self;
-                nodes_list(py, &$tree)
+                nodes_list(py, $view(&*read(&self.inner)?))
             }
 
             /// Raises RuntimeError naming the first broken invariant (walks everything).
             fn check_invariants(&self, py: Python<'_>) -> PyResult<()> {
-                let $s = self;
-                let tree = &$tree;
-                invariants(py.allow_threads(|| tree.check_invariants()))
+                invariants(walk(py, &self.inner, |c| $view(&*c).check_invariants())?)
             }
         }
     };
+}
+
+fn tree_view(t: &oscar_core::RadixTree) -> &oscar_core::RadixTree {
+    t
+}
+
+fn cache_view(c: &oscar_core::PrefixCache) -> &oscar_core::RadixTree {
+    c.tree()
 }
 
 /// Radix tree over whole pages of token ids (SGLang RadixCache semantics), namespaced.
@@ -371,19 +389,20 @@ macro_rules! tree_methods {
 #[pyclass(module = "oscar_kv._native")]
 #[pyo3(text_signature = "(num_pages, page_size=128)")]
 pub struct RadixTree {
-    inner: oscar_core::RadixTree,
+    inner: Mutex<oscar_core::RadixTree>,
 }
 
-tree_methods!(RadixTree, |s| s.inner, |m| m.inner, {
+tree_methods!(RadixTree, tree_view, {
     #[new]
     #[args(page_size = "128")]
     fn new(num_pages: i64, page_size: i64) -> PyResult<Self> {
+        let tree = oscar_core::RadixTree::new(
+            count("num_pages", num_pages)?,
+            count("page_size", page_size)?,
+        )
+        .map_err(cache_error)?;
         Ok(RadixTree {
-            inner: oscar_core::RadixTree::new(
-                count("num_pages", num_pages)?,
-                count("page_size", page_size)?,
-            )
-            .map_err(cache_error)?,
+            inner: Mutex::new(tree),
         })
     }
 
@@ -393,7 +412,7 @@ tree_methods!(RadixTree, |s| s.inner, |m| m.inner, {
     #[args(namespace = "None", limit = "None")]
     #[pyo3(text_signature = "($self, tokens, pages, namespace=None, limit=None)")]
     fn insert(
-        &mut self,
+        &self,
         py: Python<'_>,
         tokens: &PyAny,
         pages: &PyAny,
@@ -401,13 +420,14 @@ tree_methods!(RadixTree, |s| s.inner, |m| m.inner, {
         limit: Option<i64>,
     ) -> PyResult<(usize, PyObject, u64)> {
         let toks = crate::buffer::tokens(tokens, limit_arg(limit)?)?;
-        let pages = page_ids(pages, self.inner.num_pages())?;
-        let tree = &mut self.inner;
-        let out = py
-            .allow_threads(|| tree.insert(namespace, &toks, &pages))
-            .map_err(cache_error)?;
+        let pages = page_ids(pages, read(&self.inner)?.num_pages())?;
+        let (out, ps) = walk(py, &self.inner, |t| {
+            t.insert(namespace, &toks, &pages)
+                .map(|o| (o, t.page_size()))
+        })?
+        .map_err(cache_error)?;
         Ok((
-            out.prefix_pages * self.inner.page_size(),
+            out.prefix_pages * ps,
             page_array(py, &out.duplicates)?,
             out.node.raw(),
         ))
@@ -416,30 +436,29 @@ tree_methods!(RadixTree, |s| s.inner, |m| m.inner, {
     /// Evicts unlocked leaves, least recently used first, until at least `num_pages` pages
     /// are out; returns them (the caller frees them).
     #[pyo3(text_signature = "($self, num_pages)")]
-    fn evict(&mut self, py: Python<'_>, num_pages: i64) -> PyResult<PyObject> {
+    fn evict(&self, py: Python<'_>, num_pages: i64) -> PyResult<PyObject> {
         let n = count("num_pages", num_pages)?;
-        let tree = &mut self.inner;
-        let freed = py.allow_threads(|| tree.evict(n));
+        let freed = walk(py, &self.inner, |t| t.evict(n))?;
         page_array(py, &freed)
     }
 
     /// Empties the tree; returns every page it held. All handles become invalid.
-    fn reset(&mut self, py: Python<'_>) -> PyResult<PyObject> {
-        let tree = &mut self.inner;
-        let pages = py.allow_threads(|| tree.reset());
+    fn reset(&self, py: Python<'_>) -> PyResult<PyObject> {
+        let pages = walk(py, &self.inner, |t| t.reset())?;
         page_array(py, &pages)
     }
 
-    fn __repr__(&self) -> String {
-        let s = self.inner.sizes();
-        format!(
+    fn __repr__(&self) -> PyResult<String> {
+        let t = read(&self.inner)?;
+        let s = t.sizes();
+        Ok(format!(
             "RadixTree(page_size={}, nodes={}, pages={} (evictable {}, protected {}))",
-            self.inner.page_size(),
-            self.inner.num_nodes(),
+            t.page_size(),
+            t.num_nodes(),
             s.total,
             s.evictable,
             s.protected
-        )
+        ))
     }
 });
 
@@ -448,62 +467,62 @@ tree_methods!(RadixTree, |s| s.inner, |m| m.inner, {
 #[pyclass(module = "oscar_kv._native")]
 #[pyo3(text_signature = "(num_pages, page_size=128)")]
 pub struct PrefixCache {
-    inner: oscar_core::PrefixCache,
+    inner: Mutex<oscar_core::PrefixCache>,
 }
 
-tree_methods!(PrefixCache, |s| s.inner.tree(), |m| m.inner, {
+tree_methods!(PrefixCache, cache_view, {
     #[new]
     #[args(page_size = "128")]
     fn new(num_pages: i64, page_size: i64) -> PyResult<Self> {
+        let cache = oscar_core::PrefixCache::new(
+            count("num_pages", num_pages)?,
+            count("page_size", page_size)?,
+        )
+        .map_err(cache_error)?;
         Ok(PrefixCache {
-            inner: oscar_core::PrefixCache::new(
-                count("num_pages", num_pages)?,
-                count("page_size", page_size)?,
-            )
-            .map_err(cache_error)?,
+            inner: Mutex::new(cache),
         })
     }
 
     /// Free pages.
     #[getter]
-    fn available(&self) -> usize {
-        self.inner.available()
+    fn available(&self) -> PyResult<usize> {
+        Ok(read(&self.inner)?.available())
     }
 
     /// Allocates `n` pages for a request. With `evict=True` evicts the shortfall first
     /// (LRU); OutOfPages, with nothing evicted or taken, if that cannot suffice.
     #[args(evict = "false")]
     #[pyo3(text_signature = "($self, n, evict=False)")]
-    fn alloc(&mut self, py: Python<'_>, n: i64, evict: bool) -> PyResult<PyObject> {
+    fn alloc(&self, py: Python<'_>, n: i64, evict: bool) -> PyResult<PyObject> {
         let n = count("n", n)?;
-        let cache = &mut self.inner;
-        let pages = py
-            .allow_threads(|| {
-                if evict {
-                    cache.alloc_evicting(n)
-                } else {
-                    cache.alloc(n)
-                }
-            })
-            .map_err(cache_error)?;
+        let pages = walk(py, &self.inner, |c| {
+            if evict {
+                c.alloc_evicting(n)
+            } else {
+                c.alloc(n)
+            }
+        })?
+        .map_err(cache_error)?;
         page_array(py, &pages)
     }
 
     /// Returns a request's pages; InvalidPage (nothing freed) for tree pages, free pages,
     /// ids out of range.
     #[pyo3(text_signature = "($self, pages)")]
-    fn free(&mut self, pages: &PyAny) -> PyResult<()> {
-        let pages = page_ids(pages, self.inner.num_pages())?;
-        self.inner.free(&pages).map_err(cache_error)
+    fn free(&self, py: Python<'_>, pages: &PyAny) -> PyResult<()> {
+        let pages = page_ids(pages, read(&self.inner)?.num_pages())?;
+        walk(py, &self.inner, |c| c.free(&pages))?.map_err(cache_error)
     }
 
     /// Reference count of a page (0 = free).
     #[pyo3(text_signature = "($self, page)")]
     fn refcount(&self, page: i64) -> PyResult<u32> {
-        let n = self.inner.num_pages();
+        let c = read(&self.inner)?;
+        let n = c.num_pages();
         let p = u32::try_from(page)
             .map_err(|_| cache_error(CacheError::PageOutOfRange { page, num_pages: n }))?;
-        self.inner.allocator().refcount(p).map_err(cache_error)
+        c.allocator().refcount(p).map_err(cache_error)
     }
 
     /// Hands a request's whole pages to the tree and frees its duplicates of pages the tree
@@ -511,7 +530,7 @@ tree_methods!(PrefixCache, |s| s.inner.tree(), |m| m.inner, {
     #[args(namespace = "None", limit = "None")]
     #[pyo3(text_signature = "($self, tokens, pages, namespace=None, limit=None)")]
     fn insert(
-        &mut self,
+        &self,
         py: Python<'_>,
         tokens: &PyAny,
         pages: &PyAny,
@@ -519,13 +538,14 @@ tree_methods!(PrefixCache, |s| s.inner.tree(), |m| m.inner, {
         limit: Option<i64>,
     ) -> PyResult<(usize, PyObject, u64)> {
         let toks = crate::buffer::tokens(tokens, limit_arg(limit)?)?;
-        let pages = page_ids(pages, self.inner.num_pages())?;
-        let cache = &mut self.inner;
-        let out = py
-            .allow_threads(|| cache.insert(namespace, &toks, &pages))
-            .map_err(cache_error)?;
+        let pages = page_ids(pages, read(&self.inner)?.num_pages())?;
+        let (out, ps) = walk(py, &self.inner, |c| {
+            c.insert(namespace, &toks, &pages)
+                .map(|o| (o, c.page_size()))
+        })?
+        .map_err(cache_error)?;
         Ok((
-            out.prefix_pages * self.inner.page_size(),
+            out.prefix_pages * ps,
             page_array(py, &out.duplicates)?,
             out.node.raw(),
         ))
@@ -534,37 +554,34 @@ tree_methods!(PrefixCache, |s| s.inner.tree(), |m| m.inner, {
     /// Evicts (LRU, unlocked leaves) at least `num_pages` pages if possible and frees them;
     /// returns the number freed.
     #[pyo3(text_signature = "($self, num_pages)")]
-    fn evict(&mut self, py: Python<'_>, num_pages: i64) -> PyResult<usize> {
+    fn evict(&self, py: Python<'_>, num_pages: i64) -> PyResult<usize> {
         let n = count("num_pages", num_pages)?;
-        let cache = &mut self.inner;
-        Ok(py.allow_threads(|| cache.evict(n)))
+        walk(py, &self.inner, |c| c.evict(n))
     }
 
     /// Empties the tree and frees its pages; request pages stay allocated.
-    fn reset(&mut self, py: Python<'_>) {
-        let cache = &mut self.inner;
-        py.allow_threads(|| cache.reset())
+    fn reset(&self, py: Python<'_>) -> PyResult<()> {
+        walk(py, &self.inner, |c| c.reset())
     }
 
     /// Also checks the allocator and that every tree page is allocated once.
-    #[pyo3(name = "check_all_invariants")]
-    fn check_all(&self, py: Python<'_>) -> PyResult<()> {
-        let cache = &self.inner;
-        invariants(py.allow_threads(|| cache.check_invariants()))
+    fn check_all_invariants(&self, py: Python<'_>) -> PyResult<()> {
+        invariants(walk(py, &self.inner, |c| c.check_invariants())?)
     }
 
-    fn __repr__(&self) -> String {
-        let s = self.inner.sizes();
-        format!(
+    fn __repr__(&self) -> PyResult<String> {
+        let c = read(&self.inner)?;
+        let s = c.sizes();
+        Ok(format!(
             "PrefixCache(num_pages={}, page_size={}, available={}, tree pages={} \
              (evictable {}, protected {}))",
-            self.inner.num_pages(),
-            self.inner.page_size(),
-            self.inner.available(),
+            c.num_pages(),
+            c.page_size(),
+            c.available(),
             s.total,
             s.evictable,
             s.protected
-        )
+        ))
     }
 });
 

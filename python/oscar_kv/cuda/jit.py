@@ -1,0 +1,99 @@
+"""Build the oscar-kv CUDA extension on first use and register ``torch.ops.oscar_kv``.
+
+The sources live in the repository's ``csrc/`` (found next to the package, or through
+``OSCAR_KV_CSRC``); the build goes to ``$OSCAR_KV_CACHE`` or ``~/.cache/oscar_kv/<key>``,
+outside the package, keyed by the sources' hash, torch's version and CUDA version and the
+target architectures, so a change of any of them rebuilds. Needs a CUDA build of torch and
+nvcc (``CUDA_HOME``); without a device set ``TORCH_CUDA_ARCH_LIST`` (e.g. "8.0;9.0a").
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+_SOURCES = ("oscar_kv_ops.cu", "torch_bindings.cpp")
+
+
+def csrc_dir() -> Path:
+    env = os.environ.get("OSCAR_KV_CSRC")
+    if env:
+        return Path(env)
+    # python/oscar_kv/cuda/jit.py -> repository root / csrc
+    return Path(__file__).resolve().parents[3] / "csrc"
+
+
+def _source_files(root: Path) -> list[Path]:
+    files = [root / s for s in _SOURCES]
+    files += sorted((root / "include" / "oscar").glob("*.cuh"))
+    files.append(root / "oscar_kv_ops.h")
+    return files
+
+
+def build_key(root: Path | None = None) -> str:
+    root = root or csrc_dir()
+    h = hashlib.sha256()
+    for f in _source_files(root):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    h.update(torch.__version__.encode())
+    h.update(str(torch.version.cuda).encode())
+    h.update(os.environ.get("TORCH_CUDA_ARCH_LIST", "").encode())
+    return h.hexdigest()[:16]
+
+
+def cache_dir(key: str) -> Path:
+    base = os.environ.get("OSCAR_KV_CACHE")
+    root = Path(base) if base else Path.home() / ".cache" / "oscar_kv"
+    path = root / f"torch_ext_{key}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class CudaOps:
+    """Thin Python face of ``torch.ops.oscar_kv`` (argument order as in oscar_kv_ops.h)."""
+
+    def __init__(self) -> None:
+        self._ops = torch.ops.oscar_kv
+
+    def quantize_pages(self, k, v, src_index, page_ids, pool, *layout: int) -> None:
+        self._ops.quantize_pages(k, v, src_index, page_ids, pool, *layout)
+
+    def decode_attention(self, q, pool, page_table, num_pages, k_tail, v_tail, tail_index,
+                         tail_len, scale, num_splits, *layout: int) -> torch.Tensor:  # fmt: skip
+        return self._ops.decode_attention(q, pool, page_table, num_pages, k_tail, v_tail,
+                                          tail_index, tail_len, float(scale), int(num_splits),
+                                          *layout)  # fmt: skip
+
+    def dequantize_pages(self, pool, page_ids, *layout: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._ops.dequantize_pages(pool, page_ids, *layout)
+
+    def rotate_q(self, q: torch.Tensor) -> torch.Tensor:
+        return self._ops.rotate_q(q)
+
+
+@functools.cache
+def load(verbose: bool = False) -> CudaOps:
+    """Build (once per key) and load the extension; raises if torch has no CUDA or nvcc."""
+    if torch.version.cuda is None:
+        raise RuntimeError("the oscar_kv CUDA ops need a CUDA build of torch")
+    from torch.utils.cpp_extension import load as load_ext
+
+    root = csrc_dir()
+    key = build_key(root)
+    load_ext(
+        name=f"oscar_kv_cuda_{key}",
+        sources=[str(root / s) for s in _SOURCES],
+        extra_include_paths=[str(root / "include"), str(root)],
+        extra_cflags=["-O3", "-std=c++20"],
+        # No --use_fast_math: the quantize path must stay bit-exact (see common.cuh).
+        extra_cuda_cflags=["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"],
+        build_directory=str(cache_dir(key)),
+        is_python_module=False,
+        verbose=verbose,
+    )
+    return CudaOps()

@@ -186,9 +186,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& pool,
   a.layout = l;
   a.rot_q = int(rot_k);
   const int rb = int(head_dim * bits / 8);
-  const size_t smem = sizeof(float) * oscar::decode_smem_floats(
-                                          int(head_dim), group, int(oscar::kBlockTokens / k_group),
-                                          rb, int(head_dim / v_group));
+  const size_t smem = sizeof(float) * oscar::decode_smem(int(head_dim), group,
+                                                          int(oscar::kBlockTokens / k_group), rb,
+                                                          int(head_dim / v_group))
+                                           .total;
   auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(unsigned(batch), unsigned(kv_heads), unsigned(ns + 1));
   dispatch(q.scalar_type(), head_dim, bits, [&]<typename T, int D, int BITS>() {

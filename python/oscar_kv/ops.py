@@ -337,19 +337,12 @@ def decode_attention(
     tl_ = tail_len.to(torch.int32).contiguous()
     qc = q if q.stride(2) == 1 else q.contiguous()
     if which == "cuda":
-        return _cuda_ops().decode_attention(  # type: ignore[attr-defined]
-            qc,
-            pool,
-            pt,
-            np_,
-            k_tail,
-            v_tail,
-            tidx,
-            tl_,
-            scale,
-            num_splits or 0,
-            *_cuda_layout_args(layout),
-        )
+        # The CUDA kernels take q in the tails' dtype (one template parameter for both).
+        out = _cuda_ops().decode_attention(  # type: ignore[attr-defined]
+            qc.to(k_tail.dtype), pool, pt, np_, k_tail, v_tail, tidx, tl_, scale,
+            num_splits or 0, *_cuda_layout_args(layout),
+        )  # fmt: skip
+        return out.to(q.dtype)
     return _triton().decode_attention(
         qc, pool, layout, pt, np_, k_tail, v_tail, tidx, tl_, scale, num_splits
     )

@@ -48,16 +48,29 @@ struct DecodeArgs {
 
 constexpr int kDecodeThreads = 128;
 
-// Shared memory floats of decode_split_kernel for head_dim D.
-__host__ __device__ inline int decode_smem_floats(int D, int G, int ngk, int v_row_bytes,
+// Shared memory plan of decode_split_kernel, in floats; every part starts 16-byte aligned
+// (the V codes are filled with uint4 stores).
+struct DecodeSmem {
+  int vcodes, vpar, q, qr, qs, qz, p, m, l, alpha, total;
+};
+
+__host__ __device__ inline int align4(int n) { return (n + 3) & ~3; }
+
+__host__ __device__ inline DecodeSmem decode_smem(int D, int G, int ngk, int v_row_bytes,
                                                   int nvg) {
-  return 2 * G * D            // q, H q
-         + ngk * G * D        // qs
-         + ngk * G            // qz
-         + G * kBlockTokens   // logits / probabilities
-         + 3 * G              // m, l, alpha
-         + kBlockTokens * v_row_bytes / 4  // V codes of the page
-         + kBlockTokens * nvg;             // V scale, zero (fp16 pairs packed as half2)
+  DecodeSmem s{};
+  s.vcodes = 0;                                            // uint8 [128][RB]
+  s.vpar = s.vcodes + align4(kBlockTokens * v_row_bytes / 4);  // half2 [128][NVG]
+  s.q = s.vpar + align4(kBlockTokens * nvg);               // [G][D] model basis
+  s.qr = s.q + align4(G * D);                              // [G][D] rotated
+  s.qs = s.qr + align4(G * D);                             // [NGK][G][D]
+  s.qz = s.qs + align4(ngk * G * D);                       // [NGK][G]
+  s.p = s.qz + align4(ngk * G);                            // [G][128]
+  s.m = s.p + align4(G * kBlockTokens);                    // [G]
+  s.l = s.m + align4(G);
+  s.alpha = s.l + align4(G);
+  s.total = s.alpha + align4(G);
+  return s;
 }
 
 // Softmax bookkeeping over the 128 (or n_valid) logits of each head in p[g][*]: updates
@@ -98,17 +111,18 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(DecodeArgs
   const int b = blockIdx.x, hk = blockIdx.y, s = blockIdx.z, nsplit = gridDim.z - 1;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid & 31;
 
-  extern __shared__ float sm[];
-  float* q = sm;                                // [G][D] model basis
-  float* qr = q + G * D;                        // [G][D] rotated
-  float* qs = qr + G * D;                       // [NGK][G][D]
-  float* qz = qs + NGK * G * D;                 // [NGK][G]
-  float* p = qz + NGK * G;                      // [G][128]
-  float* m = p + G * kBlockTokens;              // [G]
-  float* l = m + G;                             // [G]
-  float* alpha = l + G;                         // [G]
-  uint32_t* vcodes = reinterpret_cast<uint32_t*>(alpha + G);  // [128 * RB / 4]
-  __half2* vpar = reinterpret_cast<__half2*>(vcodes + kBlockTokens * RB / 4);  // [128][NVG]
+  extern __shared__ __align__(16) float sm[];
+  const DecodeSmem plan = decode_smem(D, G, NGK, RB, NVG);
+  uint32_t* vcodes = reinterpret_cast<uint32_t*>(sm + plan.vcodes);
+  __half2* vpar = reinterpret_cast<__half2*>(sm + plan.vpar);
+  float* q = sm + plan.q;
+  float* qr = sm + plan.qr;
+  float* qs = sm + plan.qs;
+  float* qz = sm + plan.qz;
+  float* p = sm + plan.p;
+  float* m = sm + plan.m;
+  float* l = sm + plan.l;
+  float* alpha = sm + plan.alpha;
 
   const T* qg = static_cast<const T*>(a.q) + b * a.q_stride[0];
   for (int idx = tid; idx < G * D; idx += kDecodeThreads) {

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Installs SGLang 0.5.23 next to oscar-kv WITHOUT letting pip touch torch or transformers.
+#
+#   bash scripts/install_sglang.sh        # after scripts/install.sh; PYTHON=... to override
+#
+# SGLang 0.5.23 pins torch==2.14.1 (CUDA 13 build), transformers==5.19.0 and ~40 GPU-only
+# packages (flashinfer, sglang-kernel, deep-gemm, ...). On a CPU machine (and to keep this
+# project's torch 2.13 / transformers 5.23) the wheel is installed with --no-deps and then the
+# pure-Python/CPU dependencies that the server and the cache/attention modules import, each
+# pinned exactly (the set measured in /work/shared/notes/sglang-on-this-cpu.md). torch and
+# transformers are passed as pins too, so the resolver can only keep them, never replace them.
+# `sgl_kernel` (no wheel for CPU) and torchvision are handled at import time by
+# oscar_kv.sglang._testing / the plugin's CPU shims, not installed here.
+# Safe to run again.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PYTHON=${PYTHON:-python3}
+log() { printf '[install_sglang] %s\n' "$*"; }
+
+TORCH=$("$PYTHON" -c 'import torch; print(torch.__version__.split("+")[0])')
+TRANSFORMERS=$("$PYTHON" -c 'import transformers; print(transformers.__version__)')
+log "keeping torch==$TORCH transformers==$TRANSFORMERS"
+
+log "pip install --no-deps sglang==0.5.23 xgrammar==0.2.7"
+"$PYTHON" -m pip install -q --no-deps sglang==0.5.23 xgrammar==0.2.7
+
+DEPS=(
+    aiohappyeyeballs==2.7.1 aiohttp==3.14.5 aiosignal==1.4.0 anthropic==2.12.0
+    apache-tvm-ffi==0.1.11 blobfile==3.0.0 compressed-tensors==0.18.0 dill==0.4.1
+    distro==1.9.0 docstring_parser==0.18.0 easydict==1.14 einops==0.8.2 fastapi==0.165.0
+    frozenlist==1.8.0 interegular==0.3.3 jiter==0.19.0 loguru==0.7.3 lxml==6.1.3
+    msgspec==0.22.0 multidict==7.2.1 nvidia-ml-py==13.615.71 openai-harmony==0.0.4
+    opentelemetry-api==1.45.2 partial-json-parser==0.2.1.1.post7 prometheus_client==0.26.0
+    propcache==0.5.4 pybase64==1.5.1 pycryptodomex==3.24.2 python-multipart==0.0.34
+    pyzmq==27.3.0 sentencepiece==0.2.1 setproctitle==1.3.8 soundfile==0.13.1
+    starlette==1.10.0 tiktoken==0.14.0 uvicorn==0.54.0 uvloop==0.23.0 watchfiles==1.3.0
+    xxhash==4.1.0 yarl==1.25.1 zstandard==0.25.0
+    scipy==1.17.1 jsonschema==4.26.0 ipython==8.12.3 psutil==7.2.2 pydantic==2.13.4
+)
+log "pip install ${#DEPS[@]} pinned dependencies"
+"$PYTHON" -m pip install -q "${DEPS[@]}" "torch==$TORCH" "transformers==$TRANSFORMERS"
+
+"$PYTHON" - <<'EOF'
+import importlib.metadata as md
+import torch, transformers
+print("[install_sglang] sglang", md.version("sglang"), "torch", torch.__version__,
+      "transformers", transformers.__version__)
+EOF

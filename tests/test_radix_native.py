@@ -221,6 +221,40 @@ def test_namespaces_never_share():
     assert {d["namespace"] for d in c.nodes()} == {None, "lora:7"}
 
 
+def test_admit_and_release():
+    c = n.PrefixCache(8, page_size=PS)
+    tokens = toks(1, 2) + [9]  # two whole pages and a partial one
+    pages, matched, node, evicted = c.admit(tokens, total_tokens=len(tokens))
+    assert (len(pages), matched, evicted) == (3, 0, 0)
+    assert c.release(tokens, pages, node) == 0
+    assert (c.total_pages, c.available) == (2, 6)
+    # A follow-up turn: prompt shares both pages, 12 more tokens of output.
+    turn = toks(1, 2, 3)
+    pages, matched, node, _ = c.admit(turn, total_tokens=len(turn) + 12, limit=len(turn))
+    assert (matched, len(pages), c.protected_pages) == (8, 6, 2)
+    before = snapshot(c)
+    bad = list(pages)
+    bad[-1] = bad[-2]
+    with pytest.raises(n.InvalidPage, match="appears more than once"):
+        c.release(turn, bad, node)
+    with pytest.raises(n.InvalidNode):
+        c.release(turn, pages, 12345)
+    with pytest.raises(TypeError):
+        c.release(np.array(turn, dtype=np.float32), pages, node)
+    assert snapshot(c) == before
+    assert c.release(turn, pages, node) == 8
+    assert (c.total_pages, c.protected_pages, c.available) == (3, 0, 5)
+    with pytest.raises(n.LockUnderflow):
+        c.release(turn, [], node, insert=False)
+    # Evicting admission; OutOfPages leaves nothing locked or taken.
+    with pytest.raises(n.OutOfPages):
+        c.admit(toks(7), total_tokens=100 * PS)
+    assert c.protected_pages == 0 and c.available == 5
+    _, _, node, evicted = c.admit(toks(7), total_tokens=8 * PS)
+    assert evicted == 3
+    c.check_all_invariants()
+
+
 def test_reset():
     c = n.PrefixCache(8, page_size=PS)
     _, _, node = c.insert(toks(1, 2), c.alloc(2))
@@ -329,8 +363,7 @@ def test_concurrent_callers_are_serialized():
         try:
             for _ in range(200):
                 seq = np.array([rng.randrange(3) for _ in range(64)], dtype=np.int64)
-                pages, matched, node = c.match_prefix(seq)
-                c.lock(node)
+                pages, matched, node = c.match_prefix(seq, lock=True)
                 fresh = list(c.alloc(16 - matched // PS, evict=True))
                 c.insert(seq, list(pages) + fresh)
                 c.unlock(node)

@@ -107,9 +107,14 @@ class _TreeView:
     @property
     def total_pages(self) -> int: ...
     def match_prefix(
-        self, tokens: _Ints, namespace: str | None = None, limit: int | None = None
+        self,
+        tokens: _Ints,
+        namespace: str | None = None,
+        limit: int | None = None,
+        lock: bool = False,
     ) -> tuple[array[int], int, int]:
-        """(pages, matched_tokens, node) of the longest cached page-aligned prefix."""
+        """(pages, matched_tokens, node) of the longest cached page-aligned prefix;
+        lock=True also locks node in the same step."""
     def match_len(
         self, tokens: _Ints, namespace: str | None = None, limit: int | None = None
     ) -> tuple[int, int]:
@@ -167,6 +172,26 @@ class PrefixCache(_TreeView):
         limit: int | None = None,
     ) -> tuple[int, array[int], int]:
         """(prefix_tokens, freed_duplicates, node); duplicates are already freed."""
+    def admit(
+        self,
+        tokens: _Ints,
+        total_tokens: int,
+        namespace: str | None = None,
+        limit: int | None = None,
+    ) -> tuple[array[int], int, int, int]:
+        """Match the prompt (first `limit` tokens), lock it, evict the shortfall, allocate
+        pages for total_tokens: (pages, matched_tokens, node, evicted_pages)."""
+    def release(
+        self,
+        tokens: _Ints,
+        pages: _Ints,
+        node: int,
+        namespace: str | None = None,
+        insert: bool = True,
+        limit: int | None = None,
+    ) -> int:
+        """Insert the request's whole pages (if insert), free its other pages, unlock node;
+        returns the tokens that were already cached."""
     def evict(self, num_pages: int) -> int:
         """Number of pages evicted and freed."""
     def reset(self) -> None: ...

@@ -11,6 +11,19 @@ use crate::allocator::PageAllocator;
 use crate::error::{check_page, CacheError, PageId};
 use crate::radix::{InsertOutcome, MatchOutcome, NodeHandle, RadixTree, Token, TreeSizes};
 
+/// What [`PrefixCache::admit`] did for a new request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    /// The request's pages in token order: the matched (tree) pages, then fresh ones.
+    pub pages: Vec<PageId>,
+    /// Leading pages that came from the tree.
+    pub matched_pages: usize,
+    /// The locked node at the end of the match.
+    pub node: NodeHandle,
+    /// Tree pages evicted to make room.
+    pub evicted_pages: usize,
+}
+
 /// Allocator plus radix tree over the same pages.
 #[derive(Debug, Clone)]
 pub struct PrefixCache {
@@ -127,6 +140,114 @@ impl PrefixCache {
         self.alloc
             .free(&out.duplicates)
             .expect("duplicates are distinct allocated request pages");
+        Ok(out)
+    }
+
+    /// Admits a request whose first `prompt_len` tokens of `tokens` are its prompt and that
+    /// needs pages for `total_len` tokens: matches the prompt's cached prefix, locks it,
+    /// evicts the shortfall and allocates the remaining pages, all or nothing (on
+    /// `OutOfPages` the lock is dropped again and no page is taken).
+    pub fn admit(
+        &mut self,
+        namespace: Option<&str>,
+        tokens: &[Token],
+        total_len: usize,
+    ) -> Result<Admission, CacheError> {
+        let mut pages = Vec::new();
+        let node = self.tree.match_prefix_into(namespace, tokens, &mut pages);
+        let matched = pages.len();
+        self.tree.lock(node)?;
+        let need = total_len
+            .saturating_sub(matched * self.page_size())
+            .div_ceil(self.page_size());
+        let available = self.alloc.available();
+        let mut evicted = 0;
+        if need > available {
+            let reachable = available + self.tree.sizes().evictable;
+            if need > reachable {
+                self.tree.unlock(node).expect("locked above");
+                return Err(CacheError::OutOfPages {
+                    requested: need,
+                    available: reachable,
+                });
+            }
+            evicted = self.evict(need - available);
+        }
+        self.alloc
+            .alloc_into(need, &mut pages)
+            .expect("enough pages after eviction");
+        Ok(Admission {
+            pages,
+            matched_pages: matched,
+            node,
+            evicted_pages: evicted,
+        })
+    }
+
+    /// Ends a request: inserts its whole pages (when `insert`; duplicates freed), frees its
+    /// remaining pages (the partial last page, or all of them without `insert`) and drops
+    /// its lock on `node`. `pages` holds the request's pages in token order, the tree's
+    /// own included. Checks everything first: on `Err` nothing changed.
+    pub fn release(
+        &mut self,
+        namespace: Option<&str>,
+        tokens: &[Token],
+        pages: &[PageId],
+        node: NodeHandle,
+        insert: bool,
+    ) -> Result<InsertOutcome, CacheError> {
+        if self.tree.lock_ref(node)? == 0 && !node.is_root() {
+            return Err(CacheError::LockUnderflow { handle: node.raw() });
+        }
+        let whole = if insert {
+            (tokens.len() / self.page_size()).min(pages.len())
+        } else {
+            0
+        };
+        let (kept, rest) = pages.split_at(whole);
+        let mut seen = std::collections::HashSet::new();
+        let listed_twice = |i: usize, p: PageId, seen: &mut std::collections::HashSet<PageId>| {
+            // A request's tail is one page or two; a set only pays off for long lists.
+            if rest.len() <= 8 {
+                rest[..i].contains(&p) || kept.contains(&p)
+            } else {
+                if seen.is_empty() {
+                    seen.extend(kept.iter().copied());
+                }
+                !seen.insert(p)
+            }
+        };
+        for (i, &p) in rest.iter().enumerate() {
+            check_page(p, self.num_pages())?;
+            if self.alloc.is_free(p) {
+                return Err(CacheError::PageNotAllocated { page: p });
+            }
+            // The tree's own pages (a matched prefix) are not the request's to free; with
+            // `insert` they sit among the whole pages, so only a request that is not
+            // inserting lists them here, and they are skipped below.
+            if insert && self.tree.contains_page(p) {
+                return Err(CacheError::PageInTree { page: p });
+            }
+            if listed_twice(i, p, &mut seen) {
+                return Err(CacheError::DuplicatePage { page: p });
+            }
+        }
+        let out = if insert {
+            self.insert(namespace, &tokens[..whole * self.page_size()], kept)?
+        } else {
+            InsertOutcome {
+                prefix_pages: 0,
+                duplicates: Vec::new(),
+                node: NodeHandle::ROOT,
+            }
+        };
+        let own: Vec<PageId> = rest
+            .iter()
+            .copied()
+            .filter(|&p| !self.tree.contains_page(p))
+            .collect();
+        self.alloc.free(&own).expect("checked above");
+        self.tree.unlock(node).expect("checked above");
         Ok(out)
     }
 
@@ -262,6 +383,54 @@ mod tests {
         c.unlock(ins.node).unwrap();
         assert_eq!(c.alloc_evicting(2).unwrap().len(), 2);
         assert_eq!(c.sizes().total, 2, "evicted only the shortfall");
+        c.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn admit_and_release() {
+        let ps = 2;
+        let mut c = PrefixCache::new(6, ps).unwrap();
+        let t = toks(&[1, 2, 3], ps);
+        let mut t5 = t.clone();
+        t5.push(9); // 7 tokens: 3 whole pages + a partial one
+        let a = c.admit(None, &t5, t5.len()).unwrap();
+        assert_eq!((a.matched_pages, a.pages.len(), a.evicted_pages), (0, 4, 0));
+        let out = c.release(None, &t5, &a.pages, a.node, true).unwrap();
+        assert_eq!(out.prefix_pages, 0);
+        assert_eq!(c.sizes().total, 3);
+        assert_eq!(c.available(), 3, "the partial page was freed");
+        // Second request shares the 3 pages; 4 more would need its own locked prefix.
+        assert!(c.admit(None, &t, 7 * ps).is_err());
+        let b = c.admit(None, &t, 6 * ps).unwrap();
+        assert_eq!((b.matched_pages, b.pages.len()), (3, 6));
+        assert!(
+            c.admit(None, &toks(&[7], ps), ps).is_err(),
+            "pool exhausted, prefix locked"
+        );
+        let before = (c.available(), c.sizes());
+        // Bad releases change nothing.
+        let mut dup = b.pages.clone();
+        dup[5] = dup[4];
+        assert_eq!(
+            c.release(None, &t, &dup, b.node, true).unwrap_err(),
+            CacheError::DuplicatePage { page: dup[4] }
+        );
+        assert!(c
+            .release(None, &t, &b.pages, NodeHandle::from_raw(7), true)
+            .is_err());
+        assert_eq!((c.available(), c.sizes()), before);
+        // Without insert, only the request's own pages are freed.
+        c.release(None, &t, &b.pages, b.node, false).unwrap();
+        assert_eq!(
+            (c.available(), c.sizes().total, c.sizes().protected),
+            (3, 3, 0)
+        );
+        assert_eq!(
+            c.release(None, &t, &[], b.node, false).unwrap_err(),
+            CacheError::LockUnderflow {
+                handle: b.node.raw()
+            }
+        );
         c.check_invariants().unwrap();
     }
 }

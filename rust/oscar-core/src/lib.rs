@@ -22,7 +22,7 @@ pub mod pool;
 pub mod radix;
 
 pub use allocator::{PageAllocator, MAX_PAGES};
-pub use cache::PrefixCache;
+pub use cache::{Admission, PrefixCache};
 pub use error::{CacheError, ErrorKind, PageId};
 pub use layout::{
     bf16_bytes_per_token, bytes_per_token, compression_ratio, page_bytes, page_sections,

@@ -26,6 +26,8 @@ enum Op {
         base: usize,
         cut: usize,
         tail: Vec<u8>,
+        /// Through `PrefixCache::admit` instead of match + lock + evict + alloc.
+        admit: bool,
     },
     Checkpoint {
         req: usize,
@@ -33,6 +35,8 @@ enum Op {
     Finish {
         req: usize,
         checkpoint: bool,
+        /// Through `PrefixCache::release` instead of insert + free + unlock.
+        release: bool,
     },
     Evict {
         pages: usize,
@@ -213,6 +217,80 @@ impl Model {
         }
     }
 
+    /// `PrefixCache::admit`: the model's match prediction, the evictions it implies.
+    fn admit(&mut self, ns: Option<&'static str>, tokens: Vec<Token>) {
+        let predicted = self.predict_match(ns, &tokens);
+        let need_total = tokens.len().div_ceil(self.ps);
+        let need = need_total - predicted.len();
+        // Eviction runs after the request's own prefix is locked.
+        let locked_before = self.locked_keys();
+        let newly_locked = (1..=predicted.len())
+            .filter(|&k| !locked_before.contains(&self.key(ns, &tokens, k)))
+            .count();
+        let evictable = self.cache.sizes().evictable - newly_locked;
+        let available = self.cache.available();
+        match self.cache.admit(ns, &tokens, tokens.len()) {
+            Ok(a) => {
+                let m = predicted.len();
+                assert_eq!(a.matched_pages, m);
+                assert_eq!(&a.pages[..m], &predicted[..]);
+                assert_eq!(a.pages.len(), need_total);
+                let mut owned = vec![false; m];
+                owned.resize(need_total, true);
+                self.reqs.push(Req {
+                    ns,
+                    tokens,
+                    pages: a.pages,
+                    owned,
+                    locked: m,
+                    node: a.node,
+                });
+                let freed: Vec<PageId> = self
+                    .cached
+                    .values()
+                    .copied()
+                    .filter(|&p| !self.cache.tree().contains_page(p))
+                    .collect();
+                assert_eq!(freed.len(), a.evicted_pages);
+                if need > available {
+                    self.apply_evict(need - available, &freed, evictable);
+                } else {
+                    assert!(freed.is_empty(), "evicted without need");
+                }
+            }
+            Err(CacheError::OutOfPages { .. }) => {
+                assert!(need > available + evictable);
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+
+    /// `PrefixCache::release`: insert (optionally), free the rest, unlock, in one call.
+    fn release(&mut self, i: usize, insert: bool) {
+        let ps = self.ps;
+        let r = self.reqs.swap_remove(i);
+        let whole = r.tokens.len() / ps;
+        let predicted = self.predict_match(r.ns, &r.tokens);
+        let out = self
+            .cache
+            .release(r.ns, &r.tokens, &r.pages, r.node, insert)
+            .unwrap();
+        if insert {
+            let prefix = predicted.len();
+            let dups: Vec<PageId> = (0..prefix)
+                .filter(|&k| r.pages[k] != predicted[k])
+                .map(|k| r.pages[k])
+                .collect();
+            assert_eq!(out.prefix_pages, prefix);
+            assert_eq!(out.duplicates, dups);
+            for k in prefix..whole {
+                let key = self.key(r.ns, &r.tokens, k + 1);
+                self.cached.insert(key, r.pages[k]);
+            }
+            assert_eq!(self.predict_match(r.ns, &r.tokens).len(), whole);
+        }
+    }
+
     fn snapshot(&self) -> (usize, oscar_core::TreeSizes, usize, Vec<(u64, u32)>) {
         let nodes = self
             .cache
@@ -235,9 +313,14 @@ impl Model {
                 base,
                 cut,
                 tail,
+                admit,
             } => {
                 let ns = NAMESPACES[ns % NAMESPACES.len()];
                 let tokens = self.tokens_of(*base, *cut, tail);
+                if *admit {
+                    self.admit(ns, tokens);
+                    return;
+                }
                 let predicted = self.predict_match(ns, &tokens);
                 let m = self.cache.match_prefix(ns, &tokens);
                 assert_eq!(m.pages, predicted);
@@ -277,23 +360,32 @@ impl Model {
                     self.checkpoint(i);
                 }
             }
-            Op::Finish { req, checkpoint } => {
-                if !self.reqs.is_empty() {
-                    let i = req % self.reqs.len();
-                    if *checkpoint {
-                        self.checkpoint(i);
-                    }
-                    let r = self.reqs.swap_remove(i);
-                    self.cache.unlock(r.node).unwrap();
-                    let mine: Vec<PageId> = r
-                        .pages
-                        .iter()
-                        .zip(&r.owned)
-                        .filter(|(_, &o)| o)
-                        .map(|(&p, _)| p)
-                        .collect();
-                    self.cache.free(&mine).unwrap();
+            Op::Finish {
+                req,
+                checkpoint,
+                release,
+            } => {
+                if self.reqs.is_empty() {
+                    return;
                 }
+                let i = req % self.reqs.len();
+                if *release {
+                    self.release(i, *checkpoint);
+                    return;
+                }
+                if *checkpoint {
+                    self.checkpoint(i);
+                }
+                let r = self.reqs.swap_remove(i);
+                self.cache.unlock(r.node).unwrap();
+                let mine: Vec<PageId> = r
+                    .pages
+                    .iter()
+                    .zip(&r.owned)
+                    .filter(|(_, &o)| o)
+                    .map(|(&p, _)| p)
+                    .collect();
+                self.cache.free(&mine).unwrap();
             }
             Op::Evict { pages } => self.evict(*pages),
             Op::Touch { ns, base, cut } => {
@@ -413,9 +505,12 @@ impl Model {
 fn op_strategy() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => (0..3usize, 0..3usize, 0..40usize, prop::collection::vec(0u8..3, 0..6))
-            .prop_map(|(ns, base, cut, tail)| Op::Start { ns, base, cut, tail }),
+            .prop_map(|(ns, base, cut, tail)| Op::Start { ns, base, cut, tail, admit: false }),
+        4 => (0..3usize, 0..3usize, 0..40usize, prop::collection::vec(0u8..3, 0..6))
+            .prop_map(|(ns, base, cut, tail)| Op::Start { ns, base, cut, tail, admit: true }),
         4 => any::<usize>().prop_map(|req| Op::Checkpoint { req }),
-        4 => (any::<usize>(), any::<bool>()).prop_map(|(req, checkpoint)| Op::Finish { req, checkpoint }),
+        4 => (any::<usize>(), any::<bool>(), any::<bool>())
+            .prop_map(|(req, checkpoint, release)| Op::Finish { req, checkpoint, release }),
         2 => (0..12usize).prop_map(|pages| Op::Evict { pages }),
         2 => (0..3usize, 0..3usize, 0..40usize).prop_map(|(ns, base, cut)| Op::Touch { ns, base, cut }),
         1 => Just(Op::BadUnlock),
@@ -451,7 +546,7 @@ proptest! {
         let mut m = run(num_pages, ps, bases, &ops);
         // Draining: finishing every request and evicting everything returns every page.
         while !m.reqs.is_empty() {
-            m.step(&Op::Finish { req: 0, checkpoint: false });
+            m.step(&Op::Finish { req: 0, checkpoint: false, release: false });
             m.check();
         }
         m.evict(usize::MAX);
@@ -482,11 +577,13 @@ fn random_op(rng: &mut Rng) -> Op {
             base: rng.below(3),
             cut: rng.below(40),
             tail: (0..rng.below(6)).map(|_| rng.below(3) as u8).collect(),
+            admit: rng.below(2) == 0,
         },
         6..=9 => Op::Checkpoint { req: rng.below(64) },
         10..=13 => Op::Finish {
             req: rng.below(64),
             checkpoint: rng.below(2) == 0,
+            release: rng.below(2) == 0,
         },
         14..=15 => Op::Evict {
             pages: rng.below(12),
@@ -524,6 +621,7 @@ fn hundred_thousand_operations_leak_nothing() {
         m.step(&Op::Finish {
             req: 0,
             checkpoint: true,
+            release: false,
         });
         m.check();
     }

@@ -134,14 +134,63 @@ fn dtype_error(what: &str, got: &str) -> PyErr {
     ))
 }
 
-/// Calls `f(index, value)` for every element of the 1-D integer array or sequence `obj`.
-/// Unsigned 64-bit values above `i64::MAX` arrive as `i64::MAX` (out of every valid range).
-pub(crate) fn for_each_int(
-    obj: &PyAny,
-    what: &str,
-    mut f: impl FnMut(usize, i64) -> PyResult<()>,
-) -> PyResult<()> {
-    if let Some(view) = View::get(obj)? {
+/// Reads `n` native-endian items of type `T` at `base + i * stride`, converting each with
+/// `conv`; `Err(i)` names the first item `valid` rejects. Two passes (check, then convert)
+/// over contiguous data: both vectorize, unlike one pass that also tracks validity.
+///
+/// # Safety
+/// For every `0 <= i < n`, `base + i * stride` must point to `size_of::<T>()` readable bytes
+/// that stay valid during the call.
+unsafe fn gather<T: Copy, U>(
+    base: *const u8,
+    n: usize,
+    stride: isize,
+    valid: impl Fn(T) -> bool,
+    conv: impl Fn(T) -> U,
+) -> Result<Vec<U>, usize> {
+    fn run<T, U>(
+        n: usize,
+        at: impl Fn(usize) -> T,
+        valid: impl Fn(T) -> bool,
+        conv: impl Fn(T) -> U,
+    ) -> Result<Vec<U>, usize> {
+        if !(0..n).fold(true, |ok, i| ok & valid(at(i))) {
+            return Err((0..n).find(|&i| !valid(at(i))).unwrap_or(0));
+        }
+        Ok((0..n).map(|i| conv(at(i))).collect())
+    }
+    // SAFETY (both closures): i < n, so the item lies where the caller's contract says.
+    // Unaligned reads through raw pointers: no reference into the buffer is formed. The
+    // contiguous case is a separate loop so that it vectorizes.
+    if stride == std::mem::size_of::<T>() as isize {
+        let p = base.cast::<T>();
+        run(n, |i| unsafe { p.add(i).read_unaligned() }, valid, conv)
+    } else {
+        let at = |i: usize| unsafe {
+            base.offset(i as isize * stride)
+                .cast::<T>()
+                .read_unaligned()
+        };
+        run(n, at, valid, conv)
+    }
+}
+
+/// An acquired 1-D integer buffer: element reads for `gather`.
+struct IntView {
+    _view: View,
+    base: *const u8,
+    n: usize,
+    stride: isize,
+    itemsize: usize,
+    signed: bool,
+}
+
+impl IntView {
+    /// `Ok(None)` if `obj` exports no buffer; errors for non-integer or non-1-D buffers.
+    fn get(obj: &PyAny, what: &str, limit: usize) -> PyResult<Option<IntView>> {
+        let Some(view) = View::get(obj)? else {
+            return Ok(None);
+        };
         let format = view.format();
         let signed = int_kind(&format)
             .ok_or_else(|| dtype_error(what, &format!("a buffer of format '{format}'")))?;
@@ -164,32 +213,152 @@ pub(crate) fn for_each_int(
         // SAFETY: both pointers are non-null (checked above) and, for an acquired view of
         // ndim 1, point to one Py_ssize_t each, valid until release.
         let (n, stride) = unsafe { (*raw.shape, *raw.strides) };
-        let n = usize::try_from(n).unwrap_or(0);
         let base = raw.buf as *const u8;
-        for i in 0..n {
-            // SAFETY: the exporter guarantees an item of `itemsize` readable bytes at
-            // `buf + i * strides[0]` for every 0 <= i < shape[0] (no suboffsets: PYBUF_INDIRECT
-            // was not requested), valid until the view is released at the end of this
-            // function. Reads are unaligned-safe and never form a reference into the buffer.
-            // We hold the GIL, so Python code cannot resize or rewrite the array meanwhile.
-            let v = unsafe {
-                let p = base.offset(i as isize * stride);
-                match (itemsize, signed) {
-                    (8, true) => i64::from_ne_bytes(p.cast::<[u8; 8]>().read_unaligned()),
-                    (8, false) => {
-                        let u = u64::from_ne_bytes(p.cast::<[u8; 8]>().read_unaligned());
-                        i64::try_from(u).unwrap_or(i64::MAX)
-                    }
-                    (4, true) => i32::from_ne_bytes(p.cast::<[u8; 4]>().read_unaligned()) as i64,
-                    (4, false) => u32::from_ne_bytes(p.cast::<[u8; 4]>().read_unaligned()) as i64,
-                    (_, true) => i16::from_ne_bytes(p.cast::<[u8; 2]>().read_unaligned()) as i64,
-                    (_, false) => u16::from_ne_bytes(p.cast::<[u8; 2]>().read_unaligned()) as i64,
-                }
-            };
-            f(i, v)?;
-        }
-        return Ok(());
+        Ok(Some(IntView {
+            n: usize::try_from(n).unwrap_or(0).min(limit),
+            base,
+            stride,
+            itemsize,
+            signed,
+            _view: view,
+        }))
     }
+
+    /// Runs the visitor with the element type of this view.
+    fn dispatch<R>(&self, f: impl IntVisitor<Output = R>) -> R {
+        let (b, n, s) = (self.base, self.n, self.stride);
+        // SAFETY: the exporter guarantees an item of `itemsize` readable bytes at
+        // `buf + i * strides[0]` for every 0 <= i < shape[0] (no suboffsets: PYBUF_INDIRECT
+        // was not requested), valid until `_view` is released when `self` drops;
+        // n <= shape[0]. We hold the GIL, so Python code cannot resize or write the array
+        // meanwhile (native code writing it without the GIL would race any reader alike).
+        // The element type matches `itemsize` and the format's signedness.
+        unsafe {
+            match (self.itemsize, self.signed) {
+                (8, true) => f.visit::<i64>(b, n, s),
+                (8, false) => f.visit::<u64>(b, n, s),
+                (4, true) => f.visit::<i32>(b, n, s),
+                (4, false) => f.visit::<u32>(b, n, s),
+                (_, true) => f.visit::<i16>(b, n, s),
+                (_, false) => f.visit::<u16>(b, n, s),
+            }
+        }
+    }
+}
+
+/// The integer element types a buffer may hold, with their token / i64 conversions.
+trait Int: Copy + std::fmt::Display {
+    fn token_ok(self) -> bool;
+    /// Nonzero iff the value is not a valid token (OR-able across a whole array).
+    fn bad_bits(self) -> u64;
+    fn to_token(self) -> u32;
+    fn to_i64(self) -> i64;
+}
+
+macro_rules! int_impl {
+    ($t:ty, |$v:ident| $ok:expr, $bad:expr, $i64:expr) => {
+        // Some types ignore the value in some methods (e.g. every u32 is a valid token).
+        #[allow(unused_variables)]
+        impl Int for $t {
+            #[inline(always)]
+            fn token_ok(self) -> bool {
+                let $v = self;
+                $ok
+            }
+            #[inline(always)]
+            fn bad_bits(self) -> u64 {
+                let $v = self;
+                $bad
+            }
+            #[inline(always)]
+            fn to_token(self) -> u32 {
+                self as u32
+            }
+            #[inline(always)]
+            fn to_i64(self) -> i64 {
+                let $v = self;
+                $i64
+            }
+        }
+    };
+}
+
+int_impl!(i64, |v| (v as u64) <= u32::MAX as u64, (v as u64) >> 32, v);
+int_impl!(
+    u64,
+    |v| v <= u32::MAX as u64,
+    v >> 32,
+    v.min(i64::MAX as u64) as i64
+);
+int_impl!(i32, |v| v >= 0, (v as u32 >> 31) as u64, v as i64);
+int_impl!(u32, |v| true, 0, v as i64);
+int_impl!(i16, |v| v >= 0, (v as u16 >> 15) as u64, v as i64);
+int_impl!(u16, |v| true, 0, v as i64);
+
+/// A computation over the elements of an `IntView`, generic in the element type.
+trait IntVisitor {
+    type Output;
+    /// # Safety
+    /// The `gather` contract for `T` at (base, n, stride).
+    unsafe fn visit<T: Int>(self, base: *const u8, n: usize, stride: isize) -> Self::Output;
+}
+
+/// Token ids, or the first out-of-range value and its index.
+struct ToTokens;
+
+impl IntVisitor for ToTokens {
+    type Output = Result<Vec<u32>, (usize, String)>;
+    unsafe fn visit<T: Int>(self, base: *const u8, n: usize, stride: isize) -> Self::Output {
+        // One pass that converts and ORs the out-of-range bits (vectorizes); the culprit
+        // is located only on failure.
+        let mut bad = 0u64;
+        let out: Vec<u32> = if stride == std::mem::size_of::<T>() as isize {
+            let p = base.cast::<T>();
+            (0..n)
+                .map(|i| {
+                    // SAFETY: forwarded from the caller (contiguous items, i < n).
+                    let v = unsafe { p.add(i).read_unaligned() };
+                    bad |= v.bad_bits();
+                    v.to_token()
+                })
+                .collect()
+        } else {
+            (0..n)
+                .map(|i| {
+                    // SAFETY: forwarded from the caller (i < n).
+                    let v = unsafe {
+                        base.offset(i as isize * stride)
+                            .cast::<T>()
+                            .read_unaligned()
+                    };
+                    bad |= v.bad_bits();
+                    v.to_token()
+                })
+                .collect()
+        };
+        if bad == 0 {
+            return Ok(out);
+        }
+        // SAFETY: forwarded.
+        let all = unsafe { gather(base, n, stride, |_: T| true, |v: T| v) }.unwrap_or_default();
+        let i = all.iter().position(|v| !v.token_ok()).unwrap_or(0);
+        Err((i, all.get(i).map(|v| v.to_string()).unwrap_or_default()))
+    }
+}
+
+/// Plain integers as i64.
+struct ToI64;
+
+impl IntVisitor for ToI64 {
+    type Output = Vec<i64>;
+    unsafe fn visit<T: Int>(self, base: *const u8, n: usize, stride: isize) -> Self::Output {
+        // SAFETY: forwarded.
+        unsafe { gather(base, n, stride, |_: T| true, |v: T| v.to_i64()) }.unwrap_or_default()
+    }
+}
+
+/// The first `limit` elements of a non-buffer sequence of ints.
+fn sequence_ints(obj: &PyAny, what: &str, limit: usize) -> PyResult<Vec<i64>> {
     if obj.is_instance_of::<pyo3::types::PyString>()? {
         return Err(dtype_error(what, "str"));
     }
@@ -199,48 +368,48 @@ pub(crate) fn for_each_int(
             &format!("an object of type {}", obj.get_type().name().unwrap_or("?")),
         )
     })?;
-    for (i, item) in iter.enumerate() {
+    let mut out = Vec::new();
+    for (i, item) in iter.take(limit).enumerate() {
         let item = item?;
         let v: i64 = item.extract().map_err(|_| {
             let ty = item.get_type().name().unwrap_or("?").to_owned();
             dtype_error(what, &format!("an element of type {ty} at index {i}"))
         })?;
-        f(i, v)?;
+        out.push(v);
     }
-    Ok(())
+    Ok(out)
+}
+
+fn token_range_error(i: usize, v: &str) -> PyErr {
+    PyValueError::new_err(format!(
+        "token ids must be in 0..={}, got {v} at index {i}",
+        u32::MAX
+    ))
 }
 
 /// Token ids as `u32`, at most `limit` of them; a value outside `0..=u32::MAX` is a
 /// `ValueError` naming its index.
 pub(crate) fn tokens(obj: &PyAny, limit: Option<usize>) -> PyResult<Vec<u32>> {
-    let mut out = Vec::new();
     let limit = limit.unwrap_or(usize::MAX);
-    for_each_int(obj, "token ids", |i, v| {
-        if i >= limit {
-            return Ok(());
-        }
-        match u32::try_from(v) {
-            Ok(t) => {
-                out.push(t);
-                Ok(())
-            }
-            Err(_) => Err(PyValueError::new_err(format!(
-                "token ids must be in 0..={}, got {v} at index {i}",
-                u32::MAX
-            ))),
-        }
-    })?;
-    Ok(out)
+    if let Some(view) = IntView::get(obj, "token ids", limit)? {
+        return view
+            .dispatch(ToTokens)
+            .map_err(|(i, v)| token_range_error(i, &v));
+    }
+    let raw = sequence_ints(obj, "token ids", limit)?;
+    if let Some(i) = raw.iter().position(|&v| !v.token_ok()) {
+        return Err(token_range_error(i, &raw[i].to_string()));
+    }
+    Ok(raw.into_iter().map(|v| v as u32).collect())
 }
 
-/// Plain integers (page ids before range checks by the core).
+/// Plain integers (page ids before range checks by the core). Unsigned 64-bit values above
+/// `i64::MAX` arrive as `i64::MAX` (out of every valid range).
 pub(crate) fn ints(obj: &PyAny, what: &str) -> PyResult<Vec<i64>> {
-    let mut out = Vec::new();
-    for_each_int(obj, what, |_, v| {
-        out.push(v);
-        Ok(())
-    })?;
-    Ok(out)
+    match IntView::get(obj, what, usize::MAX)? {
+        Some(view) => Ok(view.dispatch(ToI64)),
+        None => sequence_ints(obj, what, usize::MAX),
+    }
 }
 
 static ARRAY_TYPE: GILOnceCell<PyObject> = GILOnceCell::new();

@@ -263,22 +263,27 @@ macro_rules! tree_methods {
             }
 
             /// Longest cached page-aligned prefix of the first `limit` token ids:
-            /// `(pages, matched_tokens, node)`. Marks the path used; lock `node` to keep it.
-            #[args(namespace = "None", limit = "None")]
-            #[pyo3(text_signature = "($self, tokens, namespace=None, limit=None)")]
+            /// `(pages, matched_tokens, node)`. Marks the path used; lock `node` to keep it
+            /// (`lock=True` takes the lock in the same step, so no other thread can evict
+            /// the match in between).
+            #[args(namespace = "None", limit = "None", lock = "false")]
+            #[pyo3(text_signature = "($self, tokens, namespace=None, limit=None, lock=False)")]
             fn match_prefix(
                 &self,
                 py: Python<'_>,
                 tokens: &PyAny,
                 namespace: Option<&str>,
                 limit: Option<i64>,
+                lock: bool,
             ) -> PyResult<(PyObject, usize, u64)> {
                 let toks = crate::buffer::tokens(tokens, limit_arg(limit)?)?;
                 let (pages, node, ps) = walk(py, &self.inner, |c| {
                     let mut pages = Vec::new();
                     let node = c.match_prefix_into(namespace, &toks, &mut pages);
-                    (pages, node, $view(&*c).page_size())
-                })?;
+                    let locked = if lock { c.lock(node).map(|_| ()) } else { Ok(()) };
+                    locked.map(|()| (pages, node, $view(&*c).page_size()))
+                })?
+                .map_err(cache_error)?;
                 Ok((page_array(py, &pages)?, pages.len() * ps, node.raw()))
             }
 
@@ -549,6 +554,64 @@ tree_methods!(PrefixCache, cache_view, {
             page_array(py, &out.duplicates)?,
             out.node.raw(),
         ))
+    }
+
+    /// Admits a request: matches the first `limit` tokens (its prompt), locks the match,
+    /// evicts the shortfall and allocates pages for `total_tokens` tokens:
+    /// `(pages, matched_tokens, node, evicted_pages)`, `pages` being the matched pages
+    /// followed by the fresh ones. OutOfPages (lock dropped, nothing taken) if even
+    /// evicting every unlocked page would not do.
+    #[args(namespace = "None", limit = "None")]
+    #[pyo3(text_signature = "($self, tokens, total_tokens, namespace=None, limit=None)")]
+    fn admit(
+        &self,
+        py: Python<'_>,
+        tokens: &PyAny,
+        total_tokens: i64,
+        namespace: Option<&str>,
+        limit: Option<i64>,
+    ) -> PyResult<(PyObject, usize, u64, usize)> {
+        let toks = crate::buffer::tokens(tokens, limit_arg(limit)?)?;
+        let total = count("total_tokens", total_tokens)?;
+        let (a, ps) = walk(py, &self.inner, |c| {
+            c.admit(namespace, &toks, total).map(|a| (a, c.page_size()))
+        })?
+        .map_err(cache_error)?;
+        Ok((
+            page_array(py, &a.pages)?,
+            a.matched_pages * ps,
+            a.node.raw(),
+            a.evicted_pages,
+        ))
+    }
+
+    /// Ends a request: inserts its whole pages (first `limit` tokens) when `insert`, frees
+    /// its other pages and drops its lock on `node`; returns the tokens that were already
+    /// cached. `pages` are all the request's pages in token order (the tree's included).
+    /// Nothing changes on error.
+    #[args(namespace = "None", insert = "true", limit = "None")]
+    #[pyo3(
+        text_signature = "($self, tokens, pages, node, namespace=None, insert=True, limit=None)"
+    )]
+    #[allow(clippy::too_many_arguments)]
+    fn release(
+        &self,
+        py: Python<'_>,
+        tokens: &PyAny,
+        pages: &PyAny,
+        node: u64,
+        namespace: Option<&str>,
+        insert: bool,
+        limit: Option<i64>,
+    ) -> PyResult<usize> {
+        let toks = crate::buffer::tokens(tokens, limit_arg(limit)?)?;
+        let pages = page_ids(pages, read(&self.inner)?.num_pages())?;
+        let node = NodeHandle::from_raw(node);
+        walk(py, &self.inner, |c| {
+            c.release(namespace, &toks, &pages, node, insert)
+                .map(|o| o.prefix_pages * c.page_size())
+        })?
+        .map_err(cache_error)
     }
 
     /// Evicts (LRU, unlocked leaves) at least `num_pages` pages if possible and frees them;

@@ -1,4 +1,4 @@
-"""``python -m oscar_kv demo|fidelity``: the package's command line."""
+"""``python -m oscar_kv demo|fidelity|plan``: the package's command line."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ USAGE = """usage: python -m oscar_kv COMMAND [options]
 commands:
   demo       multi-turn chat with SmolLM2, bf16 cache vs OScaR 2-bit cache, side by side
   fidelity   K/V/logit/output error of every method on synthetic and real KV tensors
+  plan       concurrent sequences that fit in a KV budget: bf16 vs OScaR 2/4-bit
 
 Run `python -m oscar_kv COMMAND --help` for a command's options."""
 
@@ -19,6 +20,8 @@ def command(name: str) -> Callable[[list[str]], int] | None:
         from oscar_kv.demo import main
     elif name == "fidelity":
         from oscar_kv.eval.fidelity import main
+    elif name == "plan":
+        from oscar_kv.plan import main
     else:
         return None
     return main

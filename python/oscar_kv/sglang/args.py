@@ -1,0 +1,214 @@
+"""``--kv-quant`` settings: parsing, validation and hand-over to scheduler processes.
+
+Nothing here imports SGLang, so the checks run (and are tested) without it. The plugin
+(`oscar_kv.sglang.plugin`) calls these from its hooks on SGLang's argument parser.
+
+SGLang's ``ServerArgs`` keeps only its own fields, so the choice travels to every process
+SGLang starts through the environment variable ``OSCAR_KV_QUANT`` (JSON, written by the
+launching process before it spawns schedulers; children inherit it). ``KVQuantSpec.current()``
+reads it back anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from oscar_kv.config import BLOCK_TOKENS, SUPPORTED_BITS, SUPPORTED_K_GROUPS, OscarConfig
+
+ENV_VAR = "OSCAR_KV_QUANT"
+PAGE_SIZE = BLOCK_TOKENS
+BACKEND_NAME = "oscar"
+# --kv-cache-dtype values that mean "the model's dtype" and so do not conflict.
+_NEUTRAL_KV_DTYPES = ("auto", "bf16", "bfloat16", "float16", "fp16", "half", None)
+
+
+class KVQuantError(ValueError):
+    """A configuration that ``--kv-quant oscar`` cannot serve; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class KVQuantSpec:
+    method: str = "none"  # "none" or "oscar"
+    bits: int = 2
+    k_group: int = 32
+
+    def __post_init__(self) -> None:
+        if self.method not in ("none", "oscar"):
+            raise KVQuantError(f"--kv-quant must be 'none' or 'oscar', got {self.method!r}")
+        if self.bits not in SUPPORTED_BITS:
+            raise KVQuantError(f"--kv-quant-bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.k_group not in SUPPORTED_K_GROUPS:
+            raise KVQuantError(
+                f"--kv-quant-k-group must be one of {SUPPORTED_K_GROUPS}, got {self.k_group}"
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self.method == "oscar"
+
+    def oscar_config(self, *, fold_v: bool = False) -> OscarConfig:
+        return OscarConfig(bits=self.bits, k_group=self.k_group, fold_v=fold_v)
+
+    # -- hand-over -------------------------------------------------------------------------
+    def to_env(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    def publish(self, environ: dict[str, str] | None = None) -> None:
+        """Writes the spec where every process started from this one finds it."""
+        env = os.environ if environ is None else environ
+        if self.enabled:
+            env[ENV_VAR] = self.to_env()
+        else:
+            env.pop(ENV_VAR, None)
+
+    @classmethod
+    def current(cls, environ: Mapping[str, str] | None = None) -> KVQuantSpec:
+        raw = (os.environ if environ is None else environ).get(ENV_VAR, "")
+        if not raw:
+            return cls()
+        try:
+            fields = json.loads(raw)
+            return cls(**fields)
+        except (json.JSONDecodeError, TypeError) as e:
+            raise KVQuantError(f"{ENV_VAR}={raw!r} is not a valid oscar-kv setting: {e}") from e
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> KVQuantSpec:
+        return cls(
+            method=getattr(ns, "kv_quant", "none") or "none",
+            bits=getattr(ns, "kv_quant_bits", 2),
+            k_group=getattr(ns, "kv_quant_k_group", 32),
+        )
+
+    @classmethod
+    def pop_kwargs(cls, kwargs: dict[str, Any]) -> KVQuantSpec:
+        """Takes ``kv_quant``/``kv_quant_bits``/``kv_quant_k_group`` out of Engine kwargs."""
+        return cls(
+            method=kwargs.pop("kv_quant", "none") or "none",
+            bits=kwargs.pop("kv_quant_bits", 2),
+            k_group=kwargs.pop("kv_quant_k_group", 32),
+        )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the three flags to an argparse parser (SGLang's or any other)."""
+    group = parser.add_argument_group("oscar-kv (2-bit KV cache)")
+    group.add_argument(
+        "--kv-quant",
+        choices=["none", "oscar"],
+        default="none",
+        help="KV-cache quantization. 'oscar': OScaR 2/4-bit pages (Hadamard rotation + "
+        "per-token norm scaling); implies --page-size 128, --attention-backend oscar and "
+        "--radix-cache-backend oscar.",
+    )
+    group.add_argument(
+        "--kv-quant-bits", type=int, choices=list(SUPPORTED_BITS), default=2,
+        help="Code width of the OScaR KV cache (default 2).",
+    )  # fmt: skip
+    group.add_argument(
+        "--kv-quant-k-group", type=int, choices=list(SUPPORTED_K_GROUPS), default=32,
+        help="Tokens per per-channel K quantization group (default 32).",
+    )  # fmt: skip
+
+
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    if isinstance(obj, Mapping):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def check_server_args(args: Any, *, radix_backend_available: bool = True) -> dict[str, Any]:
+    """Checks SGLang server arguments (a ServerArgs, a Namespace or Engine kwargs) against
+    ``--kv-quant oscar``. Raises KVQuantError naming the flag and what to change; returns the
+    field values the plugin sets (page size, attention and radix backends)."""
+    problems = []
+    page = _get(args, "page_size")
+    if page not in (None, PAGE_SIZE):
+        problems.append(
+            f"--page-size {page}: --kv-quant oscar stores one quantization block of "
+            f"{PAGE_SIZE} tokens per page; remove --page-size or set --page-size {PAGE_SIZE}"
+        )
+    if _get(args, "enable_hierarchical_cache"):
+        problems.append(
+            "--enable-hierarchical-cache (HiCache): not supported with --kv-quant oscar "
+            "(host offload of packed pages is not implemented); remove the HiCache flags"
+        )
+    dtype = _get(args, "kv_cache_dtype")
+    if dtype not in _NEUTRAL_KV_DTYPES:
+        problems.append(
+            f"--kv-cache-dtype {dtype}: --kv-quant oscar is itself the KV-cache format; "
+            "remove --kv-cache-dtype (or pass auto)"
+        )
+    for flag, field in (
+        ("--attention-backend", "attention_backend"),
+        ("--decode-attention-backend", "decode_attention_backend"),
+        ("--prefill-attention-backend", "prefill_attention_backend"),
+    ):
+        val = _get(args, field)
+        if val not in (None, BACKEND_NAME):
+            problems.append(
+                f"{flag} {val}: --kv-quant oscar needs its own attention backend; "
+                f"remove {flag} (or pass {flag} {BACKEND_NAME})"
+            )
+    radix = _get(args, "radix_cache_backend")
+    if radix not in (None, BACKEND_NAME):
+        problems.append(
+            f"--radix-cache-backend {radix}: --kv-quant oscar shares packed pages through its "
+            f"own prefix cache; remove the flag (or pass --radix-cache-backend {BACKEND_NAME})"
+        )
+    if problems:
+        raise KVQuantError(
+            "--kv-quant oscar conflicts with: " + "; ".join(problems) + "."
+            if len(problems) > 1
+            else f"--kv-quant oscar conflicts with {problems[0]}."
+        )
+    settings: dict[str, Any] = {
+        "page_size": PAGE_SIZE,
+        "attention_backend": BACKEND_NAME,
+    }
+    if radix_backend_available and not _get(args, "disable_radix_cache"):
+        settings["radix_cache_backend"] = BACKEND_NAME
+    return settings
+
+
+def check_model(hf_config: Any, *, tp_size: int = 1) -> tuple[int, int, int]:
+    """Checks a model (HF config object or dict) for --kv-quant oscar.
+
+    Returns (num_layers, kv_heads per rank, head_dim); raises KVQuantError for MLA,
+    sliding-window, head_dim not a power of two, or KV heads not divisible by tp_size.
+    """
+    name = _get(hf_config, "model_type", "?")
+    if _get(hf_config, "kv_lora_rank") or _get(hf_config, "q_lora_rank"):
+        raise KVQuantError(
+            f"--kv-quant oscar does not support MLA models ({name}: kv_lora_rank is set); "
+            "serve it without --kv-quant"
+        )
+    window = _get(hf_config, "sliding_window")
+    use_window = _get(hf_config, "use_sliding_window", window is not None)
+    layer_types = _get(hf_config, "layer_types") or []
+    if (window and use_window) or any("sliding" in str(t) for t in layer_types):
+        raise KVQuantError(
+            f"--kv-quant oscar does not support sliding-window attention ({name}: "
+            f"sliding_window={window}); serve it without --kv-quant"
+        )
+    heads = _get(hf_config, "num_attention_heads")
+    kv_heads = _get(hf_config, "num_key_value_heads") or heads
+    head_dim = _get(hf_config, "head_dim") or (_get(hf_config, "hidden_size") // heads)
+    if head_dim < 2 or head_dim & (head_dim - 1) or head_dim % 32:
+        raise KVQuantError(
+            f"--kv-quant oscar needs head_dim a power of two >= 32 (the Hadamard rotation and "
+            f"32-channel V groups); {name} has head_dim={head_dim}: serve it without --kv-quant"
+        )
+    if kv_heads % tp_size and tp_size % kv_heads:
+        raise KVQuantError(
+            f"--tp {tp_size} does not split {kv_heads} KV heads evenly; pick a --tp that "
+            "divides the KV heads (or a multiple of them)"
+        )
+    per_rank = max(1, kv_heads // tp_size)
+    layers = _get(hf_config, "num_hidden_layers")
+    return int(layers), int(per_rank), int(head_dim)

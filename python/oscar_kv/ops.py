@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -157,11 +158,18 @@ def pinned_token_norms(k_rot: torch.Tensor, norm: str) -> torch.Tensor | None:
 
 @functools.cache
 def _cuda_ops() -> object | None:
+    if not torch.cuda.is_available():
+        return None
     try:
         from oscar_kv.cuda import jit
 
         return jit.load()
-    except Exception:  # noqa: BLE001 (any build failure means: fall back to Triton)
+    except Exception as e:  # noqa: BLE001 (any build failure means: fall back to Triton)
+        warnings.warn(
+            f"oscar_kv CUDA ops unavailable ({type(e).__name__}: {e}); using Triton",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return None
 
 
@@ -225,8 +233,9 @@ def quantize_page(
     ``k``, ``v``: [n_src, 128, H_kv, D] (or [128, H_kv, D]), any float dtype, post-RoPE, in
     the model's basis; block ``src_index[i]`` (default ``i``) is written to page
     ``page_ids[i]``, so a tail buffer [slots, 128, H, D] can be passed whole with the slots
-    whose tails completed. Pages come out byte-identical to ``quantize_kv(...).packed_pages()``
-    (kernels pin the norm's summation order, see `pinned_token_norms`).
+    whose tails completed. The kernels' pages are byte-identical to
+    ``quantize_kv(...).packed_pages()`` computed with `pinned_token_norms` as the norm (the
+    reference's own torch norm may differ from it in the last bit; see there).
     """
     if k.dim() == 3:
         k, v = k.unsqueeze(0), v.unsqueeze(0)

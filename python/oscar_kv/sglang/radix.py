@@ -1,0 +1,371 @@
+"""SGLang prefix-cache backend over the Rust radix tree (``oscar_kv._native.RadixTree``).
+
+``OscarRadixCache`` implements SGLang 0.5.23's ``BasePrefixCache`` contract the way its own
+``RadixCache`` does for a plain full-attention model with ``page_size`` > 1 (under
+``--kv-quant oscar``: 128, one page = one quantization block), with the tree walks, LRU
+bookkeeping and lock counting in Rust:
+
+- ``match_prefix(MatchPrefixParams) -> MatchResult``: longest page-aligned cached prefix;
+  the node handle (an int) goes into ``req.last_node`` and ``MatchResult.*_node``.
+- ``insert(InsertParams) -> InsertResult``; ``checkpoint(req, up_to=...)`` (what the
+  scheduler calls for chunked, decode and finishing requests): insert the request's whole
+  pages, free its duplicates of cached pages, repoint its KV row onto the tree's pages and
+  move its lock, exactly as ``RadixCache.checkpoint``. The partial last page of a request
+  is never inserted. ``cache_finished_req`` / ``cache_unfinished_req`` are kept as
+  aliases for callers written against older SGLang.
+- ``evict(EvictParams) -> EvictResult``: least recently used unlocked leaves first, whole
+  leaves, the freed pages returned to SGLang's allocator in one call.
+- ``inc_lock_ref`` / ``dec_lock_ref`` (and the base ``lock`` / ``unlock``), sizes,
+  ``reset``, ``path_device_indices``, ``dfs_weight_order``, ``all_values_flatten``,
+  ``sanity_check``, ``pretty_print``.
+
+The allocator stays SGLang's (the tree holds page ids, ``kv_index // page_size``); the
+tree takes one page per whole page of the key. Namespaces: ``RadixKey.extra_key`` and
+``cache_salt`` together, so different LoRA adapters or salts never share pages.
+Unsupported (rejected at construction with a clear message): EAGLE bigram keys, eviction
+policies other than LRU, hybrid SWA/Mamba models, HiCache, KV events.
+
+``register_backend()`` registers the factory as ``--radix-cache-backend oscar``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from sglang.srt.mem_cache.base_prefix_cache import (
+    BasePrefixCache,
+    DecLockRefParams,
+    DecLockRefResult,
+    EvictParams,
+    EvictResult,
+    IncLockRefResult,
+    InsertParams,
+    InsertResult,
+    MatchPrefixParams,
+    MatchResult,
+)
+from sglang.srt.mem_cache.radix_cache import RadixKey
+
+from oscar_kv import _native
+
+if TYPE_CHECKING:
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+    from sglang.srt.mem_cache.registry import TreeCacheBuildContext
+
+logger = logging.getLogger(__name__)
+
+BACKEND_NAME = "oscar"
+ROOT = _native.ROOT_NODE
+
+
+def _namespace(key: RadixKey) -> str | None:
+    if key.extra_key is None and key.cache_salt is None:
+        return None
+    # repr of the pair is injective over (str | None, str | None).
+    return repr((key.extra_key, key.cache_salt))
+
+
+class OscarRadixCache(BasePrefixCache):
+    """SGLang prefix cache whose radix tree lives in Rust; see the module docstring."""
+
+    def __init__(self, params: CacheInitParams):
+        self.disable = params.disable
+        self.req_to_token_pool = params.req_to_token_pool
+        self.token_to_kv_pool_allocator = params.token_to_kv_pool_allocator
+        self.page_size = params.page_size
+        self.is_eagle = params.is_eagle
+        self.eviction_policy = params.eviction_policy.lower()
+        self.sliding_window_size = None
+        if self.is_eagle:
+            raise ValueError(
+                "radix cache backend 'oscar' does not support EAGLE bigram keys; "
+                "drop --speculative-algorithm EAGLE or use the default radix cache"
+            )
+        if self.eviction_policy != "lru":
+            raise ValueError(
+                f"radix cache backend 'oscar' evicts LRU only, got --radix-eviction-policy "
+                f"{params.eviction_policy!r}; use 'lru'"
+            )
+        if params.enable_kv_cache_events:
+            raise ValueError("radix cache backend 'oscar' does not publish KV cache events")
+        if params.sliding_window_size is not None:
+            raise ValueError("radix cache backend 'oscar' does not support sliding windows")
+        if params.enable_metrics:
+            self.init_metrics_collector()
+
+        allocator = self.token_to_kv_pool_allocator
+        dev = getattr(allocator, "device", "cpu") if allocator is not None else "cpu"
+        self.device = torch.device(dev if isinstance(dev, (str, torch.device)) else "cpu")
+        size = getattr(allocator, "size", None) if allocator is not None else None
+        # Token index i lives in page i // page_size; paged allocators hand out pages
+        # 1..size // page_size (page 0 is padding), so this bound covers every index.
+        num_pages = (size // self.page_size + 2) if size else (1 << 20)
+        self.tree = _native.RadixTree(num_pages, page_size=self.page_size)
+        self._free_page_ids = getattr(allocator, "free_page_ids", None) if allocator else None
+        self.reset()
+
+    # ----- helpers --------------------------------------------------------------------------
+
+    def _indices(self, pages_or_tokens: Any) -> torch.Tensor:
+        t = torch.frombuffer(pages_or_tokens, dtype=torch.int64) if len(pages_or_tokens) else None
+        if t is None:
+            return self._empty_device_indices
+        return t.to(self.device) if self.device.type != "cpu" else t
+
+    def _pages_of(self, value: torch.Tensor, n_tokens: int) -> Any:
+        """Page ids of the first n_tokens KV indices (page-aligned segments)."""
+        heads = value[: n_tokens : self.page_size]
+        if heads.device.type != "cpu":
+            heads = heads.cpu()
+        if self.page_size > 1:
+            heads = heads // self.page_size
+        return heads.numpy()
+
+    def _free_pages(self, pages: Any) -> None:
+        if not len(pages):
+            return
+        ids = self._indices(pages)
+        if self._free_page_ids is not None:
+            self._free_page_ids(ids)
+        else:
+            # Page size 1 (token allocator): a page id is the token index.
+            self.token_to_kv_pool_allocator.free(ids)
+
+    # ----- BasePrefixCache ------------------------------------------------------------------
+
+    def reset(self) -> None:
+        # Like RadixCache.reset: drop the tree; the scheduler clears the allocator itself.
+        self.tree.reset()
+        self.root_node = ROOT
+        self._empty_device_indices = torch.empty((0,), dtype=torch.int64, device=self.device)
+        self._empty_match_result = MatchResult(
+            device_prefix_len=0,
+            last_device_node=ROOT,
+            last_host_node=ROOT,
+            best_match_node=ROOT,
+        )
+
+    def match_prefix(self, params: MatchPrefixParams) -> MatchResult:
+        key = params.key
+        if self.disable or key.is_bigram:
+            return self._empty_match_result
+        n = len(key)
+        if n < self.page_size:
+            return self._empty_match_result
+        matched, node = self.tree.match_len(key.token_ids, _namespace(key), n)
+        if matched == 0:
+            return self._empty_match_result
+        return MatchResult(
+            device_prefix_len=matched,
+            last_device_node=node,
+            last_host_node=node,
+            best_match_node=node,
+        )
+
+    def touch_prefix(self, key: RadixKey) -> None:
+        if self.disable or len(key) < self.page_size:
+            return
+        self.tree.match_len(key.token_ids, _namespace(key), len(key))
+
+    def insert(self, params: InsertParams) -> InsertResult:
+        if self.disable:
+            return InsertResult(prefix_len=0)
+        key = params.key
+        if key.is_bigram:
+            raise ValueError("radix cache backend 'oscar' does not support bigram keys")
+        if params.value is None:
+            raise ValueError("InsertParams.value (the KV indices of the key) is required")
+        n = len(key) // self.page_size * self.page_size
+        if len(params.value) < n:
+            raise ValueError(f"InsertParams.value holds {len(params.value)} indices, key needs {n}")
+        pages = self._pages_of(params.value, n)
+        prefix, _duplicates, node = self.tree.insert(key.token_ids, pages, _namespace(key), n)
+        # Like RadixCache.insert, the caller frees its duplicates (see _insert_cache).
+        return InsertResult(prefix_len=prefix, last_device_node=node)
+
+    def _insert_cache(
+        self, req: Req, token_ids: Any, *, key_limit: int | None = None
+    ) -> tuple[RadixKey, int]:
+        """RadixCache._insert_cache: insert the page-aligned key, split it at the prompt
+        boundary, free the request's duplicates of cached pages."""
+        kv = req.kv
+        n = len(token_ids) // self.page_size * self.page_size
+        if key_limit is not None:
+            n = min(n, key_limit)
+        kv_indices = self.req_to_token_pool.req_to_token[kv.req_pool_idx, : len(token_ids)]
+        pages = self._pages_of(kv_indices, n)
+        ns = _namespace(RadixKey(token_ids, req.extra_key, cache_salt=req.cache_salt))
+        prefix, _dups, _node = self.tree.insert(token_ids, pages, ns, n)
+        kv.cache_inserted_len = max(kv.cache_inserted_len, n)
+        prompt_len = len(req.origin_input_ids) // self.page_size * self.page_size
+        if 0 < prompt_len < n:
+            # Split the leaf at the prompt boundary so eviction can drop the output KV
+            # without the prompt; the re-insert only changes topology.
+            self.tree.insert(token_ids, pages[: prompt_len // self.page_size], ns, prompt_len)
+        if prefix > kv.cache_protected_len:
+            self.token_to_kv_pool_allocator.free_segment(
+                kv_indices[kv.cache_protected_len : prefix], start_pos=kv.cache_protected_len
+            )
+        return RadixKey(token_ids[:n], req.extra_key, cache_salt=req.cache_salt), n
+
+    def checkpoint(self, req: Req, *, up_to: int, **kwargs: Any) -> None:
+        if self.disable:
+            return
+        token_ids = req.full_untruncated_fill_ids[:up_to]
+        floor = req.kv.swa_evict_floor
+        key_limit = math.ceil(floor / self.page_size) * self.page_size if floor > 0 else None
+        radix_key, n = self._insert_cache(req, token_ids, key_limit=key_limit)
+
+        matched, node = self.tree.match_len(token_ids, _namespace(radix_key), n)
+        assert matched == n, f"{matched=} {n=}"
+        protected = req.kv.cache_protected_len
+        if n > protected:
+            new_indices = self._indices(self.tree.path_token_indices(node))
+            self.req_to_token_pool.write(
+                (req.kv.req_pool_idx, slice(protected, n)), new_indices[protected:]
+            )
+        # The partial last page stays in the request's row, not in the tree.
+        req.kv.cache_protected_len = n
+        self.unlock(req.lock)
+        req.lock = self.lock(node)
+        req.last_node = node
+
+    def cache_unfinished_req(self, req: Req, chunked: bool = False) -> None:
+        """Pre-0.5.23 name: publish what a running request computed so far."""
+        self.checkpoint(req, up_to=req.extend_end)
+
+    def cache_finished_req(self, req: Req, is_insert: bool = True) -> None:
+        """Pre-0.5.23 name: insert (optionally) and release a finished request's KV."""
+        from sglang.srt.mem_cache.common import release_kv_cache
+
+        release_kv_cache(req, self, checkpoint=is_insert)
+
+    def evict(self, params: EvictParams) -> EvictResult:
+        if self.disable or params.num_tokens <= 0:
+            return EvictResult()
+        start = time.perf_counter()
+        freed = self.tree.evict(-(-params.num_tokens // self.page_size))
+        self._free_pages(freed)
+        num_evicted = len(freed) * self.page_size
+        self.update_eviction_metrics(num_evicted, start)
+        return EvictResult(num_tokens_evicted=num_evicted)
+
+    def inc_lock_ref(self, node: Any) -> IncLockRefResult:
+        if self.disable:
+            return IncLockRefResult(delta=0)
+        return IncLockRefResult(delta=-self.tree.lock(node) * self.page_size)
+
+    def dec_lock_ref(self, node: Any, params: DecLockRefParams | None = None) -> DecLockRefResult:
+        if self.disable:
+            return DecLockRefResult(delta=0)
+        return DecLockRefResult(delta=self.tree.unlock(node) * self.page_size)
+
+    def path_device_indices(self, node: Any) -> torch.Tensor:
+        if node == ROOT:
+            return self._empty_device_indices
+        return self._indices(self.tree.path_token_indices(node))
+
+    def supports_prefix_sharing(self) -> bool:
+        return not self.disable
+
+    def is_root(self, node: Any) -> bool:
+        return node == ROOT
+
+    def evictable_size(self) -> int:
+        return self.tree.evictable_pages * self.page_size
+
+    def protected_size(self) -> int:
+        return self.tree.protected_pages * self.page_size
+
+    def total_size(self) -> int:
+        return self.tree.total_pages * self.page_size
+
+    def all_values_flatten(self) -> torch.Tensor:
+        pages = [p for node in self.tree.nodes() for p in node["pages"]]
+        ps = self.page_size
+        idx = torch.tensor(pages, dtype=torch.int64).repeat_interleave(ps) * ps
+        return (idx + torch.arange(ps).repeat(len(pages))).to(self.device)
+
+    def sanity_check(self) -> None:
+        self.tree.check_invariants()
+
+    def pretty_print(self) -> None:
+        for node in self.tree.nodes():
+            indent = " " * (node["depth_tokens"] // self.page_size)
+            print(
+                indent,
+                node["num_tokens"],
+                node["first_tokens"],
+                f"r={node['lock_ref']}",
+                f"ns={node['namespace']}",
+            )
+        print(f"#tokens: {self.total_size()}")
+
+    def dfs_weight_order(self, node_handles: Sequence[Any]) -> list[int]:
+        """Request indices in depth-first order, heavier subtrees first (as the base class)."""
+        nodes = self.tree.nodes()
+        children: dict[int, list[int]] = {}
+        for d in nodes:
+            children.setdefault(d["parent"], []).append(d["node"])
+        at: dict[int, list[int]] = {}
+        for i, h in enumerate(node_handles):
+            at.setdefault(h, []).append(i)
+        weight: dict[int, int] = {}
+
+        def total(h: int) -> int:
+            stack, post = [h], []
+            while stack:
+                x = stack.pop()
+                post.append(x)
+                stack.extend(children.get(x, ()))
+            for x in reversed(post):
+                weight[x] = len(at.get(x, ())) + sum(weight[c] for c in children.get(x, ()))
+            return weight[h]
+
+        total(ROOT)
+        order: list[int] = []
+        stack: list[tuple[int, bool]] = [(ROOT, False)]
+        while stack:
+            x, visited = stack.pop()
+            if visited:
+                order.extend(at.get(x, ()))
+                continue
+            stack.append((x, True))
+            kids = sorted(children.get(x, ()), key=lambda c: -weight.get(c, 0))
+            stack.extend((c, False) for c in reversed(kids))
+        return order
+
+
+def create_oscar_radix_cache(ctx: TreeCacheBuildContext) -> OscarRadixCache:
+    """``--radix-cache-backend oscar`` factory: checks the model fits, builds the cache."""
+    unsupported = [
+        (ctx.is_hybrid_swa, "hybrid sliding-window models"),
+        (ctx.is_hybrid_ssm, "hybrid Mamba/SSM models"),
+        (ctx.enable_hierarchical_cache, "--enable-hierarchical-cache"),
+        (getattr(ctx, "is_dsa", False), "DeepSeek sparse attention"),
+    ]
+    for flag, what in unsupported:
+        if flag:
+            raise ValueError(f"radix cache backend 'oscar' does not support {what}")
+    if ctx.disable_radix_cache:
+        ctx.params.disable = True
+    return OscarRadixCache(ctx.params)
+
+
+def register_backend() -> bool:
+    """Registers ``--radix-cache-backend oscar``; False if it already was."""
+    from sglang.srt.mem_cache.registry import (
+        register_radix_cache_backend,
+        registered_radix_cache_backends,
+    )
+
+    if BACKEND_NAME in registered_radix_cache_backends():
+        return False
+    register_radix_cache_backend(BACKEND_NAME, create_oscar_radix_cache)
+    return True

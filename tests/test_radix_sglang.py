@@ -9,7 +9,7 @@ every step.
 
 Skipped, with the install command, when sglang is not importable (it is not part of the
 default install: on this CPU machine it needs ``--no-deps`` and a list of small
-dependencies, see ``scripts/install_sglang_cpu.sh``).
+dependencies: ``bash scripts/install_sglang.sh``).
 """
 
 import dataclasses

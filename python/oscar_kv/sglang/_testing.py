@@ -18,10 +18,8 @@ import sys
 import types
 
 INSTALL_HINT = (
-    "sglang 0.5.23 is not importable; on a CPU machine: pip install --no-deps sglang==0.5.23 "
-    "pybase64 msgspec orjson starlette pyzmq aiohttp multidict yarl propcache "
-    "aiohappyeyeballs aiosignal frozenlist dill apache-tvm-ffi sentencepiece "
-    "compressed-tensors loguru  (see scripts/install_sglang_cpu.sh)"
+    "sglang 0.5.23 is not importable; install it with `bash scripts/install_sglang.sh` "
+    "(the wheel with --no-deps plus its pinned CPU/server dependencies)"
 )
 
 

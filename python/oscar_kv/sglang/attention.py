@@ -1,0 +1,170 @@
+"""Attention backend "oscar": extend, decode and mixed batches over packed pages + bf16 tails.
+
+Built on `oscar_kv.ops` (CUDA > Triton > reference, chosen by tensor device and
+``OSCAR_KV_BACKEND``). Per batch, `init_forward_metadata` reads the request slots and
+lengths once and builds the page table from SGLang's ``req_to_token`` (page id = location of
+the page's first token // 128). Then per layer:
+
+- extend (and mixed; SGLang routes mixed batches to ``forward_extend`` off NPU): the new
+  tokens attend to their request's cached pages, its tail and themselves
+  (`ops.extend_attention`), then are stored (`OscarTokenToKVPool.store`: completed pages
+  quantized, the rest into the tail);
+- decode: the new token is stored first, then `ops.decode_attention` reads pages + tail.
+
+Q/K rotation and the norm descale happen inside the ops; V is un-rotated there unless the
+pool's config says V was folded into the weights (`oscar_kv.sglang.weights`). GQA is the ops'
+(query head j reads KV head j // group). CUDA graphs are not captured by this backend: the
+plugin disables them with a logged notice when ``--kv-quant oscar`` is on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from oscar_kv import ops
+from oscar_kv.config import BLOCK_TOKENS
+
+
+@dataclass
+class OscarForwardMetadata:
+    slots: list[int]
+    prefix_lens: list[int]  # tokens cached before this forward
+    new_lens: list[int]  # tokens this forward adds
+    slots_t: torch.Tensor  # int32 [B]
+    page_table: torch.Tensor  # int32 [B, max_pages]
+    cu_seqlens: torch.Tensor  # int32 [B + 1]
+
+
+def _backend_base() -> type:
+    from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+
+    return AttentionBackend
+
+
+def _make_class() -> type:
+    AttentionBackend = _backend_base()
+
+    class OscarAttnBackend(AttentionBackend):
+        """See the module docstring. ``model_runner`` needs ``device``,
+        ``req_to_token_pool`` and ``token_to_kv_pool`` (an `OscarTokenToKVPool`)."""
+
+        def __init__(self, model_runner: Any) -> None:
+            super().__init__()
+            self.device = model_runner.device
+            self.req_to_token_pool = model_runner.req_to_token_pool
+            self.pool = model_runner.token_to_kv_pool
+            if not hasattr(self.pool, "store"):
+                raise ValueError(
+                    "attention backend 'oscar' needs the oscar-kv pool (start the server with "
+                    f"--kv-quant oscar); got {type(self.pool).__name__}"
+                )
+            self.config = self.pool.config
+            self.forward_metadata: OscarForwardMetadata | None = None
+
+        def init_forward_metadata(self, forward_batch: Any) -> None:
+            slots = forward_batch.req_pool_indices.tolist()
+            seq_lens = forward_batch.seq_lens.tolist()
+            if forward_batch.forward_mode.is_decode():
+                new_lens = [1] * len(slots)
+            else:
+                new_lens = [int(x) for x in forward_batch.extend_seq_lens_cpu]
+            prefix_lens = [s - n for s, n in zip(seq_lens, new_lens, strict=True)]
+            max_pages = max([-(-s // BLOCK_TOKENS) for s in seq_lens] + [1])
+            rows = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices.long()]
+            cols = rows[:, : max_pages * BLOCK_TOKENS : BLOCK_TOKENS]
+            cu = [0]
+            for n in new_lens:
+                cu.append(cu[-1] + n)
+            dev = self.pool.pages.device
+            self.forward_metadata = OscarForwardMetadata(
+                slots=slots,
+                prefix_lens=prefix_lens,
+                new_lens=new_lens,
+                slots_t=torch.tensor(slots, dtype=torch.int32, device=dev),
+                page_table=(cols // BLOCK_TOKENS).to(device=dev, dtype=torch.int32),
+                cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=dev),
+            )
+
+        def _store(self, layer: Any, k: torch.Tensor, v: torch.Tensor) -> None:
+            md = self.forward_metadata
+            self.pool.store(
+                layer.layer_id,
+                self.req_to_token_pool.req_to_token,
+                md.slots,
+                md.prefix_lens,
+                md.new_lens,
+                k,
+                v,
+            )
+
+        def _shapes(self, layer: Any, q, k, v):
+            hq, hk, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
+            return q.view(-1, hq, d), k.view(-1, hk, d), v.view(-1, hk, d)
+
+        def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kw):
+            md = self.forward_metadata
+            q3, k3, v3 = self._shapes(layer, q, k, v)
+            k_tail, v_tail = self.pool.tails(layer.layer_id)
+            pre = torch.tensor(md.prefix_lens, dtype=torch.int32)
+            out = ops.extend_attention(
+                q3,
+                k3,
+                v3,
+                md.cu_seqlens,
+                self.pool.get_key_buffer(layer.layer_id),
+                md.page_table,
+                pre // BLOCK_TOKENS,
+                k_tail,
+                v_tail,
+                pre % BLOCK_TOKENS,
+                self.config,
+                tail_index=md.slots_t,
+                scale=layer.scaling,
+            )
+            if save_kv_cache:
+                self._store(layer, k3, v3)
+            return out.reshape(q3.shape[0], -1)
+
+        def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kw):
+            md = self.forward_metadata
+            q3, k3, v3 = self._shapes(layer, q, k, v)
+            if save_kv_cache:
+                self._store(layer, k3, v3)
+            k_tail, v_tail = self.pool.tails(layer.layer_id)
+            seq = torch.tensor(md.prefix_lens, dtype=torch.int32) + 1
+            out = ops.decode_attention(
+                q3,
+                self.pool.get_key_buffer(layer.layer_id),
+                md.page_table,
+                seq // BLOCK_TOKENS,
+                k_tail,
+                v_tail,
+                seq % BLOCK_TOKENS,
+                self.config,
+                tail_index=md.slots_t,
+                scale=layer.scaling,
+            )
+            return out.reshape(q3.shape[0], -1)
+
+        def get_cuda_graph_seq_len_fill_value(self):
+            return 1
+
+    return OscarAttnBackend
+
+
+_CLASS: type | None = None
+
+
+def oscar_backend_class() -> type:
+    global _CLASS
+    if _CLASS is None:
+        _CLASS = _make_class()
+    return _CLASS
+
+
+def create_backend(model_runner: Any) -> Any:
+    """The factory SGLang's attention registry calls."""
+    return oscar_backend_class()(model_runner)

@@ -1,0 +1,300 @@
+"""The SGLang plugin, pool and attention backend through real SGLang objects on CPU.
+
+Real SGLang objects: ``ServerArgs`` + its CLI parser (with the plugin's hooks applied by
+SGLang's own ``HookRegistry``), ``ReqToTokenPool``, ``PagedTokenToKVPoolAllocator`` (over our
+pool, as the model runner builds it), ``RadixAttention`` (the layer object handed to the
+backend), ``ForwardBatch`` + ``ForwardMode``, the attention registry. Stand-ins: the model
+runner (a namespace with the three attributes the backend reads), the scheduler's slot
+allocation (done here with the real allocator, one request after another) and the prefix
+match of the second turn (the first request's page ids copied into the new request's
+``req_to_token`` row, which is what a page-aligned radix match hands the scheduler).
+The reference is `oscar_kv.ref` (quantize_kv + attention / dequantize_kv + exact SDPA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from oscar_kv import OscarConfig
+from oscar_kv.ref import attention as ref_attention
+from oscar_kv.ref import dequantize_kv, quantize_kv
+
+sg = pytest.importorskip("oscar_kv.sglang._testing")
+try:
+    sg.import_sglang_cache()
+except ImportError as e:  # pragma: no cover - depends on the machine
+    pytest.skip(f"sglang not installed: {e}", allow_module_level=True)
+
+from oscar_kv.sglang import plugin
+from oscar_kv.sglang.args import ENV_VAR, KVQuantError
+from oscar_kv.sglang.attention import oscar_backend_class
+from oscar_kv.sglang.pool import oscar_pool_class
+
+HQ, HK, D = 4, 2, 64
+PAGE = 128
+
+
+@pytest.fixture(scope="module")
+def hooks():
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    plugin.register()
+    HookRegistry.apply_hooks()
+    yield
+    os.environ.pop(ENV_VAR, None)
+
+
+@pytest.fixture(autouse=True)
+def _clean_env():
+    os.environ.pop(ENV_VAR, None)
+    yield
+    os.environ.pop(ENV_VAR, None)
+
+
+# ------------------------------------------------------------------------------ parser
+def test_launch_server_parser_accepts_flags(hooks):
+    from sglang.srt.server_args import ServerArgs, prepare_server_args
+
+    p = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(p)
+    ns = p.parse_args(["--model-path", "m", "--kv-quant", "oscar", "--kv-quant-bits", "4"])
+    assert (ns.kv_quant, ns.kv_quant_bits, ns.kv_quant_k_group) == ("oscar", 4, 32)
+
+    sa = prepare_server_args(["--model-path", "m", "--kv-quant", "oscar"])
+    assert sa.page_size == 128 and sa.attention_backend == "oscar"
+    assert os.environ[ENV_VAR]  # reaches the scheduler processes
+    assert plugin.spec().enabled and plugin.spec().bits == 2
+
+    os.environ.pop(ENV_VAR)
+    sa = prepare_server_args(["--model-path", "m"])  # off by default, nothing changed
+    assert sa.page_size != 128 or sa.attention_backend != "oscar"
+    assert ENV_VAR not in os.environ
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--page-size", "64"], "--page-size 64"),
+        (["--enable-hierarchical-cache"], "HiCache"),
+        (["--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype fp8_e4m3"),
+        (["--attention-backend", "triton"], "--attention-backend triton"),
+    ],
+)
+def test_launch_server_parser_rejects_conflicts(hooks, extra, needle):
+    from sglang.srt.server_args import prepare_server_args
+
+    with pytest.raises(KVQuantError, match="--kv-quant oscar conflicts with") as e:
+        prepare_server_args(["--model-path", "m", "--kv-quant", "oscar", *extra])
+    assert needle in str(e.value)
+
+
+def test_attention_backend_registered(hooks):
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+    from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES
+
+    assert "oscar" in ATTENTION_BACKENDS and "oscar" in ATTENTION_BACKEND_CHOICES
+
+
+# ------------------------------------------------------------------------------ pool
+def test_pool_capacity_vs_bf16():
+    """Same bytes: >= 5.2x the tokens of SGLang's bf16 MHA pool at G=32 (8 KV heads, D=128)."""
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    from oscar_kv.plan import bf16_bytes_per_token, oscar_bytes_per_token
+
+    layers, hk, d = 2, 8, 128
+    bf = MHATokenToKVPool(
+        size=1024, page_size=PAGE, dtype=torch.bfloat16, head_num=hk, head_dim=d,
+        layer_num=layers, device="cpu", enable_memory_saver=False,
+    )  # fmt: skip
+    bf_bytes = sum(bf.get_kv_size_bytes()) if isinstance(bf.get_kv_size_bytes(), tuple) else 0
+    # SGLang's pool holds size + page_size slots (a padding page).
+    assert bf_bytes == (1024 + PAGE) * bf16_bytes_per_token(layers, hk, d)
+    cfg = OscarConfig()
+    pool = oscar_pool_class()(
+        1024 * 5, PAGE, torch.bfloat16, hk, d, layers, "cpu", config=cfg, tail_slots=1
+    )
+    per_tok = pool.pages.numel() / ((pool.num_pages + 1) * PAGE)
+    assert per_tok == oscar_bytes_per_token(layers, hk, d, cfg) == 772 * layers
+    assert bf16_bytes_per_token(layers, hk, d) / per_tok >= 5.2
+
+
+# ------------------------------------------------------------------------------ attention
+def _bf16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.bfloat16).float()
+
+
+class World:
+    """A batch of requests over one RadixAttention layer with the oscar backend."""
+
+    def __init__(self, cfg: OscarConfig, num_tokens: int = 16 * PAGE, slots: int = 8):
+        from sglang.srt.layers.radix_attention import RadixAttention
+        from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+        from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+        from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
+
+        set_global_server_args_for_scheduler(ServerArgs(model_path="dummy", page_size=PAGE))
+        self.cfg = cfg
+        self.req_to_token_pool = ReqToTokenPool(
+            size=slots, max_context_len=8 * PAGE, device="cpu", enable_memory_saver=False
+        )
+        # One tail per request slot: the pool is indexed by req_pool_idx (rows of req_to_token).
+        tails = self.req_to_token_pool.req_to_token.shape[0]
+        self.pool = oscar_pool_class()(
+            num_tokens, PAGE, torch.bfloat16, HK, D, 1, "cpu", config=cfg, tail_slots=tails
+        )
+        self.allocator = PagedTokenToKVPoolAllocator(
+            num_tokens, PAGE, torch.bfloat16, "cpu", self.pool, need_sort=False
+        )
+        runner = SimpleNamespace(
+            device="cpu", req_to_token_pool=self.req_to_token_pool, token_to_kv_pool=self.pool
+        )
+        self.backend = oscar_backend_class()(runner)
+        self.layer = RadixAttention(HQ, D, 1 / math.sqrt(D), HK, layer_id=0)
+        self.lens: dict[int, int] = {}
+
+    def new_request(self, capacity: int, shared_from: tuple[int, int] | None = None) -> int:
+        slot = self.req_to_token_pool.alloc_rows(1)[0]
+        row = self.req_to_token_pool.req_to_token[slot]
+        start = 0
+        if shared_from is not None:  # a page-aligned prefix match
+            src, n = shared_from
+            row[:n] = self.req_to_token_pool.req_to_token[src, :n]
+            start = n
+        need = -(-(capacity - start) // PAGE) * PAGE
+        locs = self.allocator.alloc(need)
+        assert locs is not None
+        row[start : start + need] = locs.to(row.dtype)
+        self.lens[slot] = start
+        return slot
+
+    def forward(self, slots: list[int], q, k, v, new_lens: list[int], decode: bool):
+        from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+
+        seq = [self.lens[s] + n for s, n in zip(slots, new_lens, strict=True)]
+        fb = ForwardBatch(
+            forward_mode=ForwardMode.DECODE if decode else ForwardMode.EXTEND,
+            batch_size=len(slots),
+            input_ids=torch.zeros(sum(new_lens), dtype=torch.int64),
+            req_pool_indices=torch.tensor(slots, dtype=torch.int64),
+            seq_lens=torch.tensor(seq, dtype=torch.int64),
+            out_cache_loc=torch.zeros(sum(new_lens), dtype=torch.int64),
+            seq_lens_sum=sum(seq),
+            extend_seq_lens_cpu=None if decode else list(new_lens),
+        )
+        self.backend.init_forward_metadata(fb)
+        out = self.backend.forward(
+            q.reshape(len(q), -1), k.reshape(len(k), -1), v.reshape(len(v), -1), self.layer, fb
+        )
+        for s, n in zip(slots, new_lens, strict=True):
+            self.lens[s] += n
+        return out.view(-1, HQ, D)
+
+
+def _exact_causal(q, k, v, scale):
+    """q: the last len(q) of k's positions; GQA; fp32."""
+    g = q.shape[1] // k.shape[1]
+    n, t = q.shape[0], k.shape[0]
+    mask = torch.arange(t)[None, :] <= torch.arange(t - n, t)[:, None]
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        k.transpose(0, 1).repeat_interleave(g, 0),
+        v.transpose(0, 1).repeat_interleave(g, 0),
+        attn_mask=mask,
+        scale=scale,
+    )
+    return o.transpose(0, 1)
+
+
+@pytest.mark.parametrize("fold_v", [False, True])
+def test_extend_then_decode_matches_reference(fold_v):
+    torch.manual_seed(0)
+    cfg = OscarConfig(bits=2, k_group=32, fold_v=fold_v)
+    w = World(cfg)
+    prompts = [120, 130, 261]  # below, across and two pages past a page boundary
+    steps = 12  # the first request crosses 128 while decoding
+    total = [p + steps for p in prompts]
+    data = [
+        (torch.randn(t, HQ, D), _bf16(torch.randn(t, HK, D)), _bf16(torch.randn(t, HK, D)))
+        for t in total
+    ]
+    slots = [w.new_request(t) for t in total]
+    scale = 1 / math.sqrt(D)
+
+    # extend: all prompts in one batch
+    q = torch.cat([d[0][:p] for d, p in zip(data, prompts, strict=True)])
+    k = torch.cat([d[1][:p] for d, p in zip(data, prompts, strict=True)])
+    v = torch.cat([d[2][:p] for d, p in zip(data, prompts, strict=True)])
+    out = w.forward(slots, q, k, v, prompts, decode=False)
+    off = 0
+    for (qq, kk, vv), p in zip(data, prompts, strict=True):
+        ref = _exact_causal(qq[:p], kk[:p], vv[:p], scale)
+        torch.testing.assert_close(out[off : off + p].float(), ref, atol=2e-3, rtol=2e-3)
+        off += p
+
+    # decode steps: each request's new token against ref.attention over quantize_kv(prefix)
+    for step in range(steps):
+        pos = [p + step for p in prompts]
+        q = torch.stack([d[0][i] for d, i in zip(data, pos, strict=True)])
+        k = torch.stack([d[1][i] for d, i in zip(data, pos, strict=True)])
+        v = torch.stack([d[2][i] for d, i in zip(data, pos, strict=True)])
+        out = w.forward(slots, q, k, v, [1] * len(slots), decode=True)
+        for b, ((qq, kk, vv), i) in enumerate(zip(data, pos, strict=True)):
+            qkv = quantize_kv(kk[: i + 1], vv[: i + 1], cfg)
+            ref = ref_attention(qq[i : i + 1], qkv, causal=True, scale=scale)[0]
+            torch.testing.assert_close(out[b].float(), ref.float(), atol=2e-3, rtol=2e-3)
+
+    # pages hold exactly what the reference quantizer makes of each completed block
+    for slot, (_, kk, vv), n in zip(slots, data, total, strict=True):
+        full = n // PAGE
+        ids = w.req_to_token_pool.req_to_token[slot, : full * PAGE : PAGE] // PAGE
+        want = quantize_kv(kk[: full * PAGE], vv[: full * PAGE], cfg).packed_pages()
+        assert torch.equal(w.pool.pages[0][ids.long()], want)
+
+
+def test_second_turn_reuses_prefix_pages():
+    torch.manual_seed(1)
+    cfg = OscarConfig()
+    w = World(cfg)
+    t1 = 2 * PAGE + 40
+    k1, v1 = _bf16(torch.randn(t1, HK, D)), _bf16(torch.randn(t1, HK, D))
+    s1 = w.new_request(t1)
+    w.forward([s1], torch.randn(t1, HQ, D), k1, v1, [t1], decode=False)
+    shared = 2 * PAGE
+    shared_ids = (w.req_to_token_pool.req_to_token[s1, :shared:PAGE] // PAGE).long()
+    before = w.pool.pages[0][shared_ids].clone()
+    quantized_before = w.pool.pages[0].clone()
+
+    # turn 2: same first two pages (radix match), new suffix
+    n2 = 50
+    s2 = w.new_request(shared + n2, shared_from=(s1, shared))
+    q2 = torch.randn(n2, HQ, D)
+    k2, v2 = _bf16(torch.randn(n2, HK, D)), _bf16(torch.randn(n2, HK, D))
+    out = w.forward([s2], q2, k2, v2, [n2], decode=False)
+
+    assert torch.equal(w.pool.pages[0][shared_ids], before)  # not re-quantized
+    changed = (w.pool.pages[0] != quantized_before).any(dim=1).nonzero().flatten().tolist()
+    assert changed == []  # 50 new tokens: nothing completes, they stay in s2's tail
+    kp, vp = dequantize_kv(quantize_kv(k1[:shared], v1[:shared], cfg))
+    ref = _exact_causal(
+        q2, torch.cat((kp.float(), k2)), torch.cat((vp.float(), v2)), 1 / math.sqrt(D)
+    )
+    torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=2e-3)
+
+
+def test_backend_refuses_other_pools():
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    kv = MHATokenToKVPool(
+        size=256, page_size=PAGE, dtype=torch.bfloat16, head_num=HK, head_dim=D,
+        layer_num=1, device="cpu", enable_memory_saver=False,
+    )  # fmt: skip
+    runner = SimpleNamespace(device="cpu", req_to_token_pool=None, token_to_kv_pool=kv)
+    with pytest.raises(ValueError, match="--kv-quant oscar"):
+        oscar_backend_class()(runner)

@@ -82,8 +82,9 @@ def fold_v_into_model(model: torch.nn.Module) -> bool:
             qkv, o = attn.qkv_proj.weight, attn.o_proj.weight
             v_rows = slice((hq + hk) * d, (hq + 2 * hk) * d)
             bias = getattr(attn.qkv_proj, "bias", None)
-            b_v = bias[v_rows].float() if isinstance(bias, torch.Tensor) else None
-            w_v, w_o, b_v2 = fold_v_hadamard(qkv[v_rows].float(), o.float(), hk, hq, b_v)
+            acc = torch.promote_types(qkv.dtype, torch.float32)  # fold in >= fp32
+            b_v = bias[v_rows].to(acc) if isinstance(bias, torch.Tensor) else None
+            w_v, w_o, b_v2 = fold_v_hadamard(qkv[v_rows].to(acc), o.to(acc), hk, hq, b_v)
             qkv[v_rows] = w_v.to(qkv.dtype)
             o.copy_(w_o.to(o.dtype))
             if b_v2 is not None:

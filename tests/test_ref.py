@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from oscar_kv import BLOCK_TOKENS, OscarConfig
 from oscar_kv.ref import (
     attention,

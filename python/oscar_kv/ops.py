@@ -128,31 +128,6 @@ class PageLayout:
         )
 
 
-def pinned_token_norms(k_rot: torch.Tensor, norm: str) -> torch.Tensor | None:
-    """Key norms with the summation order every kernel uses (a drop-in for the reference's).
-
-    fp32 sums have no single answer, and torch's CPU reduction order depends on the vector
-    width of the CPU, so the kernels pin one: per (token, head) the squares are summed by a
-    halves tree (x[:L/2] + x[L/2:] until one element is left: a warp xor-reduction on GPU),
-    then "token" adds the heads left to right, then a correctly rounded fp32 sqrt. ``k_rot``: [..., H, D] fp32.
-    """
-    if norm == "none":
-        return None
-    s = k_rot.square()
-    while s.shape[-1] > 1:
-        half = s.shape[-1] // 2
-        s = s[..., :half] + s[..., half:]
-    s = s[..., 0]  # [..., H]
-    if norm == "token":
-        total = s[..., 0]
-        for h in range(1, s.shape[-1]):
-            total = total + s[..., h]
-        s = total
-    # torch's fp32 CPU sqrt is not correctly rounded (~1 ulp off on ~17% of inputs with
-    # torch 2.13); the fp64 sqrt rounded to fp32 is the IEEE fp32 sqrt the kernels compute.
-    return s.double().sqrt().float()
-
-
 # ---------------------------------------------------------------------------- dispatch
 
 
@@ -234,7 +209,7 @@ def quantize_page(
     the model's basis; block ``src_index[i]`` (default ``i``) is written to page
     ``page_ids[i]``, so a tail buffer [slots, 128, H, D] can be passed whole with the slots
     whose tails completed. The kernels' pages are byte-identical to
-    ``quantize_kv(...).packed_pages()`` computed with `pinned_token_norms` as the norm (the
+    ``quantize_kv(...).packed_pages()`` (the
     reference's own torch norm may differ from it in the last bit; see there).
     """
     if k.dim() == 3:

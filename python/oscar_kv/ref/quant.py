@@ -8,7 +8,8 @@ their input dtype (the tail). For each page:
 1. Rotation. ``rotation="hadamard"``: K <- fwht(K) (normalized Sylvester H_D / sqrt(D)); V is
    rotated the same way unless ``fold_v`` (V already rotated by folded weights).
 2. Norm. ``norm="token"``: n[t] = sqrt(sum over heads and channels of K[t]^2) (fp32, one per
-   token); ``"head"``: n[t, h] = ||K[t, h]||; ``"none"``: no norm. K <- K / n, with K <- 0 where
+   token); ``"head"``: n[t, h] = ||K[t, h]||; ``"none"``: no norm. The fp32 summation order
+   is pinned (see `token_norms`) so kernels can match the bytes exactly. K <- K / n, with K <- 0 where
    n == 0 (the norm is stored, so an all-zero token dequantizes to zero).
 3. K: per (head, channel) over groups of ``k_group`` consecutive tokens; V: per (token, head)
    over groups of ``v_group`` consecutive channels. For a group x with min m and max M:
@@ -201,12 +202,28 @@ def quantize_groups(
 
 
 def token_norms(k_rot: torch.Tensor, norm: str) -> torch.Tensor | None:
-    """Norms of [P, 128, H, D] keys: [P, 128] ("token"), [P, 128, H] ("head") or None."""
+    """Norms of [..., H, D] fp32 keys: [...] ("token"), [..., H] ("head") or None ("none").
+
+    The summation order is part of the layout contract, since fp32 sums have no single
+    answer and torch's CPU reduction order depends on the CPU's vector width: per (token,
+    head) the squares are summed by a halves tree (x[:L/2] + x[L/2:] until one element is
+    left: a warp xor-reduction on GPU), "token" then adds the heads left to right, and the
+    sqrt is the correctly rounded fp32 one (fp64 sqrt rounded to fp32: torch 2.13's fp32 CPU
+    sqrt is ~1 ulp off on ~17% of inputs).
+    """
+    if norm == "none":
+        return None
+    s = k_rot.square()
+    while s.shape[-1] > 1:
+        half = s.shape[-1] // 2
+        s = s[..., :half] + s[..., half:]
+    s = s[..., 0]
     if norm == "token":
-        return k_rot.square().sum(dim=(-1, -2)).sqrt()
-    if norm == "head":
-        return k_rot.square().sum(dim=-1).sqrt()
-    return None
+        total = s[..., 0]
+        for h in range(1, s.shape[-1]):
+            total = total + s[..., h]
+        s = total
+    return s.double().sqrt().float()
 
 
 def quantize_kv(k: torch.Tensor, v: torch.Tensor, config: OscarConfig) -> QuantizedKV:

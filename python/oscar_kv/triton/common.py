@@ -47,7 +47,7 @@ def fwht_rows(x, ROWS: tl.constexpr, D: tl.constexpr, LOG2D: tl.constexpr):
 def tree_sum_rows(x, ROWS: tl.constexpr, D: tl.constexpr, LOG2D: tl.constexpr):
     """Sum of each row of fp32 x [ROWS, D] by the pinned halves tree: x[:L/2] + x[L/2:].
 
-    Same tree as `oscar_kv.ops.pinned_token_norms` (and the CUDA warp xor-reduction).
+    Same tree as `oscar_kv.ref.quant.token_norms` (and the CUDA warp xor-reduction).
     """
     for s in tl.static_range(LOG2D):
         y = tl.reshape(x, [ROWS, 2, D >> (s + 1)])

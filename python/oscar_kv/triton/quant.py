@@ -1,7 +1,7 @@
 """Triton fused rotate + norm + quantize + pack of whole pages, and the page dequantizer.
 
 `quantize_pages_kernel` writes pages byte-identical to `oscar_kv.ref.quantize_kv` (given the
-pinned norm reduction order, see `oscar_kv.ops.pinned_token_norms`). One program handles one
+pinned norm reduction order, see `oscar_kv.ref.quant.token_norms`). One program handles one
 (page, KV head, K group of tokens); for norm="token" every program recomputes its tokens'
 norms over all heads, which costs H-fold FWHT work but needs no cross-program reduction.
 GPU launches must pass ``enable_fp_fusion=False``: a fused x*x + y would change the norms.

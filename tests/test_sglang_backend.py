@@ -212,7 +212,7 @@ def _exact_causal(q, k, v, scale):
     return o.transpose(0, 1)
 
 
-@pytest.mark.parametrize("fold_v", [False, True])
+@pytest.mark.parametrize("fold_v", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_extend_then_decode_matches_reference(fold_v):
     torch.manual_seed(0)
     cfg = OscarConfig(bits=2, k_group=32, fold_v=fold_v)
@@ -298,3 +298,53 @@ def test_backend_refuses_other_pools():
     runner = SimpleNamespace(device="cpu", req_to_token_pool=None, token_to_kv_pool=kv)
     with pytest.raises(ValueError, match="--kv-quant oscar"):
         oscar_backend_class()(runner)
+
+
+# ------------------------------------------------------------------------------ hooks
+def test_entry_point_and_load_plugins(hooks):
+    from importlib.metadata import entry_points
+
+    from sglang.srt.plugins import load_plugins
+
+    eps = {ep.value for ep in entry_points(group="sglang.srt.plugins")}
+    if "oscar_kv.sglang.plugin:register" not in eps:
+        pytest.skip("oscar-kv installed before its entry point existed: pip install -e . again")
+    load_plugins()  # SGLang's loader finds and runs it (idempotent with the fixture)
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
+    assert "oscar" in ATTENTION_BACKENDS
+
+
+def test_capacity_and_pool_hooks(hooks, caplog):
+    """The two capacity hooks, called as SGLang's configurators call them. Stand-ins: the
+    configurator objects (namespaces with the attributes the hooks read)."""
+    from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+
+    from oscar_kv.sglang.args import KVQuantSpec
+
+    hf = SimpleNamespace(
+        model_type="llama", num_hidden_layers=2, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, hidden_size=4096, sliding_window=None,
+    )  # fmt: skip
+    kvc = SimpleNamespace(model_config=SimpleNamespace(hf_config=hf))
+    never = lambda *a, **k: pytest.fail("original called under --kv-quant oscar")
+    KVQuantSpec("oscar").publish()
+    caplog.set_level("INFO", logger="oscar_kv.sglang")
+    assert plugin._hook_cell_size(never, None, kvc, 2) == 2 * 772
+    assert "1544 B/token vs bf16 8192 B/token" in caplog.text
+
+    rtp = ReqToTokenPool(size=4, max_context_len=1024, device="cpu", enable_memory_saver=False)
+    cfgr = SimpleNamespace(
+        model_config=SimpleNamespace(hf_config=hf), kv_cache_dtype=torch.bfloat16,
+        layer_info=SimpleNamespace(num_effective_layers=2, start_layer=0), device="cpu",
+    )  # fmt: skip
+    sizes = SimpleNamespace(max_total_num_tokens=4 * PAGE)
+    pool = plugin._hook_build_pool(
+        never, cfgr, sizes=sizes, is_dsa_model=False, is_dsv4_model=False,
+        req_to_token_pool=rtp,
+    )  # fmt: skip
+    assert pool.num_pages == 4 and pool.k_tail.shape[:2] == (2, rtp.req_to_token.shape[0])
+    assert "oscar-kv capacity" in caplog.text and "5.31x" in caplog.text
+
+    os.environ.pop(ENV_VAR)  # off: the originals run
+    assert plugin._hook_cell_size(lambda *a: 7, None, kvc, 2) == 7

@@ -28,9 +28,11 @@ exists and logs a warning if not):
 - ``model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size(kvc,
   num_layers)``: returns OScaR bytes per token (reads ``kvc.model_config.hf_config`` and
   ``get_parallel().attn_tp_size``) and logs the capacity report;
-- ``mem_cache.kv_cache_configurator.KVCacheConfigurator._build_mha_kv_pool(self, *,
-  max_total_num_tokens, mha_pool_class, quant_method)``: builds `OscarTokenToKVPool`
-  (reads ``self.kv_cache_dtype, self.model_config, self.layer_info, self.device``);
+- ``mem_cache.kv_cache_configurator.KVCacheConfigurator._build_token_to_kv_pool(self, *,
+  sizes, is_dsa_model, is_dsv4_model, req_to_token_pool)``: builds `OscarTokenToKVPool`
+  instead of the MHA pool (reads ``sizes.max_total_num_tokens``, ``self.kv_cache_dtype,
+  self.model_config.hf_config, self.layer_info, self.device``; one bf16 tail per row of
+  ``req_to_token_pool.req_to_token``);
 - ``model_executor.model_runner.ModelRunner.load_model``: after it, the V fold
   (`oscar_kv.sglang.weights.fold_v_into_model`).
 """
@@ -58,7 +60,7 @@ HOOK_TARGETS = {
     "cell_size": "sglang.srt.model_executor.pool_configurator."
     "DefaultPoolConfigurator._compute_cell_size",
     "build_pool": "sglang.srt.mem_cache.kv_cache_configurator."
-    "KVCacheConfigurator._build_mha_kv_pool",
+    "KVCacheConfigurator._build_token_to_kv_pool",
     "load_model": "sglang.srt.model_executor.model_runner.ModelRunner.load_model",
 }
 
@@ -140,15 +142,19 @@ def _hook_build_pool(orig, self, *args, **kwargs):
     from oscar_kv.sglang.pool import capacity_report, oscar_pool_class
     from oscar_kv.sglang.weights import fold_enabled
 
-    size = kwargs["max_total_num_tokens"]
+    size = int(kwargs["sizes"].max_total_num_tokens)
+    req_to_token_pool = kwargs.get("req_to_token_pool")
     tp = get_parallel().attn_tp_size
     _, kv_heads, head_dim = check_model(self.model_config.hf_config, tp_size=tp)
     layer_num = self.layer_info.num_effective_layers
     cfg = s.oscar_config(fold_v=fold_enabled())
-    tail_slots = int(os.environ.get("OSCAR_KV_TAIL_SLOTS", "0")) or _tail_slots(self)
+    if req_to_token_pool is not None:
+        tail_slots = int(req_to_token_pool.req_to_token.shape[0])
+    else:
+        tail_slots = int(os.environ.get("OSCAR_KV_TAIL_SLOTS", "256"))
     pool = oscar_pool_class()(
         size,
-        page_size=self.page_size,
+        page_size=128,
         dtype=self.kv_cache_dtype,
         head_num=kv_heads,
         head_dim=head_dim,
@@ -158,22 +164,8 @@ def _hook_build_pool(orig, self, *args, **kwargs):
         tail_slots=tail_slots,
         start_layer=self.layer_info.start_layer,
     )
-    logger.info(
-        capacity_report(layer_num, kv_heads, head_dim, cfg, pool.pages.numel() * 1)
-        + f"; pool holds {size} tokens"
-    )
+    logger.info(capacity_report(layer_num, kv_heads, head_dim, cfg, pool.pages.numel()))
     return pool
-
-
-def _tail_slots(configurator: Any) -> int:
-    for name in ("max_num_reqs", "max_running_requests"):
-        v = getattr(configurator, name, None)
-        if isinstance(v, int) and v > 0:
-            return v + 1
-    req_pool = getattr(configurator, "req_to_token_pool", None)
-    if req_pool is not None:
-        return int(req_pool.req_to_token.shape[0])
-    return 256
 
 
 def _hook_load_model(orig, self, *args, **kwargs):
@@ -250,6 +242,7 @@ def engine(**kwargs: Any) -> Any:
     ``kv_quant_k_group`` (ServerArgs would reject them)."""
     s = KVQuantSpec.pop_kwargs(kwargs)
     s.publish()
+    register()  # SGLang calls it again from Engine (idempotent); needed for the checks here
     if s.enabled:
         kwargs.update(check_server_args(kwargs, radix_backend_available=_radix_available))
         kwargs.setdefault("disable_cuda_graph", True)

@@ -20,6 +20,8 @@ Public registries / extension points:
   ``sglang.srt.layers.attention.base_attn_backend.AttentionBackend`` (backend base class),
   ForwardBatch fields ``forward_mode, req_pool_indices, seq_lens, extend_seq_lens_cpu``,
   RadixAttention fields ``layer_id, tp_q_head_num, tp_k_head_num, head_dim, scaling``.
+- ``oscar_kv.sglang._testing``'s torchvision stand-in (``_torchvision_usable``,
+  ``_StandInFinder``) on machines whose torchvision does not match torch.
 Private internals hooked (may move between SGLang releases; each hook checks the target
 exists and logs a warning if not):
 - ``ServerArgs.add_cli_args`` (staticmethod) and ``ServerArgs.from_cli_args`` (classmethod):
@@ -188,16 +190,22 @@ _HOOKS = {
 
 # ---------------------------------------------------------------------------- registration
 def register() -> None:
-    """The entry point. Idempotent."""
+    """The entry point. Idempotent. The argument hooks go in first (they need nothing but
+    the hook registry), so the flags and their checks work even if a registry import fails."""
     global _registered, _radix_available
     if _registered:
         return
     _registered = True
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    for key, target in HOOK_TARGETS.items():
+        HookRegistry.register(target, _HOOKS[key], HookType.AROUND)
+
+    _cpu_import_shims()
     from sglang.srt.layers.attention.attention_registry import (
         ATTENTION_BACKENDS,
         register_attention_backend,
     )
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
     from sglang.srt.server_args import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
 
     from oscar_kv.sglang.attention import create_backend
@@ -208,12 +216,26 @@ def register() -> None:
         add_attention_backend_choices([BACKEND_NAME])
 
     _radix_available = _register_radix()
-
-    for key, target in HOOK_TARGETS.items():
-        HookRegistry.register(target, _HOOKS[key], HookType.AROUND)
     s = spec()
     if s.enabled:
         logger.info("oscar-kv: --kv-quant oscar active in this process (%s)", s)
+
+
+def _cpu_import_shims() -> None:
+    """SGLang's config registry imports torchvision; where the installed torchvision does not
+    match torch (this project's CPU machines) the stand-in of `oscar_kv.sglang._testing` is
+    put in place first (only then, and after transformers decided torchvision is absent)."""
+    import importlib
+    import sys
+
+    from oscar_kv.sglang import _testing
+
+    if "sglang.srt.configs" in sys.modules or _testing._torchvision_usable():
+        return
+    importlib.import_module("transformers")
+    if _testing._StandInFinder not in sys.meta_path:
+        sys.meta_path.insert(0, _testing._StandInFinder)
+        logger.info("oscar-kv: torchvision unusable here; import-time stand-in installed")
 
 
 def _register_radix() -> bool:

@@ -8,6 +8,13 @@ exists) radix cache backend "oscar", and installs AROUND hooks that do nothing u
 variable ``OSCAR_KV_QUANT`` (`oscar_kv.sglang.args`), because ServerArgs drops unknown fields.
 For ``sglang.Engine`` programs (no command line) use `engine` or call `enable` first.
 
+Status on this CPU machine (SGLang 0.5.23, scripts/install_sglang.sh): the entry point is
+found by SGLang's ``load_plugins``; ``python -m sglang.launch_server ... --kv-quant oscar``
+accepts the flags and rejects conflicts with the message. A serving run stops before the
+model runner at ``from sgl_kernel import ...`` (no sgl_kernel stand-in in this repository
+yet; see notes/sglang-on-this-cpu.md item 4), so the pool/cell-size/V-fold hooks are tested
+by calling them directly (tests/test_sglang_backend.py), not inside a live server.
+
 Dependencies on SGLang 0.5.23, all in this one place
 ----------------------------------------------------
 Public registries / extension points:

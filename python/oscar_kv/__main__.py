@@ -10,6 +10,7 @@ USAGE = """usage: python -m oscar_kv COMMAND [options]
 commands:
   demo       multi-turn chat with SmolLM2, bf16 cache vs OScaR 2-bit cache, side by side
   fidelity   K/V/logit/output error of every method on synthetic and real KV tensors
+  eval       perplexity, passkey retrieval and multi-turn agreement of every method (SmolLM2)
   plan       concurrent sequences that fit in a KV budget: bf16 vs OScaR 2/4-bit
 
 Run `python -m oscar_kv COMMAND --help` for a command's options."""
@@ -20,6 +21,8 @@ def command(name: str) -> Callable[[list[str]], int] | None:
         from oscar_kv.demo import main
     elif name == "fidelity":
         from oscar_kv.eval.fidelity import main
+    elif name == "eval":
+        from oscar_kv.eval.quality import main
     elif name == "plan":
         from oscar_kv.plan import main
     else:

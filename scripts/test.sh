@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The project's test command (README and .ci/run call exactly this): installs, then runs the
-# Rust checks (fmt, clippy, tests), ruff, and pytest. Slow tests are left out unless
+# The project's test command (README and .ci/run call exactly this): installs the package and
+# SGLang 0.5.23 (pinned, scripts/install_sglang.sh; the SGLang tests would otherwise skip), then
+# runs the Rust checks (fmt, clippy, tests), ruff, and pytest. Slow tests are left out unless
 # OSCAR_SLOW=1; GPU tests skip themselves without CUDA. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
 
 bash scripts/install.sh
+bash scripts/install_sglang.sh
 
 echo "[test] cargo fmt --check / clippy -D warnings / cargo test"
 cargo fmt --all -- --check
@@ -14,8 +16,8 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 cargo test --workspace --quiet
 
 echo "[test] ruff"
-"$PYTHON" -m ruff check .
-"$PYTHON" -m ruff format --check .
+"$PYTHON" -m ruff check python tests benches
+"$PYTHON" -m ruff format --check python tests benches
 
 markers="not slow"
 [ "${OSCAR_SLOW:-0}" = "1" ] && markers=""

@@ -420,6 +420,8 @@ class NeedleTrial:
     depth: float
     seed: int
     key: str
+    position: int = 0  # haystack tokens before the needle
+    ids: torch.Tensor | None = None  # the prompt's token ids (document + question)
     answers: dict[str, str] = field(default_factory=dict)
 
     def correct(self, label: str) -> bool:
@@ -521,7 +523,7 @@ def needle_trials(
                     do_sample=False,
                     pad_token_id=tokenizer.eos_token_id,
                 )
-            trial = NeedleTrial(L, d, seed, keys[L, d])
+            trial = NeedleTrial(L, d, seed, keys[L, d], p, ids[0].clone())
             for i, m in enumerate(methods):
                 trial.answers[m.label] = tokenizer.decode(
                     out[i, ids.shape[1] :], skip_special_tokens=True

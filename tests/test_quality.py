@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from oscar_kv import OscarConfig
-from oscar_kv.cache import Bf16Cache, OscarCache
+from oscar_kv.cache import Bf16Cache, OscarCache, OscarLayer
 from oscar_kv.eval import quality as q
 from oscar_kv.ref import dequantize_kv, quantize_kv
 from test_cache import _prompt, tiny_llama
@@ -143,6 +143,23 @@ def test_sink_layer_first_page_at_sink_bits():
     assert layer.kv_bytes() == sink.nbytes + rest.nbytes + 2 * 44 * 2 * 32 * 2
 
 
+def test_exact_half_layer_keeps_one_half_exact():
+    torch.manual_seed(1)
+    k, v = torch.randn(2, 1, 2, 300, 32).unbind(0)
+    plain = OscarLayer(OscarConfig(bits=2))
+    plain.update(k, v)
+    for part in ("k", "v"):
+        layer = q.ExactHalfLayer(OscarConfig(bits=2), part)
+        layer.update(k[:, :, :200], v[:, :, :200])
+        layer.update(k[:, :, 200:], v[:, :, 200:])
+        exact, other = (k, "v_pages") if part == "k" else (v, "k_pages")
+        pages = layer.k_pages if part == "k" else layer.v_pages
+        torch.testing.assert_close(pages, exact[:, :, :256].bfloat16().float())
+        torch.testing.assert_close(getattr(layer, other), getattr(plain, other))
+    with pytest.raises(ValueError, match="part"):
+        q.ExactHalfLayer(OscarConfig(), "q")
+
+
 def test_window_layer_keeps_an_extra_page_exact():
     layer = q.WindowLayer(OscarConfig(bits=2), window=128)
     k = torch.randn(1, 2, 255, 32)
@@ -213,7 +230,7 @@ def test_run_writes_every_output(tmp_path, model):
     assert q.run(args, load=lambda: (model, tok)) == 0
     names = {p.name for p in tmp_path.iterdir()}
     assert {"ppl.csv", "ppl_all.csv", "ppl_by_page.csv", "pareto.png", "needle.csv"} <= names
-    assert {"needle_bf16.png", "agreement.csv", "summary.md"} <= names
+    assert {"needle_bf16.png", "agreement.csv", "summary.md", "ppl_vs_context.png"} <= names
     with (tmp_path / "ppl.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == q.PPL_COLUMNS

@@ -80,6 +80,8 @@ class Method:
         quantized at these bits (4) or kept exact (16) instead of ``config.bits``.
     window: beyond the paper: tokens kept in bf16 beyond the 128-token tail (0 or 128), i.e. a
         page is quantized only once ``128 + window`` newer tokens follow its start.
+    exact: attribution only, not a storage format: "k" or "v" keeps that half of every page
+        exact (bf16) while the other half is quantized by ``config``.
     """
 
     label: str
@@ -89,6 +91,7 @@ class Method:
     quanto_bits: int | None = None
     sink_bits: int | None = None
     window: int = 0
+    exact: str = ""
 
     @property
     def k_group(self) -> int | None:
@@ -105,6 +108,7 @@ class Method:
             self.family in PAPER_FAMILIES
             and self.sink_bits is None
             and self.window == 0
+            and not self.exact
             and (self.config is None or self.config.v_group == 32)
         )
 
@@ -119,6 +123,8 @@ class Method:
             return SinkLayer(self.config, self.sink_bits)
         if self.window:
             return WindowLayer(self.config, self.window)
+        if self.exact:
+            return ExactHalfLayer(self.config, self.exact)
         return OscarLayer(self.config)
 
     def make_cache(self, model_config: Any) -> Cache:
@@ -184,16 +190,28 @@ def variant_methods() -> list[Method]:
     base = OscarConfig(bits=2)
     g128 = OscarConfig(bits=2, k_group=128)
     g128v16 = OscarConfig(bits=2, k_group=128, v_group=16)
+    vg16 = OscarConfig(bits=2, v_group=16)
     return [
         Method(f"{base.label}+sink4", "oscar", 2, config=base, sink_bits=4),
         Method(f"{g128.label}+sink4", "oscar", 2, config=g128, sink_bits=4),
         Method(f"{g128v16.label}-v16", "oscar", 2, config=g128v16),
         Method(f"{base.label}+win256", "oscar", 2, config=base, window=BLOCK_TOKENS),
+        Method(f"{base.label}+sink16", "oscar", 2, config=base, sink_bits=16),
+        Method(f"{vg16.label}-v16", "oscar", 2, config=vg16),
     ]
 
 
+def analysis_methods() -> list[Method]:
+    """Attribution runs (not storage formats): OScaR-2 / KIVI-2 with exact K or exact V."""
+    out = []
+    for cfg in (OscarConfig(bits=2), OscarConfig.kivi(2)):
+        for part in ("k", "v"):
+            out.append(Method(f"{cfg.label}:exact-{part}", "analysis", 2, config=cfg, exact=part))
+    return out
+
+
 def all_methods() -> list[Method]:
-    return paper_methods() + quanto_methods() + variant_methods()
+    return paper_methods() + quanto_methods() + variant_methods() + analysis_methods()
 
 
 def select(methods: Sequence[Method], labels: Sequence[str]) -> list[Method]:
@@ -239,6 +257,25 @@ class SinkLayer(OscarLayer):
 
     def kv_bytes(self) -> int:
         return super().kv_bytes() + self.sink_nbytes
+
+
+class ExactHalfLayer(OscarLayer):
+    """Attribution: an `OscarLayer` whose pages keep K (``part="k"``) or V exact (bf16)."""
+
+    def __init__(self, config: OscarConfig, part: str, **kwargs: Any):
+        super().__init__(config, **kwargs)
+        if part not in ("k", "v"):
+            raise ValueError(f"part must be 'k' or 'v', got {part!r}")
+        self.part = part
+
+    def _flush_full_pages(self) -> None:
+        full = (self.keys.shape[-2] // BLOCK_TOKENS) * BLOCK_TOKENS
+        if full == 0:
+            return
+        exact = (self.keys if self.part == "k" else self.values)[:, :, :full].float()
+        super()._flush_full_pages()
+        pages = self.k_pages if self.part == "k" else self.v_pages
+        pages[:, :, pages.shape[-2] - full :] = exact
 
 
 class WindowLayer(OscarLayer):
@@ -857,6 +894,30 @@ def plot_needle(path: Path, trials: list[NeedleTrial], label: str, accuracy: flo
     plt.close(fig)
 
 
+def plot_contexts(path: Path, table: list[dict[str, Any]]) -> None:
+    """Perplexity vs context for the paper's methods (prefixes of one document)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    labels = list(dict.fromkeys(t["label"] for t in table if t["paper"]))
+    for lab in labels:
+        pts = sorted((t["context"], t["ppl"]) for t in table if t["label"] == lab)
+        style = "-" if lab in DEFAULT_LONG else ":"
+        ax.plot([c for c, _ in pts], [p for _, p in pts], style, marker="o", ms=3, label=lab)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context (tokens; perplexity of the first N tokens)")
+    ax.set_ylabel("perplexity")
+    ax.set_title("SmolLM2-135M, pydoc prose: perplexity vs context", fontsize=10)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_pareto(path: Path, table: list[dict[str, Any]], context: int) -> None:
     """Perplexity vs bytes per token at ``context``, Pareto front drawn."""
     import matplotlib
@@ -864,7 +925,7 @@ def plot_pareto(path: Path, table: list[dict[str, Any]], context: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [t for t in table if t["context"] == context]
+    pts = [t for t in table if t["context"] == context and t["family"] != "analysis"]
     if not pts:
         return
     colors = {"bf16": "black", "kivi": "tab:red", "rotation-only": "tab:orange",
@@ -923,7 +984,11 @@ def write_summary(
         lines += [
             (
                 f"Bytes per token per layer (H_kv={kv_heads}, D={head_dim}; bf16 = "
-                f"{4 * kv_heads * head_dim}); in brackets the change vs bf16 at the same context."
+                f"{4 * kv_heads * head_dim}); in brackets the change vs bf16 at the same context. "
+                "`+sink4`/`+sink16`: first page at 4 bits / bf16; `+win256`: one more page kept "
+                "in bf16 (bytes include the extra at that context); `-v16`: V groups of 16 "
+                "channels; `quanto-*`: transformers QuantizedCache (fp32 scales: the model runs "
+                "in fp32); `:exact-k`/`:exact-v`: attribution runs, that half of every page exact."
             ),
             "",
         ]
@@ -999,7 +1064,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sections", default="ppl,needle,agreement", help="comma list")
     p.add_argument("--methods", default="", help="ppl methods (labels, default: all)")
     p.add_argument("--ppl-tokens", type=int, default=2048, help="tokens per ppl run (all methods)")
-    p.add_argument("--long-tokens", type=int, default=4096, help="tokens for --long-methods")
+    p.add_argument("--long-tokens", type=int, default=8192, help="tokens for --long-methods")
     p.add_argument("--long-methods", default=",".join(DEFAULT_LONG))
     p.add_argument("--contexts", default="512,1024,2048,4096,8192",
                    help="reported ppl contexts (prefixes of the runs)")  # fmt: skip
@@ -1074,8 +1139,9 @@ def run(args: argparse.Namespace, load: Callable[[], tuple[Any, Any]] | None = N
                 results.append(perplexity(model, ids, m, n, bar=bar))
         contexts = [c for c in _ints(args.contexts) if c <= need]
         table = write_ppl(out, results, contexts, kv_heads, head_dim)
-        plot_contexts = sorted({t["context"] for t in table if t["context"] <= args.ppl_tokens})
-        plot_pareto(out / "pareto.png", table, plot_contexts[-1])
+        short = sorted({t["context"] for t in table if t["context"] <= args.ppl_tokens})
+        plot_pareto(out / "pareto.png", table, short[-1])
+        plot_contexts(out / "ppl_vs_context.png", table)
         timings["perplexity"] = time.perf_counter() - t0
 
     if "needle" in sections:

@@ -35,7 +35,7 @@ DEPS=(
     pyzmq==27.3.0 sentencepiece==0.2.1 setproctitle==1.3.8 soundfile==0.13.1
     starlette==1.10.0 tiktoken==0.14.0 uvicorn==0.54.0 uvloop==0.23.0 watchfiles==1.3.0
     xxhash==4.1.0 yarl==1.25.1 zstandard==0.25.0 openai==2.8.0 httpx==0.28.1 httpcore==1.0.9
-    scipy==1.17.1 jsonschema==4.26.0 ipython==8.12.3 psutil==7.2.2 pydantic==2.13.4
+    scipy==1.17.1 jsonschema==4.26.0 orjson==3.13.0 ipython==8.12.3 psutil==7.2.2 pydantic==2.13.4
 )
 log "pip install ${#DEPS[@]} pinned dependencies"
 "$PYTHON" -m pip install -q "${DEPS[@]}" "torch==$TORCH" "transformers==$TRANSFORMERS"
@@ -43,6 +43,8 @@ log "pip install ${#DEPS[@]} pinned dependencies"
 "$PYTHON" - <<'EOF'
 import importlib.metadata as md
 import torch, transformers
+from oscar_kv.sglang._testing import import_sglang_cache
+import_sglang_cache()  # fails here, not in a skipped test, when a dependency is missing
 print("[install_sglang] sglang", md.version("sglang"), "torch", torch.__version__,
       "transformers", transformers.__version__)
 EOF

@@ -89,6 +89,10 @@ def import_sglang_cache() -> types.ModuleType:
         ]:
             importlib.import_module(name)
     except ImportError as e:
+        # A failed import leaves submodules of "sglang" behind without their parent, and the
+        # next attempt then dies with KeyError inside importlib; start clean every time.
+        for name in [m for m in sys.modules if m == "sglang" or m.startswith("sglang.")]:
+            del sys.modules[name]
         raise ImportError(f"{e}; {INSTALL_HINT}") from e
     return importlib.import_module("sglang")
 

@@ -215,7 +215,10 @@ def all_methods() -> list[Method]:
 
 
 def select(methods: Sequence[Method], labels: Sequence[str]) -> list[Method]:
+    """The methods named by ``labels``; quanto labels are dropped when quanto is unavailable."""
     by_label = {m.label: m for m in methods}
+    if not quanto_methods():
+        labels = [x for x in labels if not x.startswith("quanto-")]
     missing = [x for x in labels if x not in by_label]
     if missing:
         raise ValueError(f"unknown methods {missing}; known: {sorted(by_label)}")
@@ -835,7 +838,11 @@ def write_needle(
 
 
 def write_agreement(
-    out: Path, turns: list[TurnResult], methods: Sequence[Method]
+    out: Path,
+    turns: list[TurnResult],
+    methods: Sequence[Method],
+    kv_heads: int,
+    head_dim: int,
 ) -> dict[str, dict[str, float]]:
     ref = methods[0].label
     rows, summary = [], {}
@@ -857,6 +864,11 @@ def write_agreement(
             "mean_common_prefix": prefix / n,
             "mean_ref_tokens": total / n,
             "teacher_forced_top1": tf / max(1, total),
+            # Full-page bytes at each turn's prompt length (the sink/window extras included).
+            "bytes_per_token": sum(
+                m.bytes_per_token(kv_heads, head_dim, t.prompt_tokens) for t in turns
+            )
+            / n,
         }
     header = ("label", "chat", "turn", "prompt_tokens", "identical", "common_prefix",
               "bf16_tokens", "tokens", "teacher_forced_matches")  # fmt: skip
@@ -1015,14 +1027,15 @@ def write_summary(
         lines += ["## Multi-turn agreement with the bf16 answers", "", agreement_info, ""]
         lines += [
             (
-                "| method | turns | identical answers | mean common prefix (tokens) "
+                "| method | B/token | turns | identical answers | mean common prefix (tokens) "
                 "| mean bf16 answer tokens | teacher-forced top-1 |"
             ),
-            "|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|",
         ]
         for k, s in agreement.items():
             lines.append(
-                f"| {k} | {s['turns']} | {s['agreement']:.1%} | {s['mean_common_prefix']:.1f} | "
+                f"| {k} | {s['bytes_per_token']:.0f} | {s['turns']} | {s['agreement']:.1%} | "
+                f"{s['mean_common_prefix']:.1f} | "
                 f"{s['mean_ref_tokens']:.1f} | {s['teacher_forced_top1']:.1%} |"
             )
         lines += [""]
@@ -1173,7 +1186,7 @@ def run(args: argparse.Namespace, load: Callable[[], tuple[Any, Any]] | None = N
                     model, tokenizer, am, system, questions, args.max_new_tokens, chat_index=i
                 )
                 bar.update(1)
-        agreement = write_agreement(out, turns, am)
+        agreement = write_agreement(out, turns, am, kv_heads, head_dim)
         prompt = sum(t.prompt_tokens for t in turns) / max(1, len(turns))
         agreement_info = (
             f"{len(chats)} chats x {args.turns} turns, greedy, up to {args.max_new_tokens} "

@@ -253,3 +253,25 @@ def test_smollm2_oscar2_close_to_bf16_and_better_than_kivi2():
     }
     assert res["oscar-2b-g32-token"] < res["kivi-2b-g32-none"]
     assert res["oscar-2b-g32-token"] < 1.06 * res["bf16"]
+
+
+def test_token_attribution_and_report(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    layers = [
+        {"q": torch.randn(384, 4, 32, generator=g), "k": torch.randn(384, 2, 32, generator=g),
+         "v": torch.randn(384, 2, 32, generator=g)}
+        for _ in range(2)
+    ]  # fmt: skip
+    two = q.token_attribution(layers, OscarConfig(bits=2), queries=64)
+    four = q.token_attribution(layers, OscarConfig(bits=4), queries=64)
+    assert [r["layer"] for r in two] == [0, 1]
+    for a, b in zip(two, four, strict=True):
+        assert 0 < a["mass_token0"] < a["mass_page0"] < 1
+        assert b["out_err"] < a["out_err"]
+        assert a["out_err_k_only"] < a["out_err"] and a["out_err_v_only"] < a["out_err"]
+        assert a["out_err_page0_exact"] < a["out_err"]
+    q.write_attribution(tmp_path, {"oscar-2": two, "oscar-4": four}, 384, 64)
+    assert (tmp_path / "attribution_layers.png").is_file()
+    text = (tmp_path / "attribution.md").read_text()
+    assert "| oscar-2 |" in text and "page 0 exact" in text
+    assert len((tmp_path / "attribution_layers.csv").read_text().splitlines()) == 5

@@ -237,6 +237,9 @@ def test_run_writes_every_output(tmp_path, model):
     got = {(r["method"], r["context"]) for r in rows}
     # bf16 and oscar-2 run 300 tokens (long methods), KIVI-2 is long too by default.
     assert ("bf16", "300") in got and ("oscar", "256") in got and ("kivi", "300") in got
+    (tmp_path / "pareto.png").unlink()
+    assert q.run(q.build_parser().parse_args(["--out", str(tmp_path), "--sections", "plots"])) == 0
+    assert (tmp_path / "pareto.png").is_file()
     bf16 = next(r for r in rows if r["method"] == "bf16")
     assert bf16["bits"] == "16" and float(bf16["bytes_per_token"]) == 4 * 2 * 32
 

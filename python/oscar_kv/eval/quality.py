@@ -1000,31 +1000,49 @@ def plot_needle(path: Path, trials: list[NeedleTrial], label: str, accuracy: flo
 
 
 def plot_contexts(path: Path, table: list[dict[str, Any]]) -> None:
-    """Perplexity vs context for the paper's methods (prefixes of one document)."""
+    """Perplexity increase over bf16 vs context for the paper's methods (prefixes of one
+    document)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    labels = list(dict.fromkeys(t["label"] for t in table if t["paper"]))
+    bf16 = {t["context"]: t["ppl"] for t in table if t["label"] == "bf16"}
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    labels = [x for x in dict.fromkeys(t["label"] for t in table if t["paper"]) if x != "bf16"]
     for lab in labels:
-        pts = sorted((t["context"], t["ppl"]) for t in table if t["label"] == lab)
+        pts = sorted(
+            (t["context"], 100 * (t["ppl"] / bf16[t["context"]] - 1))
+            for t in table
+            if t["label"] == lab and t["context"] in bf16
+        )
         style = "-" if lab in DEFAULT_LONG else ":"
-        ax.plot([c for c, _ in pts], [p for _, p in pts], style, marker="o", ms=3, label=lab)
+        ax.plot([c for c, _ in pts], [p for _, p in pts], style, marker="o", ms=3,
+                label=short_label(lab))  # fmt: skip
     ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("context (tokens; perplexity of the first N tokens)")
-    ax.set_ylabel("perplexity")
-    ax.set_title("SmolLM2-135M, pydoc prose: perplexity vs context", fontsize=10)
-    ax.legend(fontsize=6, ncol=2)
+    ax.set_yscale("symlog", linthresh=10)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set_xlabel("context (tokens; perplexity of the first N tokens of one document)")
+    ax.set_ylabel("perplexity increase over bf16 (%, symlog)")
+    ax.set_title("SmolLM2-135M, pydoc prose: cost of the quantized cache vs context", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+def short_label(label: str) -> str:
+    """``oscar-2b-g32-token+sink4`` -> ``oscar-2+sink4``; g32/token defaults dropped."""
+    for a, b in (("-2b", "-2"), ("-4b", "-4"), ("-g32", ""), ("-token", ""), ("-none", ""),
+                 ("-g128", " g128"), ("-head", " head"), ("direct-scaling", "DS"),
+                 ("rotation-only", "rot-only")):  # fmt: skip
+        label = label.replace(a, b)
+    return label
+
+
 def plot_pareto(path: Path, table: list[dict[str, Any]], context: int) -> None:
-    """Perplexity vs bytes per token at ``context``, Pareto front drawn."""
+    """Perplexity vs bytes per token at ``context`` (all methods, and a zoom on 2-4 bits), with
+    the Pareto front."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1035,32 +1053,76 @@ def plot_pareto(path: Path, table: list[dict[str, Any]], context: int) -> None:
         return
     colors = {"bf16": "black", "kivi": "tab:red", "rotation-only": "tab:orange",
               "direct-scaling": "tab:purple", "oscar": "tab:blue", "quanto": "tab:gray"}  # fmt: skip
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for t in pts:
-        marker = "o" if t["paper"] else ("s" if t["family"] == "quanto" else "*")
-        ax.scatter(t["bytes_per_token"], t["ppl"], color=colors.get(t["family"], "green"),
-                   marker=marker, s=60 if marker == "*" else 30, zorder=3)  # fmt: skip
-        ax.annotate(t["label"], (t["bytes_per_token"], t["ppl"]), fontsize=6,
-                    xytext=(3, 3), textcoords="offset points")  # fmt: skip
+    pts = sorted(pts, key=lambda x: (x["bytes_per_token"], x["ppl"]))
     front, best = [], float("inf")
-    for t in sorted(pts, key=lambda x: (x["bytes_per_token"], x["ppl"])):
+    for t in pts:
         if t["ppl"] < best:
             front.append(t)
             best = t["ppl"]
-    ax.plot([t["bytes_per_token"] for t in front], [t["ppl"] for t in front], "k--", lw=0.8,
-            zorder=2, label="Pareto front")  # fmt: skip
-    bf16 = [t["ppl"] for t in pts if t["family"] == "bf16"]
-    if bf16:
-        ax.axhline(bf16[0], color="black", lw=0.5, ls=":")
-        ax.set_ylim(bf16[0] * 0.98, min(max(t["ppl"] for t in pts) * 1.03, bf16[0] * 1.6))
-    ax.set_xscale("log")
-    ax.set_xlabel("KV bytes per token per layer (log)")
-    ax.set_ylabel(f"perplexity at {context} tokens")
-    ax.set_title(f"SmolLM2-135M, pydoc prose, {context}-token context: quality vs KV bytes")
-    ax.legend(fontsize=8)
+    bf16 = next((t["ppl"] for t in pts if t["family"] == "bf16"), None)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1, 1.4]})
+    for zoom, ax in enumerate(axes):
+        shown = pts
+        if zoom:
+            lo, hi = 120, 260
+            top = (bf16 or min(t["ppl"] for t in pts)) * 1.22
+            shown = [t for t in pts if lo <= t["bytes_per_token"] <= hi and t["ppl"] <= top]
+        for n, t in enumerate(shown):
+            marker = "o" if t["paper"] else ("s" if t["family"] == "quanto" else "*")
+            ax.scatter(t["bytes_per_token"], t["ppl"], color=colors.get(t["family"], "green"),
+                       marker=marker, s=70 if marker == "*" else 30, zorder=3)  # fmt: skip
+            if zoom or t["paper"] or t["family"] == "quanto":
+                dy = (4, -10)[n % 2] if zoom else 3
+                ax.annotate(short_label(t["label"]), (t["bytes_per_token"], t["ppl"]),
+                            fontsize=7, xytext=(4, dy), textcoords="offset points")  # fmt: skip
+        fx = [t for t in front if t in shown]
+        ax.plot([t["bytes_per_token"] for t in fx], [t["ppl"] for t in fx], "k--", lw=0.8,
+                zorder=2, label="Pareto front")  # fmt: skip
+        if bf16:
+            ax.axhline(bf16, color="black", lw=0.5, ls=":", label="bf16")
+        if zoom:
+            above = [t for t in pts if lo <= t["bytes_per_token"] <= hi and t["ppl"] > top]
+            for k, t in enumerate(above):  # off the zoom: listed under the top edge
+                ax.annotate(f"\u2191 {short_label(t['label'])} ({t['bytes_per_token']:.0f} B): "
+                            f"{t['ppl']:.1f}", (lo, top), xytext=(6, -12 - 11 * k),
+                            textcoords="offset points", fontsize=7,
+                            color=colors.get(t["family"], "green"))  # fmt: skip
+            ax.set_ylim(top=top)
+            ax.set_xlim(lo, hi)
+            ax.set_title("zoom: 2-4 bits (stars: beyond the paper)", fontsize=9)
+            ax.set_xlabel("KV bytes per token per layer")
+        else:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title("all methods (log-log)", fontsize=9)
+            ax.set_xlabel("KV bytes per token per layer (log)")
+        ax.set_ylabel(f"perplexity of the first {context} tokens")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"SmolLM2-135M on pydoc prose, {context}-token context: quality vs KV bytes",
+                 fontsize=10)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def draw_ppl_plots(out: Path, table: list[dict[str, Any]]) -> None:
+    """pareto.png at the longest context every method ran, and ppl_vs_context.png."""
+    labels = {t["label"] for t in table}
+    common = min(max(t["context"] for t in table if t["label"] == x) for x in labels)
+    plot_pareto(out / "pareto.png", table, common)
+    plot_contexts(out / "ppl_vs_context.png", table)
+
+
+def load_ppl_table(path: Path) -> list[dict[str, Any]]:
+    """Rows of a written ppl_all.csv, in the form `plot_pareto` / `plot_contexts` take."""
+    paper = {m.label for m in all_methods() if m.is_paper}
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    return [
+        {**r, "context": int(r["context"]), "ppl": float(r["ppl"]),
+         "bytes_per_token": float(r["bytes_per_token"]), "paper": r["label"] in paper}
+        for r in rows
+    ]  # fmt: skip
 
 
 def write_summary(
@@ -1171,7 +1233,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--sections",
         default="ppl,needle,agreement",
         help="comma list of ppl, needle, agreement, attribution (per-layer error on captured "
-        "K/V, written to attribution.md; not in summary.md)",
+        "K/V, written to attribution.md; not in summary.md); `plots` alone redraws the ppl "
+        "plots from --out's ppl_all.csv",
     )
     p.add_argument("--methods", default="", help="ppl methods (labels, default: all)")
     p.add_argument("--ppl-tokens", type=int, default=2048, help="tokens per ppl run (all methods)")
@@ -1200,7 +1263,10 @@ def run(args: argparse.Namespace, load: Callable[[], tuple[Any, Any]] | None = N
     if args.threads:
         torch.set_num_threads(args.threads)
     sections = set(_labels(args.sections))
-    unknown = sections - {"ppl", "needle", "agreement", "attribution"}
+    unknown = sections - {"ppl", "needle", "agreement", "attribution", "plots"}
+    if sections == {"plots"}:  # redraw the ppl plots from a written ppl_all.csv, no model
+        draw_ppl_plots(args.out, load_ppl_table(args.out / "ppl_all.csv"))
+        return 0
     if unknown:
         raise SystemExit(f"--sections: unknown {sorted(unknown)}")
     quiet = args.no_progress
@@ -1250,9 +1316,7 @@ def run(args: argparse.Namespace, load: Callable[[], tuple[Any, Any]] | None = N
                 results.append(perplexity(model, ids, m, n, bar=bar))
         contexts = [c for c in _ints(args.contexts) if c <= need]
         table = write_ppl(out, results, contexts, kv_heads, head_dim)
-        short = sorted({t["context"] for t in table if t["context"] <= args.ppl_tokens})
-        plot_pareto(out / "pareto.png", table, short[-1])
-        plot_contexts(out / "ppl_vs_context.png", table)
+        draw_ppl_plots(out, table)
         timings["perplexity"] = time.perf_counter() - t0
 
     if "needle" in sections:

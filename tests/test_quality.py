@@ -238,8 +238,14 @@ def test_run_writes_every_output(tmp_path, model):
     # bf16 and oscar-2 run 300 tokens (long methods), KIVI-2 is long too by default.
     assert ("bf16", "300") in got and ("oscar", "256") in got and ("kivi", "300") in got
     (tmp_path / "pareto.png").unlink()
-    assert q.run(q.build_parser().parse_args(["--out", str(tmp_path), "--sections", "plots"])) == 0
+    before = (tmp_path / "summary.md").read_text()
+    agree_csv = (tmp_path / "agreement.csv").read_text()
+    assert q.run(q.build_parser().parse_args(["--out", str(tmp_path), "--sections", "report"])) == 0
     assert (tmp_path / "pareto.png").is_file()
+    # Rebuilt from the CSVs: the same report (the notes aside), the CSVs untouched.
+    assert (tmp_path / "agreement.csv").read_text() == agree_csv
+    after = (tmp_path / "summary.md").read_text()
+    assert after.split("## Perplexity")[1] == before.split("## Perplexity")[1]
     bf16 = next(r for r in rows if r["method"] == "bf16")
     assert bf16["bits"] == "16" and float(bf16["bytes_per_token"]) == 4 * 2 * 32
 

@@ -1105,12 +1105,120 @@ def plot_pareto(path: Path, table: list[dict[str, Any]], context: int) -> None:
     plt.close(fig)
 
 
+def common_context(table: list[dict[str, Any]]) -> int:
+    """The longest context every method of ``table`` ran."""
+    labels = {t["label"] for t in table}
+    return min(max(t["context"] for t in table if t["label"] == x) for x in labels)
+
+
 def draw_ppl_plots(out: Path, table: list[dict[str, Any]]) -> None:
     """pareto.png at the longest context every method ran, and ppl_vs_context.png."""
-    labels = {t["label"] for t in table}
-    common = min(max(t["context"] for t in table if t["label"] == x) for x in labels)
-    plot_pareto(out / "pareto.png", table, common)
+    plot_pareto(out / "pareto.png", table, common_context(table))
     plot_contexts(out / "ppl_vs_context.png", table)
+
+
+def run_notes() -> list[str]:
+    notes = [
+        (
+            "Cache: `OscarCache` semantics (bf16 tail, 128-token pages quantized when full, "
+            "reference dequantization); CPU, fp32 model, 1 thread."
+        ),
+        (
+            "Text: `pydoc_data.topics` (the Python reference documentation, the one English "
+            "prose corpus found in a registry package on these machines)."
+        ),
+        (
+            "Where the error comes from (per layer, K vs V, page 0): `python -m oscar_kv eval "
+            "--sections attribution` writes attribution.md."
+        ),
+    ]
+    if not quanto_methods():
+        notes.append("transformers `QuantizedCache` (quanto): optimum-quanto is not installed.")
+    return notes
+
+
+def rebuild_summary(out: Path) -> None:
+    """Redraw the ppl plots and rewrite summary.md from the CSVs in ``out`` (no model).
+
+    Timings and the model's KV shape are taken over from the existing summary.md.
+    """
+    old = (out / "summary.md").read_text() if (out / "summary.md").is_file() else ""
+    shape = re.search(r"H_kv=(\d+), D=(\d+)", old)
+    kv_heads, head_dim = (int(shape[1]), int(shape[2])) if shape else (3, 64)
+    table = load_ppl_table(out / "ppl_all.csv") if (out / "ppl_all.csv").is_file() else []
+    if table:
+        draw_ppl_plots(out, table)
+    by_label = {m.label: m for m in all_methods()}
+    needle_acc, needle_info = None, ""
+    if (out / "needle.csv").is_file():
+        with (out / "needle.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        hits: dict[str, list[int]] = {}
+        for r in rows:
+            hits.setdefault(r["label"], []).append(int(r["correct"]))
+        needle_acc = {k: sum(v) / len(v) for k, v in hits.items()}
+        lengths = sorted({int(r["length"]) for r in rows})
+        depths = sorted({float(r["depth"]) for r in rows})
+        seeds = sorted({int(r["seed"]) for r in rows})
+        needle_info = needle_text(len(next(iter(hits.values()))), lengths, depths, seeds)
+    agreement, agreement_info = None, ""
+    if (out / "agreement.csv").is_file():
+        with (out / "agreement.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        labels = list(dict.fromkeys(r["label"] for r in rows))
+        turns = []
+        for key in dict.fromkeys((r["chat"], r["turn"]) for r in rows):
+            these = {r["label"]: r for r in rows if (r["chat"], r["turn"]) == key}
+            ref = these[labels[0]]
+            answers, tf = {}, {}
+            for lab, r in these.items():
+                # Token lists are not stored: equal answers are the bf16 answer; others share
+                # the common prefix and then differ.
+                n_ref, cp = int(ref["bf16_tokens"]), int(r["common_prefix"])
+                same = r["identical"] == "1"
+                answers[lab] = list(range(n_ref)) if same else [*range(cp), -1]
+                tf[lab] = int(r["teacher_forced_matches"])
+            answers[labels[0]] = list(range(int(ref["bf16_tokens"])))
+            turns.append(TurnResult(int(key[0]), int(key[1]), int(ref["prompt_tokens"]),
+                                    answers, tf))  # fmt: skip
+        agreement = write_agreement(out, turns, [by_label[x] for x in labels], kv_heads, head_dim)
+        # write_agreement rewrote agreement.csv from the reconstruction: restore the rows.
+        with (out / "agreement.csv").open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        for lab, r in agreement.items():
+            mine = [x for x in rows if x["label"] == lab]
+            r["mean_common_prefix"] = sum(int(x["common_prefix"]) for x in mine) / len(mine)
+        chats = len({r["chat"] for r in rows})
+        per_chat = len(turns) // max(1, chats)
+        prompt = sum(t.prompt_tokens for t in turns) / max(1, len(turns))
+        new_tokens = max(int(r["tokens"]) for r in rows)
+        agreement_info = agreement_text(chats, per_chat, new_tokens, prompt)
+    timings: dict[str, float] = {}
+    for name, sec in re.findall(r"^- (.+): (\d+) s$", old, flags=re.MULTILINE):
+        timings[name] = float(sec)
+    write_summary(out, kv_heads, head_dim, table, needle_acc, needle_info, agreement,
+                  agreement_info, timings, run_notes())  # fmt: skip
+
+
+def needle_text(trials: int, lengths: Sequence[int], depths: Sequence[float],
+                seeds: Sequence[int]) -> str:  # fmt: skip
+    return (
+        f"{trials} trials: lengths {list(lengths)}, depths {list(depths)}, seeds {list(seeds)}; "
+        "greedy, exact match of the 5-digit passkey. Document prefilled in bf16 then quantized "
+        "per method; question and answer attend to the quantized pages. Heatmaps: "
+        "needle_<method>.png."
+    )
+
+
+def agreement_text(chats: int, turns: int, new_tokens: int, prompt: float) -> str:
+    return (
+        f"{chats} chats x {turns} turns, greedy, up to {new_tokens} tokens per answer, mean "
+        f"prompt {prompt:.0f} tokens; each turn answered on the same bf16 conversation so far "
+        "(per-turn agreement, no compounding drift). B/token: full-page bytes at the prompt "
+        "length (a 4-bit first page weighs more in short chats)."
+    )
 
 
 def load_ppl_table(path: Path) -> list[dict[str, Any]]:
@@ -1159,11 +1267,19 @@ def write_summary(
             ),
             "",
         ]
-        head = "| method | B/token | " + " | ".join(f"ppl@{c}" for c in contexts) + " |"
+        head = (
+            f"| method | B/token @{common_context(table)} | "
+            + " | ".join(f"ppl@{c}" for c in contexts)
+            + " |"
+        )
         lines += [head, "|---|---|" + "---|" * len(contexts)]
         for lab in labels:
             cells = []
-            bpt = next(t["bytes_per_token"] for t in table if t["label"] == lab)
+            bpt = next(
+                t["bytes_per_token"]
+                for t in table
+                if t["label"] == lab and t["context"] == common_context(table)
+            )
             for c in contexts:
                 t = ppl.get((lab, c))
                 if t is None:
@@ -1233,8 +1349,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--sections",
         default="ppl,needle,agreement",
         help="comma list of ppl, needle, agreement, attribution (per-layer error on captured "
-        "K/V, written to attribution.md; not in summary.md); `plots` alone redraws the ppl "
-        "plots from --out's ppl_all.csv",
+        "K/V, written to attribution.md; not in summary.md); `report` alone redraws the plots "
+        "and rewrites summary.md from --out's CSVs",
     )
     p.add_argument("--methods", default="", help="ppl methods (labels, default: all)")
     p.add_argument("--ppl-tokens", type=int, default=2048, help="tokens per ppl run (all methods)")
@@ -1263,9 +1379,9 @@ def run(args: argparse.Namespace, load: Callable[[], tuple[Any, Any]] | None = N
     if args.threads:
         torch.set_num_threads(args.threads)
     sections = set(_labels(args.sections))
-    unknown = sections - {"ppl", "needle", "agreement", "attribution", "plots"}
-    if sections == {"plots"}:  # redraw the ppl plots from a written ppl_all.csv, no model
-        draw_ppl_plots(args.out, load_ppl_table(args.out / "ppl_all.csv"))
+    unknown = sections - {"ppl", "needle", "agreement", "attribution", "report"}
+    if sections == {"report"}:  # plots and summary.md again from the CSVs, no model
+        rebuild_summary(args.out)
         return 0
     if unknown:
         raise SystemExit(f"--sections: unknown {sorted(unknown)}")
@@ -1283,18 +1399,7 @@ def run(args: argparse.Namespace, load: Callable[[], tuple[Any, Any]] | None = N
         text_cfg.num_attention_heads
     )
     methods = all_methods()
-    notes = [
-        (
-            "Cache: `OscarCache` semantics (bf16 tail, 128-token pages quantized when full, "
-            "reference dequantization); CPU, fp32 model, 1 thread."
-        ),
-        (
-            "Text: `pydoc_data.topics` (the Python reference documentation, the one English "
-            "prose corpus found in a registry package on these machines)."
-        ),
-    ]
-    if not quanto_methods():
-        notes.append("transformers `QuantizedCache` (quanto): optimum-quanto is not installed.")
+    notes = run_notes()
     table: list[dict[str, Any]] = []
     needle_acc = agreement = None
     needle_info = agreement_info = ""
@@ -1329,12 +1434,7 @@ def run(args: argparse.Namespace, load: Callable[[], tuple[Any, Any]] | None = N
                   unit="trial", disable=quiet) as bar:  # fmt: skip
             trials = needle_trials(model, tokenizer, nm, lengths, depths, seeds, hay, bar=bar)
         needle_acc = write_needle(out, trials, nm)
-        needle_info = (
-            f"{len(trials)} trials: lengths {lengths}, depths {depths}, seeds {seeds}; greedy, "
-            "exact match of the 5-digit passkey. Document prefilled in bf16 then quantized per "
-            "method; question and answer attend to the quantized pages. Heatmaps: "
-            "needle_<method>.png."
-        )
+        needle_info = needle_text(len(trials), lengths, depths, seeds)
         timings["passkey"] = time.perf_counter() - t0
 
     if "agreement" in sections:
@@ -1350,11 +1450,7 @@ def run(args: argparse.Namespace, load: Callable[[], tuple[Any, Any]] | None = N
                 bar.update(1)
         agreement = write_agreement(out, turns, am, kv_heads, head_dim)
         prompt = sum(t.prompt_tokens for t in turns) / max(1, len(turns))
-        agreement_info = (
-            f"{len(chats)} chats x {args.turns} turns, greedy, up to {args.max_new_tokens} "
-            f"tokens per answer, mean prompt {prompt:.0f} tokens; each turn answered on the "
-            "same bf16 conversation so far (per-turn agreement, no compounding drift)."
-        )
+        agreement_info = agreement_text(len(chats), args.turns, args.max_new_tokens, prompt)
         timings["agreement"] = time.perf_counter() - t0
 
     if "attribution" in sections:

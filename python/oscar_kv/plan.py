@@ -37,7 +37,7 @@ def parse_bytes(text: str) -> int:
 
 def bf16_bytes_per_token(layers: int, kv_heads: int, head_dim: int) -> int:
     """K and V in bf16, every layer."""
-    return 2 * kv_heads * head_dim * 2 * layers
+    return layers * _native.bf16_bytes_per_token(kv_heads, head_dim)
 
 
 def oscar_bytes_per_token(layers: int, kv_heads: int, head_dim: int, cfg: OscarConfig) -> int:

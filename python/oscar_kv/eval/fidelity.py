@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from oscar_kv import _native as native
 from oscar_kv.baselines import BF16, method_configs
 from oscar_kv.config import OscarConfig
 from oscar_kv.ref import attention, dequantize_kv, fwht, quantize_kv
@@ -104,10 +105,6 @@ def exact_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     )[0].transpose(0, 1)
 
 
-def bf16_bytes_per_token(kv_heads: int, head_dim: int) -> int:
-    return 2 * 2 * kv_heads * head_dim
-
-
 def evaluate_layer(
     layer: LayerQKV,
     cfg: OscarConfig | None,
@@ -120,7 +117,7 @@ def evaluate_layer(
     if cfg is None:
         k_hat, v_hat = k.bfloat16().float(), v.bfloat16().float()
         out = exact_attention(q.bfloat16().float(), k_hat, v_hat)
-        bpt = float(bf16_bytes_per_token(k.shape[1], k.shape[2]))
+        bpt = float(native.bf16_bytes_per_token(k.shape[1], k.shape[2]))
     else:
         qkv = quantize_kv(k, v, cfg)
         k_hat, v_hat = dequantize_kv(qkv)

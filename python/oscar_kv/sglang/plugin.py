@@ -116,9 +116,30 @@ def _hook_from_cli_args(orig, *args, **kwargs):
     s = KVQuantSpec.from_namespace(ns)
     if s.enabled:
         check_server_args(ns, radix_backend_available=_radix_available)
+    _apply_gguf_rope_fix(ns)
     server_args = orig(*args, **kwargs)
     s.publish()
     return apply_to_server_args(server_args, s)
+
+
+def _apply_gguf_rope_fix(args: Any) -> None:
+    """Llama GGUF files need interleaved rotary in SGLang (`oscar_kv.sglang.cpu.gguf`); this
+    is a property of the file, so it applies with or without --kv-quant."""
+    from oscar_kv.sglang.cpu.gguf import rope_override
+
+    is_map = isinstance(args, dict)
+    model = args.get("model_path") if is_map else getattr(args, "model_path", None)
+    current = (
+        args.get("json_model_override_args")
+        if is_map
+        else getattr(args, "json_model_override_args", None)
+    )
+    fixed = rope_override(model, current or None)
+    if fixed != (current or None):
+        if is_map:
+            args["json_model_override_args"] = fixed
+        else:
+            args.json_model_override_args = fixed
 
 
 def _hook_cell_size(orig, self, kvc, num_layers, *args, **kwargs):
@@ -209,6 +230,7 @@ def register() -> None:
         HookRegistry.register(target, _HOOKS[key], HookType.AROUND)
 
     _cpu_import_shims()
+    _register_cpu_serving()
     from sglang.srt.layers.attention.attention_registry import (
         ATTENTION_BACKENDS,
         register_attention_backend,
@@ -245,6 +267,20 @@ def _cpu_import_shims() -> None:
         logger.info("oscar-kv: torchvision unusable here; import-time stand-in installed")
 
 
+def _register_cpu_serving() -> None:
+    """GGUF weights as dense matmuls when SGLang serves on CPU (`oscar_kv.sglang.cpu`)."""
+    from oscar_kv.sglang.cpu import boot
+
+    if not boot.wanted():
+        return
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    from oscar_kv.sglang.cpu.gguf import HOOKS
+
+    for target, hook in HOOKS.items():
+        HookRegistry.register(target, hook, HookType.AROUND)
+
+
 def _register_radix() -> bool:
     try:
         from oscar_kv.sglang import radix
@@ -275,6 +311,7 @@ def engine(**kwargs: Any) -> Any:
     if s.enabled:
         kwargs.update(check_server_args(kwargs, radix_backend_available=_radix_available))
         kwargs.setdefault("disable_cuda_graph", True)
+    _apply_gguf_rope_fix(kwargs)
     import sglang
 
     return sglang.Engine(**kwargs)

@@ -1,4 +1,4 @@
-"""``python -m oscar_kv demo|fidelity|plan``: the package's command line."""
+"""``python -m oscar_kv demo|cache-demo|fidelity|eval|plan``: the package's command line."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from collections.abc import Callable
 USAGE = """usage: python -m oscar_kv COMMAND [options]
 
 commands:
-  demo       multi-turn chat with SmolLM2, bf16 cache vs OScaR 2-bit cache, side by side
+  demo       start an SGLang server with --kv-quant oscar (SmolLM2) and chat with it
+  cache-demo multi-turn chat with SmolLM2 in transformers, bf16 cache vs OScaR 2-bit cache
   fidelity   K/V/logit/output error of every method on synthetic and real KV tensors
   eval       perplexity, passkey retrieval and multi-turn agreement of every method (SmolLM2)
   plan       concurrent sequences that fit in a KV budget: bf16 vs OScaR 2/4-bit
@@ -18,7 +19,9 @@ Run `python -m oscar_kv COMMAND --help` for a command's options."""
 
 def command(name: str) -> Callable[[list[str]], int] | None:
     if name == "demo":
-        from oscar_kv.demo import main
+        from oscar_kv.server_demo import main
+    elif name == "cache-demo":
+        from oscar_kv.cache_demo import main
     elif name == "fidelity":
         from oscar_kv.eval.fidelity import main
     elif name == "eval":

@@ -73,6 +73,10 @@ HOOK_TARGETS = {
     "load_model": "sglang.srt.model_executor.model_runner.ModelRunner.load_model",
 }
 
+# Request slots (each with a bf16 tail buffer, see pool.py) when the user sets no
+# --max-running-requests; SGLang's own default (up to thousands) would spend more memory on
+# tails than on packed pages.
+DEFAULT_MAX_RUNNING_REQUESTS = 128
 _registered = False
 _radix_available = False
 
@@ -103,6 +107,13 @@ def apply_to_server_args(server_args: Any, s: KVQuantSpec) -> Any:
             "backend has no graph hooks yet)"
         )
         server_args.disable_cuda_graph = True
+    if getattr(server_args, "max_running_requests", None) is None:
+        server_args.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
+        logger.info(
+            "oscar-kv: --max-running-requests defaults to %d under --kv-quant oscar (every "
+            "request slot holds a bf16 tail of its last <128 tokens); pass it to change",
+            DEFAULT_MAX_RUNNING_REQUESTS,
+        )
     if not _radix_available:
         logger.warning(
             "oscar-kv: radix cache backend 'oscar' is not available; SGLang's default prefix "

@@ -54,7 +54,9 @@ def rope_override(model_path: str, json_override: str | None) -> str | None:
         return json_override
     current = json.loads(json_override) if json_override else {}
     if not isinstance(current, dict):
-        raise ValueError(f"--json-model-override-args must be a JSON object, got {json_override}")
+        raise ValueError(  # noqa: TRY004 - a bad flag value, reported like other flag errors
+            f"--json-model-override-args must be a JSON object, got {json_override}"
+        )
     if ROPE_KEY in current:
         return json_override
     current[ROPE_KEY] = False

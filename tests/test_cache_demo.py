@@ -7,7 +7,7 @@ import torch
 
 from oscar_kv import OscarConfig
 from oscar_kv.cache import Bf16Cache, OscarCache
-from oscar_kv.demo import main, teacher_forced_predictions
+from oscar_kv.cache_demo import main, teacher_forced_predictions
 from test_cache import _generate, _prompt, tiny_llama
 
 

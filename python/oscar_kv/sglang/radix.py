@@ -137,10 +137,34 @@ class OscarRadixCache(BasePrefixCache):
             # Page size 1 (token allocator): a page id is the token index.
             self.token_to_kv_pool_allocator.free(ids)
 
+    def pool_state(self) -> dict[str, int]:
+        """Token accounting of the pool: every slot is free in the allocator, held by the
+        tree (evictable or locked by a running request), or leaked."""
+        alloc = self.token_to_kv_pool_allocator
+        total = int(getattr(alloc, "size", 0) or 0)
+        free = int(alloc.available_size()) if alloc is not None else 0
+        evictable, locked = self.evictable_size(), self.protected_size()
+        return {
+            "total": total,
+            "free": free,
+            "evictable": evictable,
+            "locked": locked,
+            "leaked": total - free - evictable - locked,
+        }
+
+    def _log_pool_state(self, when: str) -> None:
+        """One line per flush (``/flush_cache``), read by the end-to-end leak test: after all
+        requests finished, ``locked`` and ``leaked`` must be 0."""
+        if self.token_to_kv_pool_allocator is None or getattr(self, "tree", None) is None:
+            return
+        state = " ".join(f"{k}={v}" for k, v in self.pool_state().items())
+        logger.info("oscar-kv pool state at %s: %s (tokens)", when, state)
+
     # ----- BasePrefixCache ------------------------------------------------------------------
 
     def reset(self) -> None:
         # Like RadixCache.reset: drop the tree; the scheduler clears the allocator itself.
+        self._log_pool_state("flush" if getattr(self, "root_node", None) is not None else "start")
         self.tree.reset()
         self.root_node = ROOT
         self._empty_device_indices = torch.empty((0,), dtype=torch.int64, device=self.device)

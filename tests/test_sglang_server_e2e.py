@@ -1,0 +1,264 @@
+"""End to end: a real ``sglang.launch_server --kv-quant oscar`` process on 127.0.0.1, real clients.
+
+One server for the module (SmolLM2-135M GGUF; on CPU without a GPU), started with SGLang's
+strict idle memory check (``SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE=1``: a leaked page or
+request slot kills the scheduler, and every later test fails). The fault tests run before
+`test_zz_no_leak_after_everything`, which waits for the server to go idle and then checks
+the pool and the prefix tree are back to their idle sizes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+requests = pytest.importorskip("requests")
+pytest.importorskip("openai")
+
+from oscar_kv.sglang._testing import INSTALL_HINT
+from oscar_kv.sglang.server import SGLangServer, smollm2_model
+
+try:
+    import sglang  # noqa: F401
+except ImportError:  # pragma: no cover - the test script installs it
+    pytest.skip(INSTALL_HINT, allow_module_level=True)
+
+SYSTEM = (
+    "You are a helpful assistant for the Harbor Street Library. The library opens at 9 am and "
+    "closes at 8 pm on weekdays; on Saturdays it opens at 10 am and closes at 4 pm; it is "
+    "closed on Sundays. Members may borrow up to 12 books at a time for three weeks. Late "
+    "returns cost 25 cents per book per day. There is a quiet reading room on the second "
+    "floor and a children's corner with picture books. Answer briefly."
+)
+CONTEXT = 2048
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = SGLangServer(
+        smollm2_model(),
+        kv_quant="oscar",
+        max_total_tokens=8192,
+        max_running_requests=8,
+        context_length=CONTEXT,
+        env={"SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1"},
+    )
+    s.start()
+    try:
+        s.wait_ready(float(os.environ.get("OSCAR_E2E_START_TIMEOUT", "600")))
+        yield s
+    finally:
+        s.stop()
+
+
+def _post(server, path: str, body: dict, **kw) -> requests.Response:
+    return requests.post(server.url + path, json=body, timeout=300, **kw)
+
+
+def _chat(server, messages: list[dict], max_tokens: int = 16, **extra) -> dict:
+    r = _post(
+        server,
+        "/v1/chat/completions",
+        {"model": "default", "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+        | extra,
+    )
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_start_up_log_reports_capacity_and_backends(server):
+    log = server.log_text()
+    assert "cell size 4440 B/token vs bf16 23040 B/token" in log  # 30 layers x 3 heads x D=64
+    assert "impl=OscarRadixCache" in log
+    assert "rope_is_neox_style=false" in log
+    assert server.ready_s < 600
+
+
+def test_openai_chat_stream_equals_non_stream(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key="none")
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi!"}]
+    whole = client.chat.completions.create(
+        model="default", messages=messages, max_tokens=24, temperature=0
+    )
+    text = whole.choices[0].message.content
+    assert text and whole.usage.completion_tokens > 0
+    parts = []
+    for chunk in client.chat.completions.create(
+        model="default", messages=messages, max_tokens=24, temperature=0, stream=True
+    ):
+        parts.extend(c.delta.content or "" for c in chunk.choices)
+    assert "".join(parts) == text
+
+
+def test_cached_tokens_grow_across_turns(server):
+    """Packed pages written by one turn are matched by the next (whole 128-token pages)."""
+    messages = [{"role": "system", "content": SYSTEM * 3}]
+    cached, prompts = [], []
+    for q in ("When does it open on Saturday?", "How many books can I borrow?", "Late fee?"):
+        messages.append({"role": "user", "content": q})
+        out = _chat(server, messages, max_tokens=24)
+        messages.append({"role": "assistant", "content": out["choices"][0]["message"]["content"]})
+        prompts.append(out["usage"]["prompt_tokens"])
+        cached.append(out["usage"]["prompt_tokens_details"]["cached_tokens"])
+    assert prompts[0] > 256
+    assert cached[1] >= 256 and cached[2] > cached[1], (cached, prompts)
+    assert all(c % 128 == 0 for c in cached), cached  # only whole pages are shared
+    assert all(c <= p for c, p in zip(cached, prompts, strict=True))
+
+
+def test_frontend_program_multi_turn_and_fork(server):
+    import sglang as sgl
+
+    @sgl.function
+    def library(s, questions):
+        s += sgl.system(SYSTEM)
+        s += sgl.user(questions[0])
+        s += sgl.assistant(sgl.gen("first", max_tokens=16, temperature=0))
+        forks = s.fork(2)
+        for f, q in zip(forks, questions[1:], strict=True):
+            f += sgl.user(q)
+            f += sgl.assistant(sgl.gen("answer", max_tokens=16, temperature=0))
+        s["forked"] = [f["answer"] for f in forks]
+
+    backend = sgl.RuntimeEndpoint(server.url)
+    state = library.run(
+        questions=["When do you close on weekdays?", "Is it open on Sunday?", "Late fee?"],
+        backend=backend,
+    )
+    assert state["first"].strip()
+    assert len(state["forked"]) == 2 and all(a.strip() for a in state["forked"])
+    # The forks' prompts share the system turn and the first answer: cached pages.
+    meta = state.get_meta_info("answer")
+    assert meta is None or meta.get("cached_tokens", 128) >= 128
+
+
+def test_sixteen_concurrent_clients(server):
+    def one(i: int) -> int:
+        msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Q{i}?"}]
+        return _chat(server, msgs, max_tokens=8)["usage"]["completion_tokens"]
+
+    with ThreadPoolExecutor(16) as pool:
+        counts = list(pool.map(one, range(16)))
+    assert len(counts) == 16 and all(0 < c <= 8 for c in counts)
+
+
+def test_client_disconnects_mid_stream(server):
+    body = {
+        "model": "default",
+        "messages": [{"role": "user", "content": "Count from one to one hundred in words."}],
+        "max_tokens": 200,
+        "temperature": 0,
+        "stream": True,
+    }
+    with requests.post(
+        server.url + "/v1/chat/completions", json=body, stream=True, timeout=300
+    ) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(3)]
+        assert any(line.startswith(b"data:") for line in got)
+    # the connection is closed; the server keeps serving
+    assert _chat(server, [{"role": "user", "content": "Hello"}], max_tokens=4)["choices"]
+
+
+def test_request_aborted(server):
+    rid = "oscar-abort-test"
+    result: dict = {}
+
+    def run() -> None:
+        body = {
+            "text": "Write a long essay about libraries.",
+            "rid": rid,
+            "sampling_params": {"max_new_tokens": 400, "temperature": 0, "ignore_eos": True},
+        }
+        result["r"] = requests.post(server.url + "/generate", json=body, timeout=300)
+
+    t = threading.Thread(target=run)
+    t.start()
+    time.sleep(4.0)
+    a = _post(server, "/abort_request", {"rid": rid})
+    t.join(300)
+    assert a.status_code == 200, a.text
+    r = result["r"]
+    if r.status_code == 200:
+        info = r.json()["meta_info"]
+        assert info["finish_reason"]["type"] == "abort", info["finish_reason"]
+        assert info["completion_tokens"] < 400
+    else:
+        assert "abort" in r.text.lower(), r.text
+
+
+def test_prompt_longer_than_context_is_rejected(server):
+    r = _post(server, "/v1/completions", {"model": "default", "prompt": "word " * (CONTEXT + 200)})
+    assert r.status_code == 400, r.text
+    assert "context" in r.text.lower() or "length" in r.text.lower(), r.text
+
+
+def test_malformed_json_is_rejected(server):
+    r = requests.post(
+        server.url + "/v1/chat/completions",
+        data=b'{"model": "default", "messages": [',
+        headers={"Content-Type": "application/json"},
+        timeout=60,
+    )
+    assert r.status_code in (400, 422), r.text
+    assert "json" in r.text.lower() or "decode" in r.text.lower(), r.text
+
+
+@pytest.mark.parametrize("max_tokens", [-5, 10**9])
+def test_bad_max_tokens(server, max_tokens):
+    r = _post(
+        server,
+        "/v1/chat/completions",
+        {
+            "model": "default",
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": max_tokens,
+        },
+    )
+    if r.status_code == 200:  # a huge value may be clamped to the context; it must finish
+        assert r.json()["usage"]["completion_tokens"] <= CONTEXT
+    else:
+        assert r.status_code in (400, 422), r.text
+        assert "max_tokens" in r.text or "max_new_tokens" in r.text or "token" in r.text, r.text
+
+
+def _pool_states(log: str) -> list[dict[str, int]]:
+    """The `OscarRadixCache` pool-state lines (one at start, one per flush)."""
+    out = []
+    for m in re.finditer(r"oscar-kv pool state at (\w+): ([a-z= 0-9-]+) \(tokens\)", log):
+        fields = dict(kv.split("=") for kv in m.group(2).split())
+        out.append({"when": m.group(1)} | {k: int(v) for k, v in fields.items()})
+    return out
+
+
+def test_zz_no_leak_after_everything(server):
+    """After the faults: the server is up, and once every request has finished and the
+    prefix cache is flushed, each pool slot is free or held by the tree, none locked or lost."""
+    assert server.alive(), server.log_tail()
+    assert _chat(server, [{"role": "user", "content": "Still there?"}], max_tokens=4)
+    deadline = time.monotonic() + 120
+    while True:  # /flush_cache refuses while requests are running or queued
+        r = _post(server, "/flush_cache", {})
+        if r.status_code == 200:
+            break
+        assert time.monotonic() < deadline, f"cache never flushable (still busy): {r.text}"
+        time.sleep(2)
+    time.sleep(1)
+    assert server.alive(), server.log_tail()
+    log = server.log_text()
+    for bad in ("memory leak detected", "double free", "use-after-free", "Traceback"):
+        assert bad not in log, f"{bad!r} in the server log:\n{server.log_tail(80)}"
+    states = _pool_states(log)
+    assert states and states[0]["when"] == "start", states
+    start, flushed = states[0], states[-1]
+    assert flushed["when"] == "flush", states
+    assert flushed["locked"] == 0 and flushed["leaked"] == 0, flushed
+    assert flushed["free"] + flushed["evictable"] == start["free"] == start["total"], states

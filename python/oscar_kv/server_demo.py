@@ -97,19 +97,21 @@ def kv_report(log_text: str, tokens: int) -> str:
     )
 
 
-def agreement(a: list[Turn], b: list[Turn], tokenizer: Any, n: int = 32) -> tuple[float, float]:
-    """Fraction of turns whose first ``n`` answer tokens are identical, and the mean common
-    prefix length in tokens."""
+def agreement_of_texts(
+    ours: list[str], base: list[str], tokenizer: Any, n: int = 32
+) -> tuple[float, float, list[int]]:
+    """Fraction of answers whose first ``n`` tokens equal the baseline's, the mean common
+    prefix length in tokens (over the first ``n``), and each answer's common prefix."""
     same, prefix = 0, []
-    for x, y in zip(a, b, strict=True):
-        tx = tokenizer.encode(x.answer, add_special_tokens=False)[:n]
-        ty = tokenizer.encode(y.answer, add_special_tokens=False)[:n]
+    for x, y in zip(ours, base, strict=True):
+        tx = tokenizer.encode(x, add_special_tokens=False)[:n]
+        ty = tokenizer.encode(y, add_special_tokens=False)[:n]
         k = 0
         while k < min(len(tx), len(ty)) and tx[k] == ty[k]:
             k += 1
         prefix.append(k)
         same += int(tx == ty)
-    return same / len(a), sum(prefix) / len(prefix)
+    return same / len(ours), sum(prefix) / len(prefix), prefix
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(model.tokenizer_path)
-        same, prefix = agreement(ours, base, tok)
+        same, prefix, _ = agreement_of_texts(
+            [t.answer for t in ours], [t.answer for t in base], tok
+        )
         bspeed = sum(t.decode_tok_s for t in base) / len(base)
         print(
             f"greedy agreement with bf16: {same:.0%} of turns identical in the first 32 "

@@ -34,6 +34,7 @@ class OscarForwardMetadata:
     prefix_lens: list[int]  # tokens cached before this forward
     new_lens: list[int]  # tokens this forward adds
     slots_t: torch.Tensor  # int32 [B]
+    prefix_lens_t: torch.Tensor  # int32 [B], on the CPU
     page_table: torch.Tensor  # int32 [B, max_pages]
     cu_seqlens: torch.Tensor  # int32 [B + 1]
 
@@ -84,6 +85,7 @@ def _make_class() -> type:
                 prefix_lens=prefix_lens,
                 new_lens=new_lens,
                 slots_t=torch.tensor(slots, dtype=torch.int32, device=dev),
+                prefix_lens_t=torch.tensor(prefix_lens, dtype=torch.int32),
                 page_table=(cols // BLOCK_TOKENS).to(device=dev, dtype=torch.int32),
                 cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=dev),
             )
@@ -108,7 +110,7 @@ def _make_class() -> type:
             md = self.forward_metadata
             q3, k3, v3 = self._shapes(layer, q, k, v)
             k_tail, v_tail = self.pool.tails(layer.layer_id)
-            pre = torch.tensor(md.prefix_lens, dtype=torch.int32)
+            pre = md.prefix_lens_t
             out = ops.extend_attention(
                 q3,
                 k3,
@@ -132,9 +134,16 @@ def _make_class() -> type:
             md = self.forward_metadata
             q3, k3, v3 = self._shapes(layer, q, k, v)
             if save_kv_cache:
-                self._store(layer, k3, v3)
+                self.pool.store_decode(
+                    layer.layer_id,
+                    self.req_to_token_pool.req_to_token,
+                    md.slots_t,
+                    md.prefix_lens_t,
+                    k3,
+                    v3,
+                )
             k_tail, v_tail = self.pool.tails(layer.layer_id)
-            seq = torch.tensor(md.prefix_lens, dtype=torch.int32) + 1
+            seq = md.prefix_lens_t + 1
             out = ops.decode_attention(
                 q3,
                 self.pool.get_key_buffer(layer.layer_id),

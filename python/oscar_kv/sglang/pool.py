@@ -172,6 +172,39 @@ def _make_class() -> type:
                     self.config,
                 )
 
+        def store_decode(
+            self,
+            layer_id: int,
+            req_to_token: torch.Tensor,
+            slots: torch.Tensor,
+            prefix_lens: torch.Tensor,
+            k: torch.Tensor,
+            v: torch.Tensor,
+        ) -> None:
+            """One new token per request (a decode step), without a loop over requests: row b
+            of k, v [B, H, D] goes to position ``prefix_lens[b] % 128`` of slot ``slots[b]``'s
+            tail; the tails it completes are quantized into their pages in one call."""
+            pages = self.pages[self._layer(layer_id)]
+            k_tail, v_tail = self.tails(layer_id)
+            slots_l = slots.to(device=k_tail.device, dtype=torch.long)
+            pos = (prefix_lens % BLOCK_TOKENS).to(device=k_tail.device, dtype=torch.long)
+            k_tail[slots_l, pos] = k.view(-1, self.head_num, self.head_dim).to(k_tail.dtype)
+            v_tail[slots_l, pos] = v.view(-1, self.head_num, self.head_dim).to(v_tail.dtype)
+            done = (pos == BLOCK_TOKENS - 1).nonzero().flatten()
+            if done.numel() == 0:
+                return
+            first_loc = (prefix_lens[done.cpu()] // BLOCK_TOKENS * BLOCK_TOKENS).long()
+            rows = slots_l[done].to(req_to_token.device)
+            page_ids = req_to_token[rows, first_loc.to(req_to_token.device)] // BLOCK_TOKENS
+            ops.quantize_page(
+                k_tail,
+                v_tail,
+                pages,
+                page_ids.to(device=pages.device, dtype=torch.int32),
+                self.config,
+                src_index=slots_l[done].to(torch.int32),
+            )
+
     return OscarTokenToKVPool
 
 

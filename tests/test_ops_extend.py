@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kernel_cases import DEVICE, build_cache, make_kv
@@ -43,5 +44,6 @@ def test_extend_triton_gqa_kivi_and_head_norm():
     run(OscarConfig(bits=4, norm="head", fold_v=True), [200], [2], h=2, group=1)
 
 
-def test_extend_reference_backend():
-    run(OscarConfig(), [130, 7], [3, 4], backend="ref")
+@pytest.mark.parametrize("backend", ["ref", "torch"])
+def test_extend_cpu_backends(backend):
+    run(OscarConfig(), [130, 7], [3, 4], backend=backend)

@@ -1,4 +1,4 @@
-"""Public entry points of the oscar-kv kernels; each dispatches CUDA > Triton > reference.
+"""Public entry points of the oscar-kv kernels; each dispatches CUDA > Triton > torch > ref.
 
 Paged pool (what the SGLang pool allocates, one per layer)
 -----------------------------------------------------------
@@ -15,9 +15,12 @@ page ids, oldest first), then ``tail_len[b]`` (0..127) exact tokens in the bf16 
 query is the last token of its request: its own K/V must already be in the tail (or be the
 last token of the last page). Tensors of one call live on one device.
 
-Dispatch: ``backend=None`` reads ``OSCAR_KV_BACKEND`` (cuda, triton, ref), else picks CUDA
-for CUDA tensors when the extension builds, then Triton, and the torch reference for CPU
-tensors. ``backend="triton"`` on CPU tensors runs Triton's interpreter (slow; for tests).
+Dispatch: ``backend=None`` reads ``OSCAR_KV_BACKEND`` (cuda, triton, torch, ref), else picks
+CUDA for CUDA tensors when the extension builds, then Triton, and for CPU tensors "torch":
+`oscar_kv.torchops`, plain torch vectorized over the whole batch. "ref" drives the reference
+(`oscar_kv.ref`) one request and one page at a time: the slow, obviously-right path that the
+other backends are tested against. "torch" also runs on CUDA tensors when asked for by name.
+``backend="triton"`` on CPU tensors runs Triton's interpreter (slow; for tests).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -38,7 +42,7 @@ from oscar_kv.ref import quantize_kv
 from oscar_kv.ref.hadamard import check_head_dim
 from oscar_kv.ref.quant import QuantizedKV, dequantize_kv
 
-BACKENDS = ("cuda", "triton", "ref")
+BACKENDS = ("cuda", "triton", "torch", "ref")
 _SECTION_DTYPES = {
     "k_codes": torch.uint8,
     "v_codes": torch.uint8,
@@ -154,6 +158,13 @@ def _triton():
     return tri
 
 
+def _torchops() -> ModuleType:
+    # Imported late: torchops builds on PageLayout from this module.
+    import oscar_kv.torchops as tops
+
+    return tops
+
+
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The backend a call with tensors on ``device`` runs on."""
     choice = backend or os.environ.get("OSCAR_KV_BACKEND") or None
@@ -167,7 +178,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         return choice
     if device.type == "cuda":
         return "cuda" if _cuda_ops() is not None else "triton"
-    return "ref"
+    return "torch"
 
 
 def _check_layout_tensors(pool: torch.Tensor, layout: PageLayout) -> None:
@@ -234,6 +245,8 @@ def quantize_page(
         if k.stride(3) != 1 or v.stride(3) != 1:
             k, v = k.contiguous(), v.contiguous()
         _triton().quantize_pages(k, v, pool, pid, layout, src)
+    elif which == "torch":
+        _torchops().quantize_pages(k, v, pool, pid, layout, src)
     else:
         for i in range(n):
             s = int(src[i])
@@ -314,6 +327,10 @@ def decode_attention(
         return _ref_decode(
             q, pool, layout, page_table, num_pages, k_tail, v_tail, tidx, tail_len, scale
         )
+    if which == "torch":
+        return _torchops().decode_attention(
+            q, pool, layout, page_table, num_pages, k_tail, v_tail, tidx, tail_len, scale
+        )
     pt = page_table.to(torch.int32)
     if pt.stride(1) != 1:
         pt = pt.contiguous()
@@ -390,6 +407,11 @@ def extend_attention(
     tidx = _as_index(tail_index, batch, q.device, "tail_index")
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
     which = resolve_backend(backend, q.device)
+    if which == "torch":
+        return _torchops().extend_attention(
+            q, k_new, v_new, cu_seqlens, pool, layout, page_table, num_pages, k_tail, v_tail,
+            tidx, tail_len, scale,
+        )  # fmt: skip
     cu = cu_seqlens.tolist()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     group = q.shape[1] // layout.kv_heads
@@ -451,6 +473,8 @@ def dequantize_pages(
         return _cuda_ops().dequantize_pages(pool, ids, *_cuda_layout_args(layout))  # type: ignore[attr-defined]
     if which == "triton":
         return _triton().dequantize_pages(pool, ids, layout, torch.float32)
+    if which == "torch":
+        return _torchops().dequantize_pages(pool, ids, layout)
     k, v = dequantize_kv(layout.pages_to_qkv(pool, ids))
     n = ids.shape[0]
     shape = (n, BLOCK_TOKENS, kv_heads, head_dim)

@@ -79,6 +79,7 @@ HOOK_TARGETS = {
 DEFAULT_MAX_RUNNING_REQUESTS = 128
 _registered = False
 _radix_available = False
+_reported_cells: set[tuple[int, int]] = set()
 
 
 def spec() -> KVQuantSpec:
@@ -166,6 +167,9 @@ def _hook_cell_size(orig, self, kvc, num_layers, *args, **kwargs):
     cfg = s.oscar_config()
     cell = oscar_bytes_per_token(num_layers, kv_heads, head_dim, cfg)
     bf = bf16_bytes_per_token(num_layers, kv_heads, head_dim)
+    if (cell, bf) in _reported_cells:  # SGLang sizes the pool more than once
+        return cell
+    _reported_cells.add((cell, bf))
     logger.info(
         "oscar-kv: %s cell size %d B/token vs bf16 %d B/token (%.2fx tokens in the same "
         "memory); %d layers x %d KV heads (per rank, tp=%d) x D=%d",

@@ -31,8 +31,10 @@ DENSE_ATTR = "oscar_kv_dense_weight"
 
 
 # ---------------------------------------------------------------------------- rotary
-def gguf_architecture(model_path: str) -> str | None:
+def gguf_architecture(model_path: str | os.PathLike[str] | None) -> str | None:
     """``general.architecture`` of a GGUF file (None for anything that is not one)."""
+    if isinstance(model_path, os.PathLike):  # e.g. oscar_kv.eval.smollm2.gguf_path()
+        model_path = os.fspath(model_path)
     if not (isinstance(model_path, str) and model_path.endswith(".gguf")):
         return None
     if not os.path.isfile(model_path):
@@ -45,14 +47,21 @@ def gguf_architecture(model_path: str) -> str | None:
     return field.contents()
 
 
-def rope_override(model_path: str, json_override: str | None) -> str | None:
+def rope_override(
+    model_path: str | os.PathLike[str] | None, json_override: str | None
+) -> str | None:
     """The ``--json-model-override-args`` value to serve ``model_path`` with: unchanged unless
     it is a GGUF file of a permuted-Q/K architecture and the user did not choose the rotary
     style themselves."""
     arch = gguf_architecture(model_path)
     if arch not in PERMUTED_QK_ARCHS:
         return json_override
-    current = json.loads(json_override) if json_override else {}
+    try:
+        current = json.loads(json_override) if json_override else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"--json-model-override-args is not valid JSON ({e}): {json_override!r}"
+        ) from e
     if not isinstance(current, dict):
         raise ValueError(  # noqa: TRY004 - a bad flag value, reported like other flag errors
             f"--json-model-override-args must be a JSON object, got {json_override}"

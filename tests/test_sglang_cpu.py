@@ -588,23 +588,28 @@ def test_rope_override_bad_flag_value(
         cpu_gguf.rope_override(tiny_gguf["llama"], override)
 
 
-def test_rope_override_real_smollm2(
-    smollm2: dict[str, Any], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The served file itself; parsed once by the fixture (GGUFReader takes seconds on it)."""
-    import gguf
-
-    opened: list[str] = []
-
-    def reader(path: str) -> Any:
-        opened.append(path)
-        return smollm2["reader"]
-
-    monkeypatch.setattr(gguf, "GGUFReader", reader)
+def test_rope_override_real_smollm2(smollm2: dict[str, Any]) -> None:
+    """The served file itself, through the header-only reader."""
     path = smollm2["path"]
     for model_path in (str(path), path):  # server.py passes a str; gguf_path() is a Path
         assert json.loads(cpu_gguf.rope_override(model_path, None)) == {"rope_is_neox_style": False}
-    assert opened == [str(path)] * 2
+
+
+def test_header_reader_equals_gguf_reader(smollm2: dict[str, Any]) -> None:
+    """Every string-valued metadata key of the real file (the tokenizer arrays before some of
+    them are skipped, not parsed), and a key that is absent."""
+    import gguf
+
+    reader = smollm2["reader"]
+    strings = {
+        name: field.contents()
+        for name, field in reader.fields.items()
+        if field.types == [gguf.GGUFValueType.STRING]
+    }
+    assert "general.architecture" in strings and len(strings) >= 3
+    for name, value in strings.items():
+        assert cpu_gguf.read_gguf_string(str(smollm2["path"]), name) == value, name
+    assert cpu_gguf.read_gguf_string(str(smollm2["path"]), "no.such.key") is None
 
 
 # --- the numeric reason for rope_is_neox_style=false

@@ -39,12 +39,60 @@ def gguf_architecture(model_path: str | os.PathLike[str] | None) -> str | None:
         return None
     if not os.path.isfile(model_path):
         return None
-    from gguf import GGUFReader
+    return read_gguf_string(model_path, "general.architecture")
 
-    field = GGUFReader(model_path).get_field("general.architecture")
-    if field is None:
-        return None
-    return field.contents()
+
+# GGUF metadata value types (gguf.GGUFValueType): fixed sizes, STRING = 8, ARRAY = 9.
+_GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def read_gguf_string(path: str, key: str) -> str | None:
+    """One string value from a GGUF file's metadata, reading only the header up to it.
+
+    ``gguf.GGUFReader`` parses every tensor entry first (seconds for a small model); the
+    metadata comes before them (GGUF v2/v3: magic, version, tensor count, kv count, then
+    key/type/value records), and ``general.architecture`` is conventionally the first key."""
+    import struct
+
+    with open(path, "rb") as f:
+
+        def read(fmt: str) -> tuple:
+            size = struct.calcsize(fmt)
+            data = f.read(size)
+            if len(data) != size:
+                raise ValueError(f"{path}: GGUF header ends early")
+            return struct.unpack(fmt, data)
+
+        def read_str() -> bytes:
+            (n,) = read("<Q")
+            return f.read(n)
+
+        def skip(vtype: int) -> None:
+            if vtype == 8:
+                read_str()
+            elif vtype == 9:
+                etype, count = read("<IQ")
+                if etype in _GGUF_SCALAR_BYTES:
+                    f.seek(_GGUF_SCALAR_BYTES[etype] * count, 1)
+                else:
+                    for _ in range(count):
+                        skip(etype)
+            elif vtype in _GGUF_SCALAR_BYTES:
+                f.seek(_GGUF_SCALAR_BYTES[vtype], 1)
+            else:
+                raise ValueError(f"{path}: unknown GGUF value type {vtype}")
+
+        magic, version = read("<4sI")
+        if magic != b"GGUF" or version < 2:
+            return None
+        _tensors, kv_count = read("<QQ")
+        for _ in range(kv_count):
+            name = read_str().decode("utf-8", "replace")
+            (vtype,) = read("<I")
+            if name == key:
+                return read_str().decode("utf-8") if vtype == 8 else None
+            skip(vtype)
+    return None
 
 
 def rope_override(

@@ -6,6 +6,10 @@ For each server (SmolLM2-135M-Instruct GGUF; on CPU when there is no GPU):
 - decode speed: streamed greedy generation of --decode-tokens tokens (EOS ignored) at batch 1
   and at batch --batch (concurrent requests), after a prompt of --context tokens; tokens/s is
   measured between the first and the last streamed token of each request;
+- SGLang's own ``sglang.bench_serving`` on its generated-shared-prefix dataset (--gsp-groups
+  groups of 4 prompts sharing a 512-token system prompt, 64-token questions, 32 output
+  tokens, --batch concurrent): request and output throughput, TTFT, ITL, prefix-cache hit
+  rate;
 - greedy answers to --prompts prompts: the library chat of the demo (system prompt of ~150
   tokens, so its first page is quantized) and questions after ~600 tokens of English prose
   (Python's reference docs); agreement = fraction of prompts whose first 32 answer tokens
@@ -112,7 +116,45 @@ def run_server(kind: str, args: argparse.Namespace, chats: list) -> dict:
                 )
             speed[batch] = sum(rates)  # aggregate tokens/s over the concurrent requests
             print(f"[{kind}] decode batch {batch}: {speed[batch]:.2f} tok/s", flush=True)
-    return {"ready_s": server.ready_s, "answers": answers, "speed": speed}
+        gsp = sglang_gsp(server, args)
+        print(f"[{kind}] sglang.bench_serving generated-shared-prefix: {gsp}", flush=True)
+    return {"ready_s": server.ready_s, "answers": answers, "speed": speed, "gsp": gsp}
+
+
+GSP_METRICS = ("request_throughput", "output_throughput", "mean_ttft_ms", "mean_itl_ms")
+
+
+def sglang_gsp(server: SGLangServer, args: argparse.Namespace) -> dict[str, float]:
+    """SGLang's own serving benchmark on its generated-shared-prefix dataset (groups of
+    prompts sharing a long system prompt) against the running server."""
+    import json
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "gsp.jsonl"
+        cmd = [
+            sys.executable, "-m", "sglang.bench_serving",
+            "--backend", "sglang", "--base-url", server.url,
+            "--dataset-name", "generated-shared-prefix",
+            "--gsp-num-groups", str(args.gsp_groups), "--gsp-prompts-per-group", "4",
+            "--gsp-system-prompt-len", "512", "--gsp-question-len", "64",
+            "--gsp-output-len", "32",
+            "--tokenizer", str(server.model.tokenizer_path),
+            "--max-concurrency", str(args.batch), "--seed", "1",
+            "--cache-report", "--output-file", str(out),
+        ]  # fmt: skip
+        # bench_serving imports SGLang's multimodal helpers: on CPU they need the stand-ins.
+        env = dict(os.environ) | ({} if cuda_available() else {"SGLANG_USE_CPU_ENGINE": "1"})
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0 or not out.exists():
+            raise RuntimeError(
+                f"sglang.bench_serving failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+            )
+        result = json.loads(out.read_text().strip().splitlines()[-1])
+    row = {m: float(result[m]) for m in GSP_METRICS}
+    row["cache_hit_rate_pct"] = float(result["cache_report"]["cache_hit_rate_pct"])
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-tokens", type=int, default=96)
     p.add_argument("--context", type=int, default=1024, help="prompt tokens before decoding")
     p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--gsp-groups", type=int, default=4, help="bench_serving prompt groups (x4)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
 
@@ -142,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((device, commit, names[kind], "startup_s", 0, 0, round(r["ready_s"], 1)))
         for batch, v in r["speed"].items():
             rows.append((device, commit, names[kind], "decode_tok_s", batch, args.context, round(v, 2)))  # fmt: skip
+        for metric, v in r["gsp"].items():
+            rows.append((device, commit, names[kind], f"gsp_{metric}", args.batch, 576, round(v, 3)))  # fmt: skip
     rows.append((device, commit, "oscar-2b", "agree_first32", 0, 0, round(same, 3)))
     rows.append((device, commit, "oscar-2b", "common_prefix_tokens", 0, 0, round(prefix, 2)))
     args.out.mkdir(parents=True, exist_ok=True)

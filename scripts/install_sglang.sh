@@ -36,6 +36,7 @@ DEPS=(
     starlette==1.10.0 tiktoken==0.14.0 uvicorn==0.54.0 uvloop==0.23.0 watchfiles==1.3.0
     xxhash==4.1.0 yarl==1.25.1 zstandard==0.25.0 openai==2.8.0 httpx==0.28.1 httpcore==1.0.9
     scipy==1.17.1 jsonschema==4.26.0 orjson==3.13.0 ipython==8.12.3 psutil==7.2.2 pydantic==2.13.4
+    datasets==5.2.0 multiprocess==0.70.19 pandas==3.1.1 pyarrow==26.0.1
 )
 log "pip install ${#DEPS[@]} pinned dependencies"
 "$PYTHON" -m pip install -q "${DEPS[@]}" "torch==$TORCH" "transformers==$TRANSFORMERS"

@@ -79,6 +79,32 @@ def test_start_up_log_reports_capacity_and_backends(server):
     assert server.ready_s < 600
 
 
+def test_short_prompt_matches_transformers_exactly(server):
+    """Under 128 tokens everything is in the request's exact tail, so the server must produce
+    transformers' own greedy tokens: this checks the GGUF weights (dense after load), the
+    rotary fix for llama.cpp's Q/K order and the attention backend's exact path together."""
+    import torch
+
+    from oscar_kv.eval.smollm2 import chat_ids, load_model
+
+    model, tok = load_model(progress=False)
+    ids = chat_ids(tok, [{"role": "user", "content": "What is the capital of France? Why?"}])
+    with torch.no_grad():
+        ref = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False
+        )[0, ids.shape[1] :].tolist()
+    assert ids.shape[1] + len(ref) < 128
+    body = {
+        "input_ids": ids[0].tolist(),
+        "sampling_params": {"max_new_tokens": 40, "temperature": 0},
+    }
+    r = _post(server, "/generate", body)
+    assert r.status_code == 200, r.text
+    got = tok(r.json()["text"], add_special_tokens=False)["input_ids"]
+    want = tok(tok.decode(ref, skip_special_tokens=True), add_special_tokens=False)["input_ids"]
+    assert got == want, (tok.decode(got), tok.decode(want))
+
+
 def test_openai_chat_stream_equals_non_stream(server):
     from openai import OpenAI
 

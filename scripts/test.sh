@@ -21,14 +21,9 @@ echo "[test] ruff"
 markers="not slow"
 [ "${OSCAR_SLOW:-0}" = "1" ] && markers=""
 
-# Without CUDA the Triton kernels run in Triton's interpreter. Turned on only around our own
-# launches (oscar_kv.triton._env), it breaks once SGLang or optimum-quanto is imported or
-# Triton's GPU driver is probed in the same process ("Cannot call @triton.jit'd outside of the
-# scope of a kernel"; root cause not found yet), so the tests set it for the whole process,
-# and the tests that import those libraries (SGLang, the quality eval) run in a second one.
-if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-    export TRITON_INTERPRET=1
-fi
+# Without CUDA the Triton kernels run in Triton's interpreter, switched on only around our own
+# launches (oscar_kv.triton._env), exactly as a user's process does it; TRITON_INTERPRET is
+# deliberately not set for the whole run.
 run_pytest() {
     set +e
     "$PYTHON" -m pytest -m "$markers" "$@"
@@ -40,8 +35,5 @@ run_pytest() {
     fi
     return "$rc"
 }
-isolated=(tests/test_*sglang*.py tests/test_quality.py)
-echo "[test] pytest -m '${markers}' (kernels, reference, cache manager, ...)"
-run_pytest --ignore-glob='tests/test_*sglang*.py' --ignore=tests/test_quality.py "$@"
-echo "[test] pytest -m '${markers}' (SGLang, quality eval)"
-run_pytest "${isolated[@]}" "$@"
+echo "[test] pytest -m '${markers}'"
+run_pytest "$@"

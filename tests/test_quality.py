@@ -10,7 +10,6 @@ import torch
 from oscar_kv import OscarConfig
 from oscar_kv.cache import Bf16Cache, OscarCache, OscarLayer
 from oscar_kv.eval import quality as q
-from oscar_kv.ref import dequantize_kv, quantize_kv
 from test_cache import _prompt, tiny_llama
 
 EOS = 2
@@ -124,23 +123,6 @@ def test_rows_cache_rows_equal_separate_caches(model):
                 torch.testing.assert_close(batch[i], one, atol=2e-4, rtol=1e-4)
     assert rows.get_seq_length() == 330
     assert [rows.row_kv_bytes(i) for i in range(len(methods))] == [c.kv_bytes() for c in singles]
-
-
-def test_sink_layer_first_page_at_sink_bits():
-    torch.manual_seed(0)
-    k, v = torch.randn(2, 1, 2, 300, 32).unbind(0)
-    layer = q.SinkLayer(OscarConfig(bits=2), sink_bits=4)
-    layer.update(k, v)
-    assert layer.num_pages() == 2 and layer.tail_length() == 44
-    kb = k[0].transpose(0, 1).to(torch.bfloat16)
-    vb = v[0].transpose(0, 1).to(torch.bfloat16)
-    sink = quantize_kv(kb[:128], vb[:128], OscarConfig(bits=4))
-    rest = quantize_kv(kb[128:256], vb[128:256], OscarConfig(bits=2))
-    k_sink, _ = dequantize_kv(sink)
-    k_rest, _ = dequantize_kv(rest)
-    torch.testing.assert_close(layer.k_pages[0, :, :128], k_sink.transpose(0, 1))
-    torch.testing.assert_close(layer.k_pages[0, :, 128:], k_rest.transpose(0, 1))
-    assert layer.kv_bytes() == sink.nbytes + rest.nbytes + 2 * 44 * 2 * 32 * 2
 
 
 def test_exact_half_layer_keeps_one_half_exact():

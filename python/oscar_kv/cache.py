@@ -65,6 +65,7 @@ class OscarLayer(DynamicLayer):
         self.pages: list[Any] | None = None
         self.k_pages: torch.Tensor | None = None
         self.v_pages: torch.Tensor | None = None
+        self.sink_nbytes = 0  # the first page's bytes under config.sink_bits (else in pages)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -101,10 +102,40 @@ class OscarLayer(DynamicLayer):
         self._flush_full_pages()
         return keys_out, values_out
 
+    def _flush_sink_page(self) -> None:
+        """``config.sink_bits``: the sequence's first page, at its own width (or exact)."""
+        from oscar_kv.ref import dequantize_kv, quantize_kv
+
+        k0 = self.keys[:, :, :BLOCK_TOKENS]
+        v0 = self.values[:, :, :BLOCK_TOKENS]
+        sink = self.config.sink_config
+        if sink is None:  # sink_bits 16: kept exact
+            k_hat, v_hat = k0.float(), v0.float()
+            self.sink_nbytes = k0.numel() * k0.element_size() + v0.numel() * v0.element_size()
+        else:
+            ks, vs = [], []
+            for b in range(k0.shape[0]):
+                q = quantize_kv(k0[b].transpose(0, 1), v0[b].transpose(0, 1), sink)
+                kh, vh = dequantize_kv(q)
+                ks.append(kh.transpose(0, 1))
+                vs.append(vh.transpose(0, 1))
+                self.sink_nbytes += q.nbytes
+            k_hat, v_hat = torch.stack(ks), torch.stack(vs)
+        self.k_pages = torch.cat([self.k_pages, k_hat.to(self.k_pages)], dim=-2)
+        self.v_pages = torch.cat([self.v_pages, v_hat.to(self.v_pages)], dim=-2)
+        self.keys = self.keys[:, :, BLOCK_TOKENS:].contiguous()
+        self.values = self.values[:, :, BLOCK_TOKENS:].contiguous()
+
     def _flush_full_pages(self) -> None:
         """Quantize the tail's first whole multiple of 128 tokens into pages."""
         from oscar_kv.ref import QuantizedKV, dequantize_kv, quantize_kv
 
+        if (
+            self.config.sink_bits is not None
+            and self.num_pages() == 0
+            and self.keys.shape[-2] >= BLOCK_TOKENS
+        ):
+            self._flush_sink_page()
         full = (self.keys.shape[-2] // BLOCK_TOKENS) * BLOCK_TOKENS
         if full == 0:
             return
@@ -113,7 +144,7 @@ class OscarLayer(DynamicLayer):
             qkv = quantize_kv(
                 self.keys[b, :, :full].transpose(0, 1),
                 self.values[b, :, :full].transpose(0, 1),
-                self.config,
+                self.config.page_config,
             )
             k_hat, v_hat = dequantize_kv(qkv)  # fp32 [full, H, D], original basis
             k_new.append(k_hat.transpose(0, 1))
@@ -143,12 +174,13 @@ class OscarLayer(DynamicLayer):
             return 0
         pages = sum(q.nbytes for q in self.pages if q is not None)
         tail = sum(t.numel() * t.element_size() for t in (self.keys, self.values))
-        return pages + tail
+        return pages + tail + self.sink_nbytes
 
     def reset(self) -> None:
         self.cumulative_length = 0
         self.pages = None
         self.k_pages = self.v_pages = None
+        self.sink_nbytes = 0
         super().reset()
 
     def crop(self, tokens_to_remove: int) -> None:

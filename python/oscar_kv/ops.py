@@ -70,6 +70,7 @@ class PageLayout:
     def of(config: OscarConfig, kv_heads: int, head_dim: int) -> PageLayout:
         if not isinstance(config, OscarConfig):
             raise ValueError(f"config must be an OscarConfig, got {type(config).__name__}")  # noqa: TRY004
+        config.require_uniform_pages("the paged pool")
         check_head_dim(head_dim)
         if kv_heads < 1:
             raise ValueError(f"kv_heads must be >= 1, got {kv_heads}")

@@ -29,8 +29,8 @@ Multi-turn agreement
 
 Methods: bf16, KIVI, rotation-only, direct scaling and OScaR from `OscarConfig`, transformers'
 own `QuantizedCache` (quanto backend, per-token groups of 64 channels, residual 128) when
-`optimum-quanto` is installed, and the beyond-the-paper variants (`Method.sink_bits`: the first
-page at higher precision; `Method.window`: a wider bf16 window).
+`optimum-quanto` is installed, and the beyond-the-paper variants (`OscarConfig.sink_bits`: the
+first page at higher precision; `Method.window`: a wider bf16 window).
 """
 
 from __future__ import annotations
@@ -76,8 +76,6 @@ class Method:
 
     config: the quantizer (None: the bf16 cache or quanto).
     quanto_bits: transformers' `QuantizedCache` with the quanto backend at these bits.
-    sink_bits: beyond the paper: the first page of a sequence (attention-sink tokens) is
-        quantized at these bits (4) or kept exact (16) instead of ``config.bits``.
     window: beyond the paper: tokens kept in bf16 beyond the 128-token tail (0 or 128), i.e. a
         page is quantized only once ``128 + window`` newer tokens follow its start.
     exact: attribution only, not a storage format: "k" or "v" keeps that half of every page
@@ -89,7 +87,6 @@ class Method:
     bits: int
     config: OscarConfig | None = None
     quanto_bits: int | None = None
-    sink_bits: int | None = None
     window: int = 0
     exact: str = ""
 
@@ -106,7 +103,7 @@ class Method:
         """A configuration of the paper's comparison (a row of ppl.csv)."""
         return (
             self.family in PAPER_FAMILIES
-            and self.sink_bits is None
+            and (self.config is None or self.config.sink_bits is None)
             and self.window == 0
             and not self.exact
             and (self.config is None or self.config.v_group == 32)
@@ -119,8 +116,6 @@ class Method:
             return QuantoQuantizedLayer(nbits=self.quanto_bits, residual_length=BLOCK_TOKENS)
         if self.config is None:
             return Bf16Layer()
-        if self.sink_bits is not None:
-            return SinkLayer(self.config, self.sink_bits)
         if self.window:
             return WindowLayer(self.config, self.window)
         if self.exact:
@@ -146,16 +141,16 @@ class Method:
             # for K and for V, plus the codes.
             codes = 2 * kv_heads * head_dim * self.quanto_bits / 8
             return codes + 2 * 2 * 4 * kv_heads * math.ceil(head_dim / 64)
-        page = _page_bytes(self.config, kv_heads, head_dim) / BLOCK_TOKENS
+        page = _page_bytes(self.config.page_config, kv_heads, head_dim) / BLOCK_TOKENS
         if context is None or context < BLOCK_TOKENS:
             return page
         extra = 0.0
-        if self.sink_bits is not None:
-            if self.sink_bits == 16:
+        if self.config.sink_bits is not None:
+            sink_cfg = self.config.sink_config
+            if sink_cfg is None:  # kept exact
                 sink = float(bf16)
             else:
-                sink = _page_bytes(replace(self.config, bits=self.sink_bits), kv_heads, head_dim)
-                sink /= BLOCK_TOKENS
+                sink = _page_bytes(sink_cfg, kv_heads, head_dim) / BLOCK_TOKENS
             extra += (sink - page) * BLOCK_TOKENS / context
         if self.window:
             extra += (bf16 - page) * min(self.window, context) / context
@@ -185,6 +180,10 @@ def quanto_methods() -> list[Method]:
     return [Method(f"quanto-{b}b", "quanto", b, quanto_bits=b) for b in (2, 4)]
 
 
+def _config_method(config: OscarConfig) -> Method:
+    return Method(config.label, config.method, config.bits, config=config)
+
+
 def variant_methods() -> list[Method]:
     """Beyond the paper: ideas that could beat OScaR-2 at (about) its bytes per token."""
     base = OscarConfig(bits=2)
@@ -192,11 +191,11 @@ def variant_methods() -> list[Method]:
     g128v16 = OscarConfig(bits=2, k_group=128, v_group=16)
     vg16 = OscarConfig(bits=2, v_group=16)
     return [
-        Method(f"{base.label}+sink4", "oscar", 2, config=base, sink_bits=4),
-        Method(f"{g128.label}+sink4", "oscar", 2, config=g128, sink_bits=4),
+        _config_method(replace(base, sink_bits=4)),
+        _config_method(replace(g128, sink_bits=4)),
         Method(f"{g128v16.label}-v16", "oscar", 2, config=g128v16),
         Method(f"{base.label}+win256", "oscar", 2, config=base, window=BLOCK_TOKENS),
-        Method(f"{base.label}+sink16", "oscar", 2, config=base, sink_bits=16),
+        _config_method(replace(base, sink_bits=16)),
         Method(f"{vg16.label}-v16", "oscar", 2, config=vg16),
     ]
 
@@ -223,43 +222,6 @@ def select(methods: Sequence[Method], labels: Sequence[str]) -> list[Method]:
     if missing:
         raise ValueError(f"unknown methods {missing}; known: {sorted(by_label)}")
     return [by_label[x] for x in labels]
-
-
-class SinkLayer(OscarLayer):
-    """`OscarLayer` whose first page is quantized at ``sink_bits`` (16: kept exact in bf16)."""
-
-    def __init__(self, config: OscarConfig, sink_bits: int, **kwargs: Any):
-        super().__init__(config, **kwargs)
-        self.sink_bits = sink_bits
-        self.sink_nbytes = 0
-
-    def _flush_full_pages(self) -> None:
-        from oscar_kv.ref import dequantize_kv, quantize_kv
-
-        if self.num_pages() == 0 and self.keys.shape[-2] >= BLOCK_TOKENS:
-            k0 = self.keys[:, :, :BLOCK_TOKENS]
-            v0 = self.values[:, :, :BLOCK_TOKENS]
-            if self.sink_bits == 16:
-                k_hat, v_hat = k0.float(), v0.float()
-                self.sink_nbytes = 2 * k0.numel() * k0.element_size()
-            else:
-                cfg = replace(self.config, bits=self.sink_bits)
-                ks, vs = [], []
-                for b in range(k0.shape[0]):
-                    q = quantize_kv(k0[b].transpose(0, 1), v0[b].transpose(0, 1), cfg)
-                    kh, vh = dequantize_kv(q)
-                    ks.append(kh.transpose(0, 1))
-                    vs.append(vh.transpose(0, 1))
-                    self.sink_nbytes += q.nbytes
-                k_hat, v_hat = torch.stack(ks), torch.stack(vs)
-            self.k_pages = torch.cat([self.k_pages, k_hat.to(self.k_pages)], dim=-2)
-            self.v_pages = torch.cat([self.v_pages, v_hat.to(self.v_pages)], dim=-2)
-            self.keys = self.keys[:, :, BLOCK_TOKENS:].contiguous()
-            self.values = self.values[:, :, BLOCK_TOKENS:].contiguous()
-        super()._flush_full_pages()
-
-    def kv_bytes(self) -> int:
-        return super().kv_bytes() + self.sink_nbytes
 
 
 class ExactHalfLayer(OscarLayer):

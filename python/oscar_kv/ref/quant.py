@@ -230,6 +230,7 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, config: OscarConfig) -> Quanti
     """Quantize one layer's post-RoPE K and V ([tokens, kv_heads, head_dim]) into pages."""
     if not isinstance(config, OscarConfig):
         raise ValueError(f"config must be an OscarConfig, got {type(config).__name__}")  # noqa: TRY004
+    config.require_uniform_pages("quantize_kv")
     check_kv(k, v)
     tokens, heads, dim = k.shape
     if dim % config.v_group:

@@ -12,7 +12,6 @@ machine with SGLang's own dependencies.
 from __future__ import annotations
 
 import importlib
-import importlib.machinery
 import importlib.util
 import sys
 import types
@@ -23,40 +22,13 @@ INSTALL_HINT = (
 )
 
 
-class _Missing:
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        raise NotImplementedError("torchvision stand-in: not available on this machine")
+def install_torchvision_standin() -> None:
+    """The torchvision stand-in of `oscar_kv.sglang.cpu.standins`, ahead of any installed
+    torchvision (which is absent or built for another torch when this is called)."""
+    from oscar_kv.sglang.cpu.standins import TORCHVISION_FINDER
 
-    def __class_getitem__(cls, item: object) -> type:
-        return cls
-
-
-class _StandInModule(types.ModuleType):
-    def __getattr__(self, name: str) -> object:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        full = f"{self.__name__}.{name}"
-        if full in sys.modules:
-            return sys.modules[full]
-        return type(name, (_Missing,), {})
-
-
-class _StandInFinder:
-    @staticmethod
-    def find_spec(name: str, path: object = None, target: object = None):
-        if name == "torchvision" or name.startswith("torchvision."):
-            return importlib.machinery.ModuleSpec(name, _StandInLoader, is_package=True)
-        return None
-
-
-class _StandInLoader:
-    @staticmethod
-    def create_module(spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
-        return _StandInModule(spec.name)
-
-    @staticmethod
-    def exec_module(module: types.ModuleType) -> None:
-        module.__path__ = []
+    if TORCHVISION_FINDER not in sys.meta_path:
+        sys.meta_path.insert(0, TORCHVISION_FINDER)
 
 
 def _torchvision_usable() -> bool:
@@ -78,8 +50,7 @@ def import_sglang_cache() -> types.ModuleType:
         raise ImportError(INSTALL_HINT)
     if "sglang.srt.mem_cache.radix_cache" not in sys.modules and not _torchvision_usable():
         importlib.import_module("transformers")  # decides torchvision is absent first
-        if _StandInFinder not in sys.meta_path:
-            sys.meta_path.insert(0, _StandInFinder)
+        install_torchvision_standin()
     try:
         for name in [
             "sglang.srt.mem_cache.radix_cache",

@@ -27,8 +27,8 @@ Public registries / extension points:
   ``sglang.srt.layers.attention.base_attn_backend.AttentionBackend`` (backend base class),
   ForwardBatch fields ``forward_mode, req_pool_indices, seq_lens, extend_seq_lens_cpu``,
   RadixAttention fields ``layer_id, tp_q_head_num, tp_k_head_num, head_dim, scaling``.
-- ``oscar_kv.sglang._testing``'s torchvision stand-in (``_torchvision_usable``,
-  ``_StandInFinder``) on machines whose torchvision does not match torch.
+- ``oscar_kv.sglang.cpu.standins``' torchvision stand-in (installed through
+  ``oscar_kv.sglang._testing``) on machines whose torchvision does not match torch.
 Private internals hooked (may move between SGLang releases; each hook checks the target
 exists and logs a warning if not):
 - ``ServerArgs.add_cli_args`` (staticmethod) and ``ServerArgs.from_cli_args`` (classmethod):
@@ -277,9 +277,8 @@ def _cpu_import_shims() -> None:
     if "sglang.srt.configs" in sys.modules or _testing._torchvision_usable():
         return
     importlib.import_module("transformers")
-    if _testing._StandInFinder not in sys.meta_path:
-        sys.meta_path.insert(0, _testing._StandInFinder)
-        logger.info("oscar-kv: torchvision unusable here; import-time stand-in installed")
+    _testing.install_torchvision_standin()
+    logger.info("oscar-kv: torchvision unusable here; import-time stand-in installed")
 
 
 def _register_cpu_serving() -> None:

@@ -9,6 +9,7 @@ the pool and the prefix tree are back to their idle sizes.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -195,30 +196,44 @@ def test_client_disconnects_mid_stream(server):
 
 
 def test_request_aborted(server):
+    """Aborted once it has streamed its first token (not after a fixed sleep, which a slow
+    machine could outlast before the request even starts)."""
     rid = "oscar-abort-test"
-    result: dict = {}
+    started = threading.Event()
+    chunks: list[dict] = []
+    errors: list[str] = []
 
     def run() -> None:
         body = {
             "text": "Write a long essay about libraries.",
             "rid": rid,
+            "stream": True,
             "sampling_params": {"max_new_tokens": 400, "temperature": 0, "ignore_eos": True},
         }
-        result["r"] = requests.post(server.url + "/generate", json=body, timeout=300)
+        with requests.post(server.url + "/generate", json=body, stream=True, timeout=300) as r:
+            for line in r.iter_lines():
+                if not line.startswith(b"data:") or line == b"data: [DONE]":
+                    continue
+                payload = json.loads(line[len(b"data:") :])
+                if "error" in payload:
+                    errors.append(json.dumps(payload))
+                else:
+                    chunks.append(payload)
+                started.set()
 
     t = threading.Thread(target=run)
     t.start()
-    time.sleep(4.0)
+    assert started.wait(120), "the request never produced a token"
     a = _post(server, "/abort_request", {"rid": rid})
     t.join(300)
     assert a.status_code == 200, a.text
-    r = result["r"]
-    if r.status_code == 200:
-        info = r.json()["meta_info"]
+    assert not t.is_alive()
+    if errors:
+        assert "abort" in errors[-1].lower(), errors
+    else:
+        info = chunks[-1]["meta_info"]
         assert info["finish_reason"]["type"] == "abort", info["finish_reason"]
         assert info["completion_tokens"] < 400
-    else:
-        assert "abort" in r.text.lower(), r.text
 
 
 def test_prompt_longer_than_context_is_rejected(server):

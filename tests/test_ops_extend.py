@@ -1,4 +1,8 @@
-"""extend_attention: new tokens attend causally to packed pages, the tail, and themselves."""
+"""extend_attention: new tokens attend causally to packed pages, the tail, and themselves.
+
+The fused Triton kernel is checked with fp32 dots (``precise``: tight tolerance, catches
+indexing, masking, norms, rotations) and through `ops` with its default fp16 operands.
+"""
 
 from __future__ import annotations
 
@@ -7,43 +11,121 @@ import torch
 
 from kernel_cases import DEVICE, build_cache, make_kv
 from oscar_kv import OscarConfig, ops
+from oscar_kv import triton as tri
+from oscar_kv.ops import _extend_via_workspace
 from oscar_kv.ref import attention
 from oscar_kv.ref.quant import QuantizedKV
 
 
-def run(cfg, lens, new, h=2, group=2, d=64, backend="triton"):
-    cache = build_cache(cfg, lens, h, d, kind="outlier", seed=3)
-    gen = torch.Generator().manual_seed(4)
+def inputs(cfg, lens, new, h, group, d, kind="outlier", seed=3):
+    cache = build_cache(cfg, lens, h, d, kind=kind, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
     n = sum(new)
-    k_new, v_new = make_kv(n, h, d, "random", gen)
+    k_new, v_new = make_kv(n, h, d, kind, gen)
     q = torch.randn(n, h * group, d, generator=gen)
+    if kind == "outlier":
+        q[:, :, 3] *= 10.0
+    q = q.bfloat16().float()  # what a model hands over: bf16 values, exact in fp16 too
     cu = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32)
-    want = []
+    want = torch.zeros(q.shape)
     for b, qkv in enumerate(cache.qkvs):
         lo, hi = int(cu[b]), int(cu[b + 1])
-        if hi == lo:
-            continue
-        ext = QuantizedKV(**{**qkv.__dict__, "k_tail": torch.cat((qkv.k_tail, k_new[lo:hi])),
-                             "v_tail": torch.cat((qkv.v_tail, v_new[lo:hi]))})  # fmt: skip
-        want.append(attention(q[lo:hi], ext))
-    got = ops.extend_attention(
-        q.to(DEVICE), k_new.to(DEVICE), v_new.to(DEVICE), cu, *cache.decode_args(),
-        cache.tail_len, cfg, tail_index=cache.tail_index, backend=backend,
+        if hi > lo:
+            ext = QuantizedKV(**{**qkv.__dict__, "k_tail": torch.cat((qkv.k_tail, k_new[lo:hi])),
+                                 "v_tail": torch.cat((qkv.v_tail, v_new[lo:hi]))})  # fmt: skip
+            want[lo:hi] = attention(q[lo:hi], ext)
+    return cache, q.to(DEVICE), k_new.to(DEVICE), v_new.to(DEVICE), cu.to(DEVICE), want
+
+
+def close(got, want, tol):
+    big = max(1.0, float(want.abs().max()))
+    torch.testing.assert_close(got.float().cpu(), want, rtol=tol, atol=tol * big)
+
+
+def check_fused(cfg, lens, new, h=2, group=2, d=64, kind="outlier", bt=32, fp16=True):
+    cache, q, k_new, v_new, cu, want = inputs(cfg, lens, new, h, group, d, kind)
+    got = tri.extend_attention(
+        q, k_new, v_new, cu, cache.pool, cache.layout, cache.page_table, cache.num_pages,
+        cache.k_tail, cache.v_tail, cache.tail_index, cache.tail_len, d**-0.5, True, bt,
     )  # fmt: skip
-    want = torch.cat(want)
-    torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4 * want.abs().max())
+    close(got, want, 1e-4)
+    if fp16:
+        got = ops.extend_attention(
+            q, k_new, v_new, cu, *cache.decode_args(), cache.tail_len, cfg,
+            tail_index=cache.tail_index, backend="triton",
+        )  # fmt: skip
+        close(got, want, 5e-3)
 
 
-def test_extend_triton_matches_reference():
-    # A request with pages and a tail, one with an empty tail, one brand new, one idle.
-    run(OscarConfig(), [300, 256, 0, 40], [5, 130, 3, 0])
+def test_extend_fused_mixed_requests():
+    # Pages + tail, exactly two pages (empty tail), brand new, idle, tail only.
+    check_fused(OscarConfig(), [300, 256, 0, 40, 5], [5, 130, 3, 0, 1])
 
 
-def test_extend_triton_gqa_kivi_and_head_norm():
-    run(OscarConfig.kivi(), [129], [17], h=1, group=8)
-    run(OscarConfig(bits=4, norm="head", fold_v=True), [200], [2], h=2, group=1)
+@pytest.mark.parametrize("group", [1, 4, 8])
+def test_extend_fused_gqa(group):
+    # 70 new tokens: more than one block of BM tokens for every group size.
+    check_fused(OscarConfig(), [129, 0], [70, 9], h=1 if group == 8 else 2, group=group)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        OscarConfig.kivi(),
+        OscarConfig.rotation_only(),
+        OscarConfig.direct_scaling(k_group=128),
+        OscarConfig(bits=4, k_group=64, norm="head"),
+        OscarConfig(fold_v=True),
+    ],
+    ids=lambda c: f"{c.label}{'-foldv' if c.fold_v else ''}",
+)
+def test_extend_fused_configs(cfg):
+    check_fused(cfg, [257, 3], [17, 40])
+
+
+@pytest.mark.parametrize("kind", ["random", "tiny"])
+def test_extend_fused_inputs(kind):
+    check_fused(OscarConfig(), [384, 1], [33, 2], group=4, kind=kind)
+
+
+@pytest.mark.parametrize("d", [128, 256])
+def test_extend_fused_head_dims(d):
+    check_fused(OscarConfig(), [200], [20], h=1, group=2, d=d, fp16=d == 128)
+
+
+@pytest.mark.parametrize(("bt", "k_group"), [(64, 32), (128, 64)])
+def test_extend_fused_block_tokens(bt, k_group):
+    check_fused(OscarConfig(k_group=k_group), [300], [70], bt=bt, fp16=False)
+
+
+@pytest.mark.parametrize("which", ["triton", "ref"])
+def test_extend_workspace_path(which):
+    """The dequantize-then-SDPA route (CUDA's extend, the benchmark's baseline)."""
+    cfg = OscarConfig()
+    cache, q, k_new, v_new, cu, want = inputs(cfg, [300, 0, 40], [5, 3, 0], 2, 2, 64)
+    got = _extend_via_workspace(
+        which, q, k_new, v_new, cu, cache.pool, cache.layout, cache.page_table,
+        cache.num_pages, cache.k_tail, cache.v_tail, cache.tail_index, cache.tail_len, 64**-0.5,
+    )  # fmt: skip
+    close(got, want, 1e-4)
 
 
 @pytest.mark.parametrize("backend", ["ref", "torch"])
 def test_extend_cpu_backends(backend):
-    run(OscarConfig(), [130, 7], [3, 4], backend=backend)
+    cfg = OscarConfig()
+    cache, q, k_new, v_new, cu, want = inputs(cfg, [130, 7], [3, 4], 2, 2, 64)
+    got = ops.extend_attention(
+        q.cpu(), k_new.cpu(), v_new.cpu(), cu.cpu(), *(t.cpu() for t in cache.decode_args()),
+        cache.tail_len.cpu(), cfg, tail_index=cache.tail_index.cpu(), backend=backend,
+    )  # fmt: skip
+    close(got, want, 1e-4)
+
+
+def test_extend_fused_no_new_tokens():
+    cfg = OscarConfig()
+    cache, q, k_new, v_new, cu, _ = inputs(cfg, [130], [0], 2, 2, 64)
+    got = ops.extend_attention(
+        q, k_new, v_new, cu, *cache.decode_args(), cache.tail_len, cfg,
+        tail_index=cache.tail_index, backend="triton",
+    )  # fmt: skip
+    assert got.shape == (0, 4, 64)

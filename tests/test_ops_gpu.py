@@ -78,10 +78,10 @@ def test_decode_matches_reference_on_gpu(backend, h, group, d, cfg):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_extend_matches_reference_on_gpu(backend):
     cfg = OscarConfig()
-    cache = build_cache(cfg, [300, 0], 8, 128, seed=5, device=CUDA)
-    k_new, v_new = make_kv(40, 8, 128, "random", torch.Generator().manual_seed(6))
-    q = torch.randn(40, 32, 128, generator=torch.Generator().manual_seed(7))
-    cu = torch.tensor([0, 30, 40], dtype=torch.int32)
+    cache = build_cache(cfg, [300, 0, 1000], 8, 128, seed=5, device=CUDA)
+    k_new, v_new = make_kv(270, 8, 128, "random", torch.Generator().manual_seed(6))
+    q = torch.randn(270, 32, 128, generator=torch.Generator().manual_seed(7)).bfloat16().float()
+    cu = torch.tensor([0, 30, 70, 270], dtype=torch.int32)
     got = ops.extend_attention(q.to(CUDA), k_new.to(CUDA), v_new.to(CUDA), cu,
                                *cache.decode_args(), cache.tail_len, cfg,
                                tail_index=cache.tail_index, backend=backend)  # fmt: skip
@@ -89,7 +89,9 @@ def test_extend_matches_reference_on_gpu(backend):
                                 cache.num_pages.cpu(), cache.k_tail.cpu(), cache.v_tail.cpu(),
                                 cache.tail_len.cpu(), cfg, tail_index=cache.tail_index.cpu(),
                                 backend="ref")  # fmt: skip
-    torch.testing.assert_close(got.cpu(), want, rtol=1e-3, atol=1e-3)
+    # Triton's fused kernel feeds fp16 operands to the tensor cores, as decode does.
+    big = max(1.0, float(want.abs().max()))
+    torch.testing.assert_close(got.cpu(), want, rtol=5e-3, atol=5e-3 * big)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -34,7 +34,15 @@ def run_aot(*args: str) -> str:
 def test_compile_main_config_sm80_sm90a():
     out = run_aot("--quick", "80", "90")
     for arch in ("sm_80", "sm_90a"):
-        for kernel in ("quantize", "dequantize", "decode", "merge", "fwht", "bf16_decode"):
+        for kernel in (
+            "quantize",
+            "dequantize",
+            "decode",
+            "merge",
+            "extend",
+            "fwht",
+            "bf16_decode",
+        ):
             assert f"{arch} {kernel}[" in out, out
 
 
@@ -42,3 +50,4 @@ def test_compile_main_config_sm80_sm90a():
 def test_compile_all_configs_sm80_sm90a():
     out = run_aot("80", "90")
     assert out.count("sm_90a decode[") == 9, out
+    assert out.count("sm_90a extend[") == 9, out

@@ -394,8 +394,10 @@ def extend_attention(
     num_pages[b] * 128 + tail_len[b] cached tokens and are NOT in the tail yet. Equals
     ``oscar_kv.ref.attention(q_b, qkv_b)`` where qkv_b's tail is (tail ++ new tokens).
 
-    First version (Triton/CUDA path): dequantize the prefix pages into a workspace, then
-    torch SDPA over [prefix, tail, new] with the causal offset; a fused kernel replaces it.
+    Triton: one fused kernel (`oscar_kv.triton.extend`) that dequantizes pages in registers.
+    CUDA has no extend kernel of its own yet: it dequantizes the prefix pages into a
+    workspace with the CUDA op, then runs torch SDPA over [prefix, tail, new] with the causal
+    offset (`_extend_via_workspace`, also the baseline that benches/bench_extend.py times).
     """
     if q.dim() != 3 or k_new.dim() != 3 or v_new.shape != k_new.shape:
         raise ValueError("q must be [N, Hq, D] and k_new/v_new [N, H_kv, D] of equal shape")
@@ -413,6 +415,36 @@ def extend_attention(
             q, k_new, v_new, cu_seqlens, pool, layout, page_table, num_pages, k_tail, v_tail,
             tidx, tail_len, scale,
         )  # fmt: skip
+    if which == "triton":
+        return _triton().extend_attention(
+            q, k_new, v_new, cu_seqlens, pool, layout, page_table, num_pages, k_tail, v_tail,
+            tidx, tail_len, scale,
+        )  # fmt: skip
+    return _extend_via_workspace(
+        which, q, k_new, v_new, cu_seqlens, pool, layout, page_table, num_pages, k_tail, v_tail,
+        tidx, tail_len, scale,
+    )  # fmt: skip
+
+
+def _extend_via_workspace(
+    which: str,
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    pool: torch.Tensor,
+    layout: PageLayout,
+    page_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    k_tail: torch.Tensor,
+    v_tail: torch.Tensor,
+    tidx: torch.Tensor,
+    tail_len: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Per request: prefix pages dequantized by ``which`` (cuda, triton; ref: the reference
+    attention itself) into fp32, then SDPA over [prefix, tail, new] with the causal offset."""
+    batch = cu_seqlens.shape[0] - 1
     cu = cu_seqlens.tolist()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     group = q.shape[1] // layout.kv_heads

@@ -9,6 +9,7 @@ with scope():
     from oscar_kv.triton.api import (
         decode_attention,
         dequantize_pages,
+        extend_attention,
         fwht,
         quantize_pages,
     )
@@ -19,6 +20,7 @@ __all__ = [
     "bf16_decode_attention",
     "decode_attention",
     "dequantize_pages",
+    "extend_attention",
     "fwht",
     "quantize_pages",
 ]

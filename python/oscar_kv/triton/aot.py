@@ -22,9 +22,10 @@ from triton.backends.compiler import GPUTarget
 
 from oscar_kv import OscarConfig
 from oscar_kv.ops import PageLayout
-from oscar_kv.triton.api import _layout_args
+from oscar_kv.triton.api import EXTEND_WARPS, _layout_args, extend_block_tokens
 from oscar_kv.triton.bf16 import bf16_split_kernel
 from oscar_kv.triton.decode import decode_split_kernel, merge_kernel
+from oscar_kv.triton.extend import extend_kernel
 from oscar_kv.triton.quant import dequantize_pages_kernel, fwht_kernel, quantize_pages_kernel
 
 CONFIGS = [
@@ -97,7 +98,8 @@ def compile_all(cap: int, full: bool = True) -> list[tuple[str, float, int, str]
         "n_rows": "i32",
         "pages_per_split": "i32",
     }
-    bf = {"k_ptr": "*bf16", "v_ptr": "*bf16", "q_ptr": "*bf16", "kt_ptr": "*bf16",
+    ptr.update({"cu_ptr": "*i32", "work_req_ptr": "*i32", "work_q0_ptr": "*i32"})
+    bf = {"kn_ptr": "*bf16", "vn_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "q_ptr": "*bf16", "kt_ptr": "*bf16",
           "vt_ptr": "*bf16", "out_ptr": "*bf16", "x_ptr": "*bf16", "k_out_ptr": "*fp32",
           "v_out_ptr": "*fp32"}  # fmt: skip
     types = {**ptr, **bf}
@@ -125,6 +127,12 @@ def compile_all(cap: int, full: bool = True) -> list[tuple[str, float, int, str]
             run(f"merge[{tag}-g{group}]", merge_kernel,
                 {"HKV": h, "G": group, "GP": gp, "D": d, "LOG2D": int(math.log2(d)),
                  "ROT_V": cfg.rotates_v_online}, num_warps=4)  # fmt: skip
+        for group in (4, 1, 8) if full else (4,):
+            gp = triton.next_power_of_2(group)
+            ext = {**la, "G": group, "GP": gp, "BM": extend_block_tokens(group, d),
+                   "PRECISE": False, "ROT_Q": cfg.rotation == "hadamard",
+                   "ROT_V": cfg.rotates_v_online, "BT": 32}  # fmt: skip
+            run(f"extend[{tag}-g{group}]", extend_kernel, ext, num_warps=EXTEND_WARPS)
         run(f"fwht[d{d}]", fwht_kernel, {"ROWS": max(1, min(64, 2048 // d)), "D": d,
                                           "LOG2D": int(math.log2(d))}, num_warps=4)  # fmt: skip
         run(f"bf16_decode[h{h}-d{d}]", bf16_split_kernel,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import TYPE_CHECKING
 
@@ -10,6 +11,7 @@ import triton
 
 from oscar_kv.triton._env import in_scope
 from oscar_kv.triton.decode import decode_split_kernel, merge_kernel
+from oscar_kv.triton.extend import extend_kernel
 from oscar_kv.triton.quant import dequantize_pages_kernel, fwht_kernel, quantize_pages_kernel
 
 if TYPE_CHECKING:
@@ -207,5 +209,100 @@ def decode_attention(
         LOG2D=args["LOG2D"],
         ROT_V=cfg.rotates_v_online,
         num_warps=4,
+    )
+    return out
+
+
+# 8 warps: with 4, the [64, 128] fp32 accumulator, its value planes and the query planes
+# need 250+ registers per thread and spill for GQA 1 (sm_90a, ptxas -v).
+EXTEND_WARPS = 8
+
+
+def extend_block_tokens(group: int, head_dim: int) -> int:
+    """New tokens per program: BM * next_pow2(group) query rows, 64 (32 for head_dim 256) so
+    the fp32 accumulator of [rows, head_dim] stays in registers; at least 16 rows for tl.dot."""
+    rows = 32 if head_dim > 128 else 64
+    return max(1, rows // triton.next_power_of_2(group), 16 // triton.next_power_of_2(group))
+
+
+@in_scope
+def extend_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    pool: torch.Tensor,
+    layout: PageLayout,
+    page_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    k_tail: torch.Tensor,
+    v_tail: torch.Tensor,
+    tail_index: torch.Tensor,
+    tail_len: torch.Tensor,
+    scale: float,
+    precise: bool = False,
+    block_tokens: int = 32,
+    new_lens: list[int] | None = None,
+) -> torch.Tensor:
+    """Fused extend attention; out [N, Hq, D] in q's dtype (see `oscar_kv.ops.extend_attention`).
+
+    ``new_lens`` (new tokens per request, host ints) spares a device-to-host copy of
+    cu_seqlens when the caller has them; the work list of (request, first token) blocks is
+    built from it on the host.
+    """
+    n, hq, d = q.shape
+    hkv = layout.kv_heads
+    group = hq // hkv
+    out = torch.empty((n, hq, d), dtype=q.dtype, device=q.device)
+    bm = extend_block_tokens(group, d)
+    if new_lens is None:
+        cu = cu_seqlens.tolist()
+        new_lens = [hi - lo for lo, hi in itertools.pairwise(cu)]
+    work = [(b, q0) for b, nb in enumerate(new_lens) for q0 in range(0, nb, bm)]
+    if not work:
+        return out
+    work_t = torch.tensor(work, dtype=torch.int32).T.contiguous().to(q.device)
+    cfg = layout.config
+    extend_kernel[(len(work), hkv)](
+        q,
+        q.stride(0),
+        q.stride(1),
+        k_new,
+        k_new.stride(0),
+        k_new.stride(1),
+        v_new,
+        v_new.stride(0),
+        v_new.stride(1),
+        out,
+        out.stride(0),
+        out.stride(1),
+        cu_seqlens.to(device=q.device, dtype=torch.int32),
+        work_t[0],
+        work_t[1],
+        pool,
+        pool.stride(0),
+        page_table,
+        page_table.stride(0),
+        num_pages,
+        k_tail,
+        k_tail.stride(0),
+        k_tail.stride(1),
+        k_tail.stride(2),
+        v_tail,
+        v_tail.stride(0),
+        v_tail.stride(1),
+        v_tail.stride(2),
+        tail_index,
+        tail_len,
+        scale * _LOG2E,
+        G=group,
+        GP=triton.next_power_of_2(group),
+        BM=bm,
+        ROT_Q=cfg.rotation == "hadamard",
+        ROT_V=cfg.rotates_v_online,
+        PRECISE=precise,
+        BT=block_tokens,
+        num_warps=EXTEND_WARPS,
+        **_layout_args(layout),
     )
     return out

@@ -5,14 +5,8 @@ through the page table; the last split (s == NS) takes the bf16 tail. Every prog
 all G query heads of its KV head, so each page is read once per KV head (GQA sharing).
 Partials (m, l, acc) go to a workspace and `merge_kernel` combines them by log-sum-exp.
 
-Page logits are taken in the rotated, unit-scaled basis: (H q) . (code * scale + zero), then
-times the stored fp32 norm and the softmax scale (as `oscar_kv.ref.attention`). Page values
-are summed in the stored basis; the merge un-rotates the page part when V was rotated
-online, before adding the tail part, which is already in the model's basis.
-
-Codes stay in their packed "planes" instead of being unpacked to channel order: for 2 bits,
-plane k of a [128, D/4] byte tile holds channels 4j + k, so q is split into the same planes
-once per program and each page costs per-plane dots, without shuffling the big tiles.
+The per-block work is `oscar_kv.triton.paged`'s; the merge un-rotates the page part when V
+was rotated online, before adding the tail part, which is already in the model's basis.
 """
 
 from __future__ import annotations
@@ -21,78 +15,7 @@ import triton
 import triton.language as tl
 
 from oscar_kv.triton.common import fwht_rows
-
-
-@triton.jit
-def _planes_of(x, R: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
-    """Split x [R, D] into planes: plane k holds channels PB * j + k (PB = 8 / BITS)."""
-    NB: tl.constexpr = D * BITS // 8
-    if BITS == 2:
-        y = tl.reshape(x, [R, NB, 2, 2])  # channel 4j + 2a + b at (j, a, b)
-        e, o = tl.split(y)  # b = 0 / 1
-        p0, p2 = tl.split(e)
-        p1, p3 = tl.split(o)
-    else:
-        y = tl.reshape(x, [R, NB, 2])
-        p0, p1 = tl.split(y)
-        p2 = p0
-        p3 = p1
-    return p0, p1, p2, p3
-
-
-@triton.jit
-def _from_planes(p0, p1, p2, p3, R: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
-    if BITS == 2:
-        y = tl.join(tl.join(p0, p2), tl.join(p1, p3))
-    else:
-        y = tl.join(p0, p1)
-    return tl.reshape(y, [R, D])
-
-
-@triton.jit
-def _dot(a, b, PRECISE: tl.constexpr):
-    if PRECISE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a.to(tl.float16), b.to(tl.float16))
-
-
-@triton.jit
-def _k_dot(
-    qp,
-    kb,
-    ksp,
-    kzp,
-    K: tl.constexpr,
-    BITS: tl.constexpr,
-    NGKB: tl.constexpr,
-    KGB: tl.constexpr,
-    NB: tl.constexpr,
-    PRECISE: tl.constexpr,
-):
-    """q plane [GP, NB] . dequantized K plane K of a [NGKB * KGB, NB] code tile -> [GP, BT]."""
-    QMAX: tl.constexpr = (1 << BITS) - 1
-    ks = tl.load(ksp + K).to(tl.float32)
-    kz = tl.load(kzp + K).to(tl.float32)
-    code = tl.reshape(((kb >> (K * BITS)) & QMAX).to(tl.float32), [NGKB, KGB, NB])
-    k = tl.reshape(code * ks[:, None, :] + kz[:, None, :], [NGKB * KGB, NB])
-    return _dot(qp, tl.trans(k), PRECISE)
-
-
-@triton.jit
-def _v_plane(
-    vb,
-    vs,
-    vz,
-    K: tl.constexpr,
-    BITS: tl.constexpr,
-    BT: tl.constexpr,
-    NVG: tl.constexpr,
-    NB: tl.constexpr,
-):
-    QMAX: tl.constexpr = (1 << BITS) - 1
-    code = ((vb >> (K * BITS)) & QMAX).to(tl.float32)
-    code = tl.reshape(code, [BT, NVG, NB // NVG])
-    return tl.reshape(code * vs[:, :, None] + vz[:, :, None], [BT, NB])
+from oscar_kv.triton.paged import bf16_step, from_planes, page_step, planes_of
 
 
 @triton.jit
@@ -141,13 +64,8 @@ def decode_split_kernel(
     BT: tl.constexpr,
 ):
     T: tl.constexpr = 128
-    PB: tl.constexpr = 8 // BITS
-    NB: tl.constexpr = D // PB
-    NGK: tl.constexpr = T // KG
-    NVG: tl.constexpr = D // VG
+    NB: tl.constexpr = D * BITS // 8
     NSUB: tl.constexpr = T // BT
-    KGB: tl.constexpr = KG if KG < BT else BT  # noqa: FURB136 (constexpr, not builtin min)
-    NGKB: tl.constexpr = BT // KGB  # K groups per sub-block
     b = tl.program_id(0)
     hk = tl.program_id(1)
     s = tl.program_id(2)
@@ -163,28 +81,21 @@ def decode_split_kernel(
     ).to(tl.float32)
     mid = (b * HKV * G + hq) * (nsplit + 1) + s
 
+    m = tl.full([GP], float("-inf"), dtype=tl.float32)
+    l_sum = tl.zeros([GP], dtype=tl.float32)
     if s == nsplit:
         # bf16 tail, exact, in the model's basis; BT tokens per step like the pages.
         slot = tl.load(tidx_ptr + b).to(tl.int64)
         n_tail = tl.load(tlen_ptr + b)
-        m = tl.full([GP], float("-inf"), dtype=tl.float32)
-        l_sum = tl.zeros([GP], dtype=tl.float32)
         acc = tl.zeros([GP, D], dtype=tl.float32)
         for t0 in range(0, n_tail, BT):
             tt = t0 + tl.arange(0, BT)
             tmask = tt < n_tail
             off = tt[:, None] * kts1 + c[None, :]  # 32-bit tile offsets off a 64-bit base
             kt = tl.load(kt_ptr + (slot * kts0 + hk * kts2) + off, mask=tmask[:, None], other=0.0)
-            qk = _dot(q, tl.trans(kt.to(tl.float32)), PRECISE) * qk_scale
-            qk = tl.where(tmask[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m, tl.max(qk, axis=1))  # finite: tt[0] < n_tail
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_sum = l_sum * alpha + tl.sum(p, axis=1)
-            m = m_new
             voff = tt[:, None] * vts1 + c[None, :]
             vt = tl.load(vt_ptr + (slot * vts0 + hk * vts2) + voff, mask=tmask[:, None], other=0.0)
-            acc = acc * alpha[:, None] + _dot(p, vt.to(tl.float32), PRECISE)
+            m, l_sum, acc = bf16_step(q, kt, vt, tmask[None, :], m, l_sum, acc, qk_scale, PRECISE)
     else:
         n_pages = tl.load(npages_ptr + b)
         start = s * pages_per_split
@@ -193,61 +104,21 @@ def decode_split_kernel(
             qr = fwht_rows(q, GP, D, LOG2D)
         else:
             qr = q
-        q0, q1, q2, q3 = _planes_of(qr, GP, D, BITS)
-        j = tl.arange(0, NB)
-        gk = tl.arange(0, NGKB)
-        gv = tl.arange(0, NVG)
-        m = tl.full([GP], float("-inf"), dtype=tl.float32)
-        l_sum = tl.zeros([GP], dtype=tl.float32)
+        q0, q1, q2, q3 = planes_of(qr, GP, D, BITS)
         a0 = tl.zeros([GP, NB], dtype=tl.float32)
         a1 = tl.zeros([GP, NB], dtype=tl.float32)
         a2 = tl.zeros([GP, NB], dtype=tl.float32)
         a3 = tl.zeros([GP, NB], dtype=tl.float32)
-        # Flattened (page, sub-block) loop: BT tokens per step keeps the code tiles small.
+        # Flattened (page, block) loop: BT tokens per step keeps the code tiles small.
         for it in range(start * NSUB, end * NSUB):
-            i = it // NSUB
-            t0 = (it % NSUB) * BT
-            tt = t0 + tl.arange(0, BT)
-            page = tl.load(pt_ptr + b.to(tl.int64) * pt_stride + i).to(tl.int64)
-            base = pool_ptr + page * page_stride
-            row = (hk * T + tt[:, None]) * NB + j[None, :]
-            kb = tl.load(base + OFF_KC + row).to(tl.int32)
-            # K params of the sub-block's groups; plane k reads channel PB * j + k.
-            pofs = (hk * NGK + t0 // KG + gk[:, None]) * D + j[None, :] * PB
-            ksp = (base + OFF_KS).to(tl.pointer_type(tl.float16)) + pofs
-            kzp = (base + OFF_KZ).to(tl.pointer_type(tl.float16)) + pofs
-            qk = _k_dot(q0, kb, ksp, kzp, 0, BITS, NGKB, KGB, NB, PRECISE)
-            qk += _k_dot(q1, kb, ksp, kzp, 1, BITS, NGKB, KGB, NB, PRECISE)
-            if BITS == 2:
-                qk += _k_dot(q2, kb, ksp, kzp, 2, BITS, NGKB, KGB, NB, PRECISE)
-                qk += _k_dot(q3, kb, ksp, kzp, 3, BITS, NGKB, KGB, NB, PRECISE)
-            if NORM == 1:
-                nrm = tl.load((base + OFF_N).to(tl.pointer_type(tl.float32)) + tt)
-                qk = qk * nrm[None, :]
-            elif NORM == 2:
-                nrm = tl.load((base + OFF_N).to(tl.pointer_type(tl.float32)) + hk * T + tt)
-                qk = qk * nrm[None, :]
-            qk = qk * qk_scale
-            m_new = tl.maximum(m, tl.max(qk, axis=1))
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_sum = l_sum * alpha + tl.sum(p, axis=1)
-            m = m_new
-
-            vb = tl.load(base + OFF_VC + row).to(tl.int32)
-            vofs = (hk * T + tt[:, None]) * NVG + gv[None, :]
-            vs = tl.load((base + OFF_VS).to(tl.pointer_type(tl.float16)) + vofs).to(tl.float32)
-            vz = tl.load((base + OFF_VZ).to(tl.pointer_type(tl.float16)) + vofs).to(tl.float32)
-            a0 = a0 * alpha[:, None] + _dot(p, _v_plane(vb, vs, vz, 0, BITS, BT, NVG, NB), PRECISE)
-            a1 = a1 * alpha[:, None] + _dot(p, _v_plane(vb, vs, vz, 1, BITS, BT, NVG, NB), PRECISE)
-            if BITS == 2:
-                a2 = a2 * alpha[:, None] + _dot(
-                    p, _v_plane(vb, vs, vz, 2, BITS, BT, NVG, NB), PRECISE
-                )
-                a3 = a3 * alpha[:, None] + _dot(
-                    p, _v_plane(vb, vs, vz, 3, BITS, BT, NVG, NB), PRECISE
-                )
-        acc = _from_planes(a0, a1, a2, a3, GP, D, BITS)
+            page = tl.load(pt_ptr + b.to(tl.int64) * pt_stride + it // NSUB).to(tl.int64)
+            m, l_sum, a0, a1, a2, a3 = page_step(
+                q0, q1, q2, q3, pool_ptr + page * page_stride, hk, (it % NSUB) * BT,
+                m, l_sum, a0, a1, a2, a3, qk_scale,
+                OFF_KC, OFF_VC, OFF_KS, OFF_KZ, OFF_VS, OFF_VZ, OFF_N,
+                D, BITS, KG, VG, NORM, PRECISE, BT,
+            )  # fmt: skip
+        acc = from_planes(a0, a1, a2, a3, GP, D, BITS)
 
     tl.store(mid_m_ptr + mid, m, mask=qmask)
     tl.store(mid_l_ptr + mid, l_sum, mask=qmask)

@@ -94,3 +94,38 @@ def test_launchers_compile_against_torch_headers(tmp_path):
          f"-I{CSRC / 'include'}", f"-I{CSRC}", f"-I{tmp_path / 'shim'}", f"-I{TORCH_INC}",
          f"-I{TORCH_INC / 'torch' / 'csrc' / 'api' / 'include'}", "-c",
          str(CSRC / "oscar_kv_ops.cu"), "-o", str(tmp_path / "ops.o")])  # fmt: skip
+
+
+def test_jit_finds_the_sources_inside_the_package():
+    """The JIT build reads oscar_kv/cuda/csrc (shipped in the wheel), the repo's csrc/ links
+    there, and the build key covers every source."""
+    from oscar_kv.cuda import jit
+
+    root = jit.csrc_dir()
+    assert root.is_relative_to(Path(jit.__file__).resolve().parent)
+    assert CSRC.resolve() == root
+    files = jit._source_files(root)
+    assert all(f.is_file() for f in files)
+    assert {f.name for f in files} >= {"oscar_kv_ops.cu", "torch_bindings.cpp", "decode.cuh",
+                                       "fwht.cuh", "quant.cuh", "common.cuh", "oscar_kv_ops.h"}  # fmt: skip
+    assert len(jit.build_key(root)) == 16
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_cuda_sources(tmp_path):
+    import sys
+    import zipfile
+
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(tmp_path),
+                        str(ROOT)], capture_output=True, text=True, timeout=1800, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    (wheel,) = tmp_path.glob("oscar_kv-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for f in (
+        "oscar_kv_ops.cu",
+        "torch_bindings.cpp",
+        "oscar_kv_ops.h",
+        "include/oscar/decode.cuh",
+    ):
+        assert f"oscar_kv/cuda/csrc/{f}" in names
+    assert not any(n.startswith("csrc/") or "/csrc/tests/" in n for n in names)

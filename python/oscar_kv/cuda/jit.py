@@ -1,9 +1,10 @@
 """Build the oscar-kv CUDA extension on first use and register ``torch.ops.oscar_kv``.
 
-The sources live in the repository's ``csrc/`` (found next to the package, or through
-``OSCAR_KV_CSRC``); the build goes to ``$OSCAR_KV_CACHE`` or ``~/.cache/oscar_kv/<key>``,
-outside the package, keyed by the sources' hash, torch's version and CUDA version and the
-target architectures, so a change of any of them rebuilds. Needs a CUDA build of torch and
+The sources ship inside the package, ``oscar_kv/cuda/csrc`` (the repository's ``csrc/`` links
+there), so any install can build them; ``OSCAR_KV_CSRC`` points elsewhere. The build goes to
+``$OSCAR_KV_CACHE`` or ``~/.cache/oscar_kv/<key>``, outside the package, keyed by the sources'
+hash, torch's version and CUDA version and the target architectures, so a change of any of
+them rebuilds. Needs a CUDA build of torch and
 nvcc (``CUDA_HOME``); without a device set ``TORCH_CUDA_ARCH_LIST`` (e.g. "8.0;9.0a").
 """
 
@@ -23,8 +24,7 @@ def csrc_dir() -> Path:
     env = os.environ.get("OSCAR_KV_CSRC")
     if env:
         return Path(env)
-    # python/oscar_kv/cuda/jit.py -> repository root / csrc
-    return Path(__file__).resolve().parents[3] / "csrc"
+    return Path(__file__).resolve().parent / "csrc"
 
 
 def _source_files(root: Path) -> list[Path]:

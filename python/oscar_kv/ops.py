@@ -394,10 +394,11 @@ def extend_attention(
     num_pages[b] * 128 + tail_len[b] cached tokens and are NOT in the tail yet. Equals
     ``oscar_kv.ref.attention(q_b, qkv_b)`` where qkv_b's tail is (tail ++ new tokens).
 
-    Triton: one fused kernel (`oscar_kv.triton.extend`) that dequantizes pages in registers.
-    CUDA has no extend kernel of its own yet: it dequantizes the prefix pages into a
-    workspace with the CUDA op, then runs torch SDPA over [prefix, tail, new] with the causal
-    offset (`_extend_via_workspace`, also the baseline that benches/bench_extend.py times).
+    cuda and triton: one fused Triton kernel (`oscar_kv.triton.extend`) that dequantizes pages
+    in registers; csrc has no extend kernel, so the CUDA backend falls through to it. The
+    alternative, dequantizing the prefix into an fp32 workspace and calling SDPA
+    (`_extend_via_workspace`, the baseline benches/bench_extend.py times), holds 8 KiB per
+    prefix token per layer at 8 KV heads x 128: 1 GiB for a 128K prefix.
     """
     if q.dim() != 3 or k_new.dim() != 3 or v_new.shape != k_new.shape:
         raise ValueError("q must be [N, Hq, D] and k_new/v_new [N, H_kv, D] of equal shape")
@@ -415,7 +416,7 @@ def extend_attention(
             q, k_new, v_new, cu_seqlens, pool, layout, page_table, num_pages, k_tail, v_tail,
             tidx, tail_len, scale,
         )  # fmt: skip
-    if which == "triton":
+    if which in ("cuda", "triton"):
         return _triton().extend_attention(
             q, k_new, v_new, cu_seqlens, pool, layout, page_table, num_pages, k_tail, v_tail,
             tidx, tail_len, scale,

@@ -212,8 +212,13 @@ def _exact_causal(q, k, v, scale):
     return o.transpose(0, 1)
 
 
-@pytest.mark.parametrize("fold_v", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_extend_then_decode_matches_reference(fold_v):
+@pytest.mark.parametrize(
+    ("fold_v", "backend"),
+    [(False, "torch"), (False, "triton"), pytest.param(True, "torch", marks=pytest.mark.slow)],
+)
+def test_extend_then_decode_matches_reference(fold_v, backend, monkeypatch):
+    # triton: quantize, decode and the fused extend kernel (interpreted here) behind SGLang.
+    monkeypatch.setenv("OSCAR_KV_BACKEND", backend)
     torch.manual_seed(0)
     cfg = OscarConfig(bits=2, k_group=32, fold_v=fold_v)
     w = World(cfg)
@@ -258,7 +263,10 @@ def test_extend_then_decode_matches_reference(fold_v):
         assert torch.equal(w.pool.pages[0][ids.long()], want)
 
 
-def test_second_turn_reuses_prefix_pages():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_second_turn_reuses_prefix_pages(backend, monkeypatch):
+    # triton: the fused extend kernel (interpreted here) behind the SGLang backend.
+    monkeypatch.setenv("OSCAR_KV_BACKEND", backend)
     torch.manual_seed(1)
     cfg = OscarConfig()
     w = World(cfg)

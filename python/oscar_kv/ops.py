@@ -138,19 +138,25 @@ class PageLayout:
 
 @functools.cache
 def _cuda_ops() -> object | None:
+    """The CUDA ops, built and checked against the reference once per process; None (and one
+    warning saying why) when they cannot be built or disagree: the ops then use Triton.
+    ``OSCAR_KV_CUDA_SELFCHECK=0`` skips the check."""
     if not torch.cuda.is_available():
         return None
     try:
-        from oscar_kv.cuda import jit
+        from oscar_kv.cuda import jit, selfcheck
 
-        return jit.load()
+        cuda = jit.load()
+        problem = None
+        if os.environ.get("OSCAR_KV_CUDA_SELFCHECK", "1") != "0":
+            found = selfcheck.disagreement(cuda, torch.device("cuda"))
+            problem = found and f"disagree with the reference: {found}"
     except Exception as e:  # noqa: BLE001 (any build failure means: fall back to Triton)
-        warnings.warn(
-            f"oscar_kv CUDA ops unavailable ({type(e).__name__}: {e}); using Triton",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
+        problem = f"unavailable: {type(e).__name__}: {e}"
+    if problem is None:
+        return cuda
+    warnings.warn(f"oscar_kv CUDA ops {problem}; using Triton", RuntimeWarning, stacklevel=3)
+    return None
 
 
 def _triton():

@@ -129,3 +129,15 @@ def test_extend_fused_no_new_tokens():
         tail_index=cache.tail_index, backend="triton",
     )  # fmt: skip
     assert got.shape == (0, 4, 64)
+
+
+def test_extend_fused_bf16_tensors():
+    """What a GPU server hands over: bf16 q, k_new, v_new; the output comes back in bf16."""
+    cfg = OscarConfig()
+    cache, q, k_new, v_new, cu, want = inputs(cfg, [300, 3], [20, 9], 2, 4, 64)
+    got = ops.extend_attention(
+        q.bfloat16(), k_new, v_new, cu, *cache.decode_args(), cache.tail_len, cfg,
+        tail_index=cache.tail_index, backend="triton",
+    )  # fmt: skip
+    assert got.dtype == torch.bfloat16
+    close(got, want, 1e-2)

@@ -128,3 +128,18 @@ def test_bf16_triton_baseline_matches_sdpa():
         num_splits=2,
     )  # fmt: skip
     torch.testing.assert_close(got.cpu().float(), torch.stack(want), rtol=2e-2, atol=2e-2)
+
+
+def test_decode_bf16_query_and_output():
+    """What a GPU server hands over: a bf16 query; the output comes back in bf16."""
+    cfg = OscarConfig()
+    cache = build_cache(cfg, [300, 5], 2, 64, kind="outlier", seed=2)
+    q = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(3)).bfloat16()
+    want = reference(cache, q.float())
+    got = ops.decode_attention(
+        q.to(DEVICE), *cache.decode_args(), cache.tail_len, cfg,
+        tail_index=cache.tail_index, backend="triton",
+    )  # fmt: skip
+    assert got.dtype == torch.bfloat16
+    big = max(1.0, float(want.abs().max()))
+    torch.testing.assert_close(got.float().cpu(), want, rtol=1e-2, atol=1e-2 * big)

@@ -158,7 +158,7 @@ def packed_impls(cfg: OscarConfig, name: str, shape: Shape, case: Case, device: 
     out: dict[str, tuple[Callable[[], object], int]] = {}
     if device.type == "cuda" and ops._cuda_ops() is not None:
         cuda = ops._cuda_ops()
-        la = ops._cuda_layout_args(layout)
+        la = ops._native_layout_args(layout)
 
         def run_cuda():
             return cuda.decode_attention(q, *args, inp["tail_index"], inp["tail_len"], scale, 0,

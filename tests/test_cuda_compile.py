@@ -97,22 +97,27 @@ def test_launchers_compile_against_torch_headers(tmp_path):
 
 
 def test_jit_finds_the_sources_inside_the_package():
-    """The JIT build reads oscar_kv/cuda/csrc (shipped in the wheel), the repo's csrc/ links
-    there, and the build key covers every source."""
+    """The JIT builds read oscar_kv/csrc (shipped in the wheel), the repo's csrc/ links there,
+    and each build key covers every source it compiles."""
+    from oscar_kv import _build, cpu_kernels
     from oscar_kv.cuda import jit
 
-    root = jit.csrc_dir()
-    assert root.is_relative_to(Path(jit.__file__).resolve().parent)
+    root = _build.csrc_dir()
+    assert root == Path(_build.__file__).resolve().parent / "csrc"
     assert CSRC.resolve() == root
     files = jit._source_files(root)
     assert all(f.is_file() for f in files)
     assert {f.name for f in files} >= {"oscar_kv_ops.cu", "torch_bindings.cpp", "decode.cuh",
-                                       "fwht.cuh", "quant.cuh", "common.cuh", "oscar_kv_ops.h"}  # fmt: skip
-    assert len(jit.build_key(root)) == 16
+                                       "fwht.cuh", "quant.cuh", "common.cuh", "layout.h",
+                                       "oscar_kv_ops.h"}  # fmt: skip
+    cpu_files = cpu_kernels._source_files(root)
+    assert all(f.is_file() for f in cpu_files)
+    assert {"decode_cpu.cpp", "layout.h"} <= {f.name for f in cpu_files}
+    assert len(jit.build_key(root)) == len(cpu_kernels.build_key(root)) == 16
 
 
 @pytest.mark.slow
-def test_wheel_ships_the_cuda_sources(tmp_path):
+def test_wheel_ships_the_sources(tmp_path):
     import sys
     import zipfile
 
@@ -126,6 +131,8 @@ def test_wheel_ships_the_cuda_sources(tmp_path):
         "torch_bindings.cpp",
         "oscar_kv_ops.h",
         "include/oscar/decode.cuh",
+        "include/oscar/layout.h",
+        "cpu/decode_cpu.cpp",
     ):
-        assert f"oscar_kv/cuda/csrc/{f}" in names
+        assert f"oscar_kv/csrc/{f}" in names
     assert not any(n.startswith("csrc/") or "/csrc/tests/" in n for n in names)

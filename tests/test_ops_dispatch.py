@@ -61,9 +61,13 @@ def test_cpu_backend_decode_equals_reference_attention(backend):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
 
 
-def test_cpu_tensors_default_to_torch_and_env_selects(monkeypatch):
+def test_cpu_tensors_default_to_the_cpu_kernels_and_env_selects(monkeypatch):
     monkeypatch.delenv("OSCAR_KV_BACKEND", raising=False)
+    assert ops.resolve_backend(None, torch.device("cpu")) == "cpu"
+    monkeypatch.setattr(ops, "_cpu_ops", lambda: None)  # no C++ compiler: the torch ops
     assert ops.resolve_backend(None, torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="'cpu' needs CPU tensors and the built"):
+        ops.resolve_backend("cpu", torch.device("cpu"))
     monkeypatch.setenv("OSCAR_KV_BACKEND", "ref")
     assert ops.resolve_backend(None, torch.device("cpu")) == "ref"
     monkeypatch.setenv("OSCAR_KV_BACKEND", "bogus")

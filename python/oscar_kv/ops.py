@@ -15,9 +15,11 @@ page ids, oldest first), then ``tail_len[b]`` (0..127) exact tokens in the bf16 
 query is the last token of its request: its own K/V must already be in the tail (or be the
 last token of the last page). Tensors of one call live on one device.
 
-Dispatch: ``backend=None`` reads ``OSCAR_KV_BACKEND`` (cuda, triton, torch, ref), else picks
-CUDA for CUDA tensors when the extension builds, then Triton, and for CPU tensors "torch":
-`oscar_kv.torchops`, plain torch vectorized over the whole batch. "ref" drives the reference
+Dispatch: ``backend=None`` reads ``OSCAR_KV_BACKEND`` (cuda, triton, cpu, torch, ref), else
+picks CUDA for CUDA tensors when the extension builds, then Triton; for CPU tensors "cpu":
+the C++ kernels of `oscar_kv.cpu_kernels` (fused decode; the other ops of that backend are
+the torch ones) when they build, else "torch": `oscar_kv.torchops`, plain torch vectorized
+over the whole batch. "ref" drives the reference
 (`oscar_kv.ref`) one request and one page at a time: the slow, obviously-right path that the
 other backends are tested against. "torch" also runs on CUDA tensors when asked for by name.
 ``backend="triton"`` on CPU tensors runs Triton's interpreter (slow; for tests).
@@ -42,7 +44,7 @@ from oscar_kv.ref import quantize_kv
 from oscar_kv.ref.hadamard import check_head_dim
 from oscar_kv.ref.quant import QuantizedKV, dequantize_kv
 
-BACKENDS = ("cuda", "triton", "torch", "ref")
+BACKENDS = ("cuda", "triton", "cpu", "torch", "ref")
 _SECTION_DTYPES = {
     "k_codes": torch.uint8,
     "v_codes": torch.uint8,
@@ -159,6 +161,12 @@ def _cuda_ops() -> object | None:
     return None
 
 
+def _cpu_ops() -> object | None:
+    from oscar_kv import cpu_kernels
+
+    return cpu_kernels.ops_or_none()
+
+
 def _triton():
     import oscar_kv.triton as tri
 
@@ -182,10 +190,17 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
             raise ValueError("backend 'cuda' needs CUDA tensors and a built oscar_kv CUDA ext")
         if choice == "triton" and device.type != "cuda" and not _triton().INTERPRETED:
             raise ValueError("backend 'triton' on CPU tensors needs TRITON_INTERPRET=1")
+        if choice == "cpu" and (device.type != "cpu" or _cpu_ops() is None):
+            raise ValueError("backend 'cpu' needs CPU tensors and the built oscar_kv CPU kernels")
         return choice
     if device.type == "cuda":
         return "cuda" if _cuda_ops() is not None else "triton"
-    return "torch"
+    return "cpu" if _cpu_ops() is not None else "torch"
+
+
+def _torch_for_cpu(which: str) -> str:
+    """Ops without a C++ CPU kernel run the batched torch ops under backend "cpu"."""
+    return "torch" if which == "cpu" else which
 
 
 def _check_layout_tensors(pool: torch.Tensor, layout: PageLayout) -> None:
@@ -245,9 +260,9 @@ def quantize_page(
     if src_index is None and n != k.shape[0]:
         raise ValueError(f"page_ids has {n} entries but k holds {k.shape[0]} blocks")
     pid = page_ids.to(device=pool.device, dtype=torch.int32).contiguous()
-    which = resolve_backend(backend, k.device)
+    which = _torch_for_cpu(resolve_backend(backend, k.device))
     if which == "cuda":
-        _cuda_ops().quantize_pages(k, v, src, pid, pool, *_cuda_layout_args(layout))  # type: ignore[attr-defined]
+        _cuda_ops().quantize_pages(k, v, src, pid, pool, *_native_layout_args(layout))  # type: ignore[attr-defined]
     elif which == "triton":
         if k.stride(3) != 1 or v.stride(3) != 1:
             k, v = k.contiguous(), v.contiguous()
@@ -338,6 +353,17 @@ def decode_attention(
         return _torchops().decode_attention(
             q, pool, layout, page_table, num_pages, k_tail, v_tail, tidx, tail_len, scale
         )
+    if which == "cpu":
+        # fp32 q (a small copy at most) whatever the tails' dtype: no rounding of q.
+        qc = q.float()
+        qc = qc if qc.stride(2) == 1 else qc.contiguous()
+        out = _cpu_ops().decode_attention(  # type: ignore[attr-defined]
+            qc, pool, page_table.to(torch.int32).contiguous(),
+            num_pages.to(torch.int32).contiguous(),
+            k_tail, v_tail, tidx, tail_len.to(torch.int32).contiguous(), scale,
+            *_native_layout_args(layout),
+        )  # fmt: skip
+        return out.to(q.dtype)
     pt = page_table.to(torch.int32)
     if pt.stride(1) != 1:
         pt = pt.contiguous()
@@ -348,7 +374,7 @@ def decode_attention(
         # The CUDA kernels take q in the tails' dtype (one template parameter for both).
         out = _cuda_ops().decode_attention(  # type: ignore[attr-defined]
             qc.to(k_tail.dtype), pool, pt, np_, k_tail, v_tail, tidx, tl_, scale,
-            num_splits or 0, *_cuda_layout_args(layout),
+            num_splits or 0, *_native_layout_args(layout),
         )  # fmt: skip
         return out.to(q.dtype)
     return _triton().decode_attention(
@@ -416,7 +442,7 @@ def extend_attention(
     _check_decode_args(q, layout, page_table, num_pages, k_tail, v_tail, tail_len, batch)
     tidx = _as_index(tail_index, batch, q.device, "tail_index")
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
-    which = resolve_backend(backend, q.device)
+    which = _torch_for_cpu(resolve_backend(backend, q.device))
     if which == "torch":
         return _torchops().extend_attention(
             q, k_new, v_new, cu_seqlens, pool, layout, page_table, num_pages, k_tail, v_tail,
@@ -469,7 +495,7 @@ def _extend_via_workspace(
             continue
         ids = page_table[b, :npg].to(torch.int32).contiguous()
         if which == "cuda":
-            kp, vp = _cuda_ops().dequantize_pages(pool, ids, *_cuda_layout_args(layout))  # type: ignore[attr-defined]
+            kp, vp = _cuda_ops().dequantize_pages(pool, ids, *_native_layout_args(layout))  # type: ignore[attr-defined]
         else:
             kp, vp = _triton().dequantize_pages(pool, ids, layout, torch.float32)
         kk = torch.cat((kp.reshape(-1, layout.kv_heads, layout.head_dim), kt.float()))
@@ -508,9 +534,9 @@ def dequantize_pages(
     layout = PageLayout.of(config, kv_heads, head_dim)
     _check_layout_tensors(pool, layout)
     ids = page_ids.to(device=pool.device, dtype=torch.int32).contiguous()
-    which = resolve_backend(backend, pool.device)
+    which = _torch_for_cpu(resolve_backend(backend, pool.device))
     if which == "cuda":
-        return _cuda_ops().dequantize_pages(pool, ids, *_cuda_layout_args(layout))  # type: ignore[attr-defined]
+        return _cuda_ops().dequantize_pages(pool, ids, *_native_layout_args(layout))  # type: ignore[attr-defined]
     if which == "triton":
         return _triton().dequantize_pages(pool, ids, layout, torch.float32)
     if which == "torch":
@@ -521,9 +547,9 @@ def dequantize_pages(
     return k.reshape(shape).to(pool.device), v.reshape(shape).to(pool.device)
 
 
-def _cuda_layout_args(layout: PageLayout) -> tuple[int, ...]:
-    """The layout as the CUDA ops take it: kv_heads, head_dim, bits, k_group, v_group,
-    norm code (0 none, 1 token, 2 head), rotate K, rotate V online."""
+def _native_layout_args(layout: PageLayout) -> tuple[int, ...]:
+    """The layout as the C++ ops (CUDA and CPU) take it: kv_heads, head_dim, bits, k_group,
+    v_group, norm code (0 none, 1 token, 2 head), rotate K, rotate V online."""
     cfg = layout.config
     return (
         layout.kv_heads,

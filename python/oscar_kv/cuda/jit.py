@@ -1,57 +1,36 @@
 """Build the oscar-kv CUDA extension on first use and register ``torch.ops.oscar_kv``.
 
-The sources ship inside the package, ``oscar_kv/cuda/csrc`` (the repository's ``csrc/`` links
-there), so any install can build them; ``OSCAR_KV_CSRC`` points elsewhere. The build goes to
-``$OSCAR_KV_CACHE`` or ``~/.cache/oscar_kv/<key>``, outside the package, keyed by the sources'
-hash, torch's version and CUDA version and the target architectures, so a change of any of
-them rebuilds. Needs a CUDA build of torch and
-nvcc (``CUDA_HOME``); without a device set ``TORCH_CUDA_ARCH_LIST`` (e.g. "8.0;9.0a").
+Sources and build cache: `oscar_kv._build` (``oscar_kv/csrc``, ``~/.cache/oscar_kv``); the key
+covers the sources, torch's version and CUDA version and the target architectures, so a
+change of any of them rebuilds. Needs a CUDA build of torch and nvcc (``CUDA_HOME``); without
+a device set ``TORCH_CUDA_ARCH_LIST`` (e.g. "8.0;9.0a").
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 from pathlib import Path
 
 import torch
 
+from oscar_kv import _build
+
 _SOURCES = ("oscar_kv_ops.cu", "torch_bindings.cpp")
 
 
-def csrc_dir() -> Path:
-    env = os.environ.get("OSCAR_KV_CSRC")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent / "csrc"
-
-
 def _source_files(root: Path) -> list[Path]:
-    files = [root / s for s in _SOURCES]
-    files += sorted((root / "include" / "oscar").glob("*.cuh"))
-    files.append(root / "oscar_kv_ops.h")
-    return files
+    return [root / s for s in _SOURCES] + _build.headers(root) + [root / "oscar_kv_ops.h"]
 
 
 def build_key(root: Path | None = None) -> str:
-    root = root or csrc_dir()
-    h = hashlib.sha256()
-    for f in _source_files(root):
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    h.update(torch.__version__.encode())
-    h.update(str(torch.version.cuda).encode())
-    h.update(os.environ.get("TORCH_CUDA_ARCH_LIST", "").encode())
-    return h.hexdigest()[:16]
-
-
-def cache_dir(key: str) -> Path:
-    base = os.environ.get("OSCAR_KV_CACHE")
-    root = Path(base) if base else Path.home() / ".cache" / "oscar_kv"
-    path = root / f"torch_ext_{key}"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    root = root or _build.csrc_dir()
+    return _build.build_key(
+        _source_files(root),
+        torch.__version__,
+        str(torch.version.cuda),
+        os.environ.get("TORCH_CUDA_ARCH_LIST", ""),
+    )
 
 
 class CudaOps:
@@ -83,7 +62,7 @@ def load(verbose: bool = False) -> CudaOps:
         raise RuntimeError("the oscar_kv CUDA ops need a CUDA build of torch")
     from torch.utils.cpp_extension import load as load_ext
 
-    root = csrc_dir()
+    root = _build.csrc_dir()
     key = build_key(root)
     load_ext(
         name=f"oscar_kv_cuda_{key}",
@@ -92,7 +71,7 @@ def load(verbose: bool = False) -> CudaOps:
         extra_cflags=["-O3", "-std=c++20"],
         # No --use_fast_math: the quantize path must stay bit-exact (see common.cuh).
         extra_cuda_cflags=["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"],
-        build_directory=str(cache_dir(key)),
+        build_directory=str(_build.cache_dir("torch_ext", key)),
         is_python_module=False,
         verbose=verbose,
     )

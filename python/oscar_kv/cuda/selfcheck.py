@@ -28,9 +28,9 @@ LENGTHS = (261, 128, 5)  # pages + tail, one page and no tail, tail only
 
 
 def _layout_args(cfg: OscarConfig, kv_heads: int, head_dim: int) -> tuple[int, ...]:
-    from oscar_kv.ops import PageLayout, _cuda_layout_args
+    from oscar_kv.ops import PageLayout, _native_layout_args
 
-    return _cuda_layout_args(PageLayout.of(cfg, kv_heads, head_dim))
+    return _native_layout_args(PageLayout.of(cfg, kv_heads, head_dim))
 
 
 def _case(cuda: Any, device: torch.device, cfg: OscarConfig, h: int, d: int, g: int) -> str | None:

@@ -1,0 +1,101 @@
+"""The C++ CPU decode kernel (`oscar_kv.cpu_kernels`, backend "cpu") matches the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernel_cases import build_cache
+from oscar_kv import OscarConfig, cpu_kernels, ops
+from oscar_kv.ref import attention
+
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.skipif(
+    cpu_kernels.ops_or_none() is None, reason="no C++ compiler for the CPU kernels"
+)
+
+
+def check(cfg, lens, h, group, d, kind="random", dtype=torch.float32, seed=0, tol=2e-5,
+          tail_dtype=torch.bfloat16):  # fmt: skip
+    cache = build_cache(cfg, lens, h, d, kind=kind, seed=seed, device=CPU)
+    gen = torch.Generator().manual_seed(seed + 100)
+    q = torch.randn(len(lens), h * group, d, generator=gen)
+    if kind == "outlier":
+        q[:, :, 3] *= 10.0
+    q = q.to(dtype)
+    want = torch.cat([attention(q[b : b + 1].float(), qkv) for b, qkv in enumerate(cache.qkvs)])
+    # q of any dtype must not be rounded to the tails' dtype (bf16-valued, exact in all).
+    k_tail, v_tail = cache.k_tail.to(tail_dtype), cache.v_tail.to(tail_dtype)
+    got = ops.decode_attention(q, cache.pool, cache.page_table, cache.num_pages, k_tail, v_tail,
+                               cache.tail_len, cfg, tail_index=cache.tail_index, backend="cpu")  # fmt: skip
+    assert got.dtype == dtype and got.shape == q.shape
+    big = max(1.0, float(want.abs().max()))
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * big)
+
+
+# several pages + tail, exactly one page (empty tail), one token, tail of 127, one page + 1
+LENS = [300, 128, 1, 127, 129]
+
+
+def test_cpu_is_the_default_for_cpu_tensors(monkeypatch):
+    monkeypatch.delenv("OSCAR_KV_BACKEND", raising=False)
+    assert ops.resolve_backend(None, CPU) == "cpu"
+
+
+@pytest.mark.parametrize("group", [1, 3, 4, 8])
+def test_decode_gqa(group):
+    check(OscarConfig(), LENS, 2, group, 64)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        OscarConfig(bits=4, k_group=64, norm="head"),
+        OscarConfig(k_group=128),
+        OscarConfig.kivi(),
+        OscarConfig.rotation_only(),
+        OscarConfig.direct_scaling(bits=4),
+        OscarConfig(fold_v=True),
+        OscarConfig(v_group=16),
+    ],
+    ids=lambda c: f"{c.label}{'-foldv' if c.fold_v else ''}-vg{c.v_group}",
+)
+def test_decode_configs(cfg):
+    check(cfg, [257, 40, 128], 2, 2, 64)
+
+
+@pytest.mark.parametrize("kind", ["outlier", "tiny"])
+def test_decode_adversarial(kind):
+    check(OscarConfig(), [384, 70], 2, 4, 64, kind=kind, seed=7)
+
+
+@pytest.mark.parametrize("d", [128, 256])
+def test_decode_head_dims(d):
+    check(OscarConfig(), [200, 5], 2, 2, d)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_low_precision_tensors(dtype):
+    check(OscarConfig(), LENS, 2, 4, 64, dtype=dtype, tol=1e-2)
+
+
+def test_bad_inputs_are_named():
+    cfg = OscarConfig()
+    cache = build_cache(cfg, [300], 2, 64, device=CPU)
+    q = torch.randn(1, 4, 64)
+    args = (cache.pool, cache.page_table, cache.num_pages, cache.k_tail, cache.v_tail)
+    bad_pt = cache.page_table.clone()
+    bad_pt[0, 1] = cache.pool.shape[0] + 5
+    with pytest.raises(ValueError, match=r"page_table\[0, 1\] = .* is not a pool row"):
+        ops.decode_attention(q, cache.pool, bad_pt, *args[2:], cache.tail_len, cfg, backend="cpu")
+    with pytest.raises(ValueError, match=r"tail_len\[0\] = 200 is outside"):
+        ops.decode_attention(q, *args, torch.tensor([200]), cfg, backend="cpu")
+    with pytest.raises(ValueError, match=r"tail_index\[0\] = 9 is not a tail slot"):
+        ops.decode_attention(q, *args, cache.tail_len, cfg, tail_index=torch.tensor([9]),
+                             backend="cpu")  # fmt: skip
+
+
+@pytest.mark.parametrize("tail_dtype", [torch.float32, torch.float16])
+def test_decode_tail_dtypes(tail_dtype):
+    # float32: what the CPU server's pool holds (--dtype float32).
+    check(OscarConfig(), LENS, 2, 3, 64, tail_dtype=tail_dtype)

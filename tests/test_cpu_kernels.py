@@ -99,3 +99,28 @@ def test_bad_inputs_are_named():
 def test_decode_tail_dtypes(tail_dtype):
     # float32: what the CPU server's pool holds (--dtype float32).
     check(OscarConfig(), LENS, 2, 3, 64, tail_dtype=tail_dtype)
+
+
+def test_portable_build_matches_the_reference():
+    """The non-AVX2 C++ path (CPUs without AVX2), built and checked in a fresh process: the
+    two builds register the same op namespace, so they cannot share one."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys; sys.path.insert(0, 'tests')\n"
+        "from oscar_kv import cpu_kernels\n"
+        "assert cpu_kernels.simd_flags() == []\n"
+        "import test_cpu_kernels as t\n"
+        "from oscar_kv import OscarConfig\n"
+        "t.check(OscarConfig(), t.LENS, 2, 3, 64)\n"
+        "t.check(OscarConfig(bits=4, k_group=64, norm='head', v_group=16), [300, 5], 1, 8, 128)\n"
+        "print('portable ok')\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OSCAR_KV_CPU_SIMD": "0"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=900, check=False)  # fmt: skip
+    assert r.returncode == 0 and "portable ok" in r.stdout, r.stderr[-3000:]

@@ -10,6 +10,7 @@ cached by `oscar_kv._build`; the key covers the sources, torch's version and the
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from pathlib import Path
 
@@ -21,9 +22,12 @@ _SOURCES = ("cpu/decode_cpu.cpp",)
 
 
 def simd_flags() -> list[str]:
-    """AVX2/FMA code where this CPU runs it (torch's own capability probe), else baseline."""
+    """AVX2/FMA/F16C code where this CPU runs it (torch's capability probe), else the
+    portable C++ path; ``OSCAR_KV_CPU_SIMD=0`` forces the portable path (tests use it)."""
+    if os.environ.get("OSCAR_KV_CPU_SIMD", "1") == "0":
+        return []
     cap = torch.backends.cpu.get_cpu_capability()
-    return ["-mavx2", "-mfma"] if cap in ("AVX2", "AVX512") else []
+    return ["-mavx2", "-mfma", "-mf16c"] if cap in ("AVX2", "AVX512") else []
 
 
 def _flags() -> list[str]:

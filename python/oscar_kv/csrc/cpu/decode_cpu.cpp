@@ -18,9 +18,14 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#if defined(__F16C__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include <array>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -46,12 +51,26 @@ struct Luts {
 };
 const Luts kLuts;
 
-inline void unpack_row(const uint8_t* row, int D, int bits, float* out) {
+constexpr int kLanes = 8;  // floats per SIMD step (one AVX2 register)
+constexpr int kMaxHeadBlock = 8;  // query heads whose accumulators stay in registers
+
+// The 8 codes of channels c..c+7 (c % 8 == 0) of a packed row, as floats (without AVX2).
+[[maybe_unused]] inline void codes8_portable(const uint8_t* row, int c, int bits, float* out) {
   if (bits == 2) {
-    for (int j = 0; j < D / 4; ++j) std::memcpy(out + 4 * j, kLuts.two[row[j]].data(), 16);
+    std::memcpy(out, kLuts.two[row[c / 4]].data(), 16);
+    std::memcpy(out + 4, kLuts.two[row[c / 4 + 1]].data(), 16);
   } else {
-    for (int j = 0; j < D / 2; ++j) std::memcpy(out + 2 * j, kLuts.four[row[j]].data(), 8);
+    for (int k = 0; k < 4; ++k) std::memcpy(out + 2 * k, kLuts.four[row[c / 2 + k]].data(), 8);
   }
+}
+
+inline void halves_to_float(const uint8_t* src, int64_t n, float* dst) {
+  const uint16_t* h = reinterpret_cast<const uint16_t*>(src);
+#ifdef __F16C__
+  for (int64_t i = 0; i < n; ++i) dst[i] = _cvtsh_ss(h[i]);
+#else
+  for (int64_t i = 0; i < n; ++i) dst[i] = float(c10::Half(h[i], c10::Half::from_bits()));
+#endif
 }
 
 inline float dot(const float* a, const float* b, int n) {
@@ -102,6 +121,7 @@ inline void softmax_block(float* logits, int n, int G, int D, float* m, float* l
   for (int g = 0; g < G; ++g) {
     float* lg = logits + g * kBlockTokens;
     float mx = m[g];
+#pragma omp simd reduction(max : mx)
     for (int t = 0; t < n; ++t) mx = std::max(mx, lg[t]);
     // m = -inf at first: alpha ~0, and acc is 0 anyway.
     const float alpha = m[g] == -std::numeric_limits<float>::infinity()
@@ -119,10 +139,6 @@ inline void softmax_block(float* logits, int n, int G, int D, float* m, float* l
   }
 }
 
-inline float half_at(const uint8_t* base, int64_t idx) {
-  return float(reinterpret_cast<const c10::Half*>(base)[idx]);
-}
-
 struct Args {
   PageLayout L;
   int G, rot_q, rot_v;
@@ -136,6 +152,140 @@ struct Args {
   const int32_t* tail_len;
 };
 
+#ifdef __AVX2__
+// AVX2: a step's 8 codes come from one 16-bit (2-bit codes) or 32-bit (4-bit) word,
+// broadcast and shifted per lane (channel c + j sits at bit j * bits), so nothing goes
+// through memory between unpacking and use.
+inline __m256 codes8(const uint8_t* row, int c, int bits) {
+  if (bits == 2) {
+    uint16_t w;
+    std::memcpy(&w, row + c / 4, 2);
+    const __m256i sh = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    const __m256i x = _mm256_srlv_epi32(_mm256_set1_epi32(w), sh);
+    return _mm256_cvtepi32_ps(_mm256_and_si256(x, _mm256_set1_epi32(3)));
+  }
+  uint32_t w;
+  std::memcpy(&w, row + c / 2, 4);
+  const __m256i sh = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  const __m256i x = _mm256_srlv_epi32(_mm256_set1_epi32(int(w)), sh);
+  return _mm256_cvtepi32_ps(_mm256_and_si256(x, _mm256_set1_epi32(15)));
+}
+
+inline float hsum(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+// Logits of tokens [t0, t1) of a page for a block of GB heads: qs [GB][D] and qz [GB] are
+// the K group's folded query (see the top of the file); GB accumulators in registers.
+template <int GB>
+void page_logits(const float* qs, const float* qz, const uint8_t* kc, int NB, int D, int bits,
+                 int t0, int t1, const float* norms, float scale, float* logits) {
+  for (int t = t0; t < t1; ++t) {
+    const uint8_t* row = kc + int64_t(t) * NB;
+    __m256 part[GB];
+    for (int g = 0; g < GB; ++g) part[g] = _mm256_setzero_ps();
+    for (int c = 0; c < D; c += kLanes) {
+      const __m256 code = codes8(row, c, bits);
+      for (int g = 0; g < GB; ++g)
+        part[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qs + g * D + c), code, part[g]);
+    }
+    const float f = (norms ? norms[t] : 1.f) * scale;
+    for (int g = 0; g < GB; ++g) logits[g * kBlockTokens + t] = (hsum(part[g]) + qz[g]) * f;
+  }
+}
+
+// acc [GB][D] += sum_t p[g][t] * V[t], 8 channels at a time over all 128 tokens, the GB
+// accumulators in registers; vs/vz [128][D / VG] are the page's V params as floats.
+template <int GB>
+void page_values(const float* p, const uint8_t* vc, const float* vs, const float* vz, int NB,
+                 int D, int bits, int VG, float* acc) {
+  const int NVG = D / VG;
+  for (int c = 0; c < D; c += kLanes) {
+    __m256 a[GB];
+    for (int g = 0; g < GB; ++g) a[g] = _mm256_loadu_ps(acc + g * D + c);
+    const int gv = c / VG;  // VG is a multiple of 8: one V group per step
+    for (int t = 0; t < kBlockTokens; ++t) {
+      const __m256 v = _mm256_fmadd_ps(codes8(vc + int64_t(t) * NB, c, bits),
+                                       _mm256_set1_ps(vs[t * NVG + gv]),
+                                       _mm256_set1_ps(vz[t * NVG + gv]));
+      for (int g = 0; g < GB; ++g)
+        a[g] = _mm256_fmadd_ps(_mm256_set1_ps(p[g * kBlockTokens + t]), v, a[g]);
+    }
+    for (int g = 0; g < GB; ++g) _mm256_storeu_ps(acc + g * D + c, a[g]);
+  }
+}
+#else
+// Logits of tokens [t0, t1) of a page for a block of GB heads: qs [GB][D] and qz [GB] are
+// the K group's folded query (see the top of the file). GB accumulators of 8 lanes stay in
+// registers while a token's codes stream by.
+template <int GB>
+void page_logits(const float* qs, const float* qz, const uint8_t* kc, int NB, int D, int bits,
+                 int t0, int t1, const float* norms, float scale, float* logits) {
+  for (int t = t0; t < t1; ++t) {
+    const uint8_t* row = kc + int64_t(t) * NB;
+    float part[GB][kLanes] = {};
+    for (int c = 0; c < D; c += kLanes) {
+      float code[kLanes];
+      codes8_portable(row, c, bits, code);
+      for (int g = 0; g < GB; ++g)
+#pragma omp simd
+        for (int j = 0; j < kLanes; ++j) part[g][j] += qs[g * D + c + j] * code[j];
+    }
+    const float f = (norms ? norms[t] : 1.f) * scale;
+    for (int g = 0; g < GB; ++g) {
+      float sum = 0.f;
+      for (int j = 0; j < kLanes; ++j) sum += part[g][j];
+      logits[g * kBlockTokens + t] = (sum + qz[g]) * f;
+    }
+  }
+}
+
+// acc [GB][D] += sum_t p[g][t] * V[t], 8 channels at a time over all 128 tokens, so the GB
+// accumulators stay in registers; vs/vz [128][D / VG] are the page's V params as floats.
+template <int GB>
+void page_values(const float* p, const uint8_t* vc, const float* vs, const float* vz, int NB,
+                 int D, int bits, int VG, float* acc) {
+  const int NVG = D / VG;
+  for (int c = 0; c < D; c += kLanes) {
+    float a[GB][kLanes];
+    for (int g = 0; g < GB; ++g)
+      for (int j = 0; j < kLanes; ++j) a[g][j] = acc[g * D + c + j];
+    const int gv = c / VG;  // VG is a multiple of 8: one V group per step
+    for (int t = 0; t < kBlockTokens; ++t) {
+      float code[kLanes];
+      codes8_portable(vc + int64_t(t) * NB, c, bits, code);
+      const float s = vs[t * NVG + gv], z = vz[t * NVG + gv];
+      for (int g = 0; g < GB; ++g) {
+        const float pg = p[g * kBlockTokens + t];
+#pragma omp simd
+        for (int j = 0; j < kLanes; ++j) a[g][j] += pg * (code[j] * s + z);
+      }
+    }
+    for (int g = 0; g < GB; ++g)
+      for (int j = 0; j < kLanes; ++j) acc[g * D + c + j] = a[g][j];
+  }
+}
+
+#endif  // __AVX2__
+
+// Calls f(std::integral_constant<int, gb>) for gb in 1..8.
+template <typename F>
+void with_head_block(int gb, F&& f) {
+  switch (gb) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
 // q and out are fp32; the tails are T (the model's dtype).
 template <typename T>
 void decode_one(const Args& a, const float* q, int64_t qs0, int64_t qs1, const T* kt,
@@ -143,10 +293,11 @@ void decode_one(const Args& a, const float* q, int64_t qs0, int64_t qs1, const T
                 int64_t os0, int64_t os1, int b, int hk) {
   const PageLayout& L = a.L;
   const int D = L.head_dim, G = a.G, NB = D * L.bits / 8, KG = L.k_group;
-  const int NGK = kBlockTokens / KG, NVG = D / L.v_group, VG = L.v_group;
-  std::vector<float> qf(G * D), qr(G * D), qs(G * D), acc(G * D, 0.f), logits(G * kBlockTokens);
-  std::vector<float> row(D), vrow(D), qz(G), m(G, -std::numeric_limits<float>::infinity()),
-      l(G, 0.f);
+  const int NGK = kBlockTokens / KG, NVG = D / L.v_group;
+  std::vector<float> qf(G * D), qr(G * D), acc(G * D, 0.f), logits(G * kBlockTokens);
+  std::vector<float> row(D), qz(G), m(G, -std::numeric_limits<float>::infinity()), l(G, 0.f);
+  std::vector<float> qs(kMaxHeadBlock * D), ksf(NGK * D), kzf(NGK * D), vsf(kBlockTokens * NVG),
+      vzf(kBlockTokens * NVG);
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < D; ++c) qf[g * D + c] = q[b * qs0 + (hk * G + g) * qs1 + c];
   qr = qf;
@@ -158,36 +309,35 @@ void decode_one(const Args& a, const float* q, int64_t qs0, int64_t qs1, const T
     const uint8_t* page = a.pool + int64_t(a.page_table[b * a.pt_stride + pi]) * a.page_stride;
     const uint8_t* kc = page + L.off_k_codes + int64_t(hk) * kBlockTokens * NB;
     const uint8_t* vc = page + L.off_v_codes + int64_t(hk) * kBlockTokens * NB;
-    const float* norms = reinterpret_cast<const float*>(page + L.off_norms);
-    if (L.norm == oscar::kNormHead) norms += int64_t(hk) * kBlockTokens;
-    for (int grp = 0; grp < NGK; ++grp) {
-      const int64_t par = (int64_t(hk) * NGK + grp) * D;
-      for (int g = 0; g < G; ++g) {
-        float z = 0.f;
-        for (int c = 0; c < D; ++c) {
-          qs[g * D + c] = qr[g * D + c] * half_at(page + L.off_k_scale, par + c);
-          z += qr[g * D + c] * half_at(page + L.off_k_zero, par + c);
+    const float* norms = nullptr;
+    if (L.norm == oscar::kNormToken) norms = reinterpret_cast<const float*>(page + L.off_norms);
+    if (L.norm == oscar::kNormHead)
+      norms = reinterpret_cast<const float*>(page + L.off_norms) + int64_t(hk) * kBlockTokens;
+    const int64_t kpar = int64_t(hk) * NGK * D * 2, vpar = int64_t(hk) * kBlockTokens * NVG * 2;
+    halves_to_float(page + L.off_k_scale + kpar, NGK * D, ksf.data());
+    halves_to_float(page + L.off_k_zero + kpar, NGK * D, kzf.data());
+    halves_to_float(page + L.off_v_scale + vpar, kBlockTokens * NVG, vsf.data());
+    halves_to_float(page + L.off_v_zero + vpar, kBlockTokens * NVG, vzf.data());
+    for (int g0 = 0; g0 < G; g0 += kMaxHeadBlock) {
+      const int gb = std::min(kMaxHeadBlock, G - g0);
+      float* lg = logits.data() + g0 * kBlockTokens;
+      float* ac = acc.data() + g0 * D;
+      with_head_block(gb, [&](auto GB) {
+        for (int grp = 0; grp < NGK; ++grp) {
+          for (int g = 0; g < GB; ++g) {
+            float z = 0.f;
+            for (int c = 0; c < D; ++c) {
+              qs[g * D + c] = qr[(g0 + g) * D + c] * ksf[grp * D + c];
+              z += qr[(g0 + g) * D + c] * kzf[grp * D + c];
+            }
+            qz[g] = z;
+          }
+          page_logits<GB>(qs.data(), qz.data(), kc, NB, D, L.bits, grp * KG, (grp + 1) * KG,
+                          norms, a.scale, lg);
         }
-        qz[g] = z;
-      }
-      for (int t = grp * KG; t < (grp + 1) * KG; ++t) {
-        unpack_row(kc + int64_t(t) * NB, D, L.bits, row.data());
-        const float nrm = L.norm == oscar::kNormNone ? 1.f : norms[t];
-        for (int g = 0; g < G; ++g)
-          logits[g * kBlockTokens + t] =
-              (dot(qs.data() + g * D, row.data(), D) + qz[g]) * nrm * a.scale;
-      }
-    }
-    softmax_block(logits.data(), kBlockTokens, G, D, m.data(), l.data(), acc.data());
-    for (int t = 0; t < kBlockTokens; ++t) {
-      unpack_row(vc + int64_t(t) * NB, D, L.bits, row.data());
-      const int64_t par = (int64_t(hk) * kBlockTokens + t) * NVG;
-      for (int gv = 0; gv < NVG; ++gv) {
-        const float s = half_at(page + L.off_v_scale, par + gv);
-        const float z = half_at(page + L.off_v_zero, par + gv);
-        for (int c = gv * VG; c < (gv + 1) * VG; ++c) vrow[c] = row[c] * s + z;
-      }
-      for (int g = 0; g < G; ++g) axpy(logits[g * kBlockTokens + t], vrow.data(), acc.data() + g * D, D);
+        softmax_block(lg, kBlockTokens, GB, D, m.data() + g0, l.data() + g0, ac);
+        page_values<GB>(lg, vc, vsf.data(), vzf.data(), NB, D, L.bits, L.v_group, ac);
+      });
     }
   }
   if (a.rot_v && n_pages > 0)
@@ -233,7 +383,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& pool,
   TORCH_CHECK_VALUE(bits == 2 || bits == 4, "bits must be 2 or 4, got ", bits);
   TORCH_CHECK_VALUE(k_group == 32 || k_group == 64 || k_group == 128,
               "k_group must be 32, 64 or 128, got ", k_group);
-  TORCH_CHECK_VALUE(v_group >= 1 && head_dim % v_group == 0, "v_group must divide head_dim");
+  TORCH_CHECK_VALUE(v_group % 8 == 0 && head_dim % v_group == 0,
+                    "v_group must be a multiple of 8 dividing head_dim, got ", v_group);
   TORCH_CHECK_VALUE(norm >= 0 && norm <= 2, "norm must be 0 (none), 1 (token) or 2 (head)");
   TORCH_CHECK_VALUE(q.device().is_cpu() && q.scalar_type() == at::kFloat && q.dim() == 3 &&
                   q.size(2) == head_dim && q.stride(2) == 1,

@@ -1,9 +1,9 @@
 """Attention backend "oscar": extend, decode and mixed batches over packed pages + bf16 tails.
 
-Built on `oscar_kv.ops` (CUDA > Triton > batched torch > reference, chosen by tensor device and
-``OSCAR_KV_BACKEND``). Per batch, `init_forward_metadata` reads the request slots and
-lengths once and builds the page table from SGLang's ``req_to_token`` (page id = location of
-the page's first token // 128). Then per layer:
+Built on `oscar_kv.ops` (CUDA > Triton on a GPU, C++ CPU kernels > batched torch on a CPU,
+chosen by tensor device and ``OSCAR_KV_BACKEND``). Per batch, `init_forward_metadata` reads
+the request slots and lengths once and builds the page table from SGLang's ``req_to_token``
+(page id = location of the page's first token // 128). Then per layer:
 
 - extend (and mixed; SGLang routes mixed batches to ``forward_extend`` off NPU): the new
   tokens attend to their request's cached pages, its tail and themselves

@@ -386,6 +386,23 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def gpu_or_smoke(args: argparse.Namespace) -> bool:
+    """Whether a GPU benchmark may run: on a GPU, or as a --smoke run on CPU (Triton
+    interpreter, batch <= 2, never into benches/results). Says why not on stderr."""
+    if args.smoke:
+        if args.out.resolve() == RESULTS.resolve():
+            print("--smoke never writes into benches/results; pass --out", file=sys.stderr)
+            return False
+        os.environ.setdefault("OSCAR_KV_BACKEND", "triton")
+        args.batch = [b for b in args.batch if b <= 2] or [1]
+        return True
+    if not torch.cuda.is_available():
+        print("no CUDA device: refusing to write GPU numbers (use --smoke for a CPU check)",
+              file=sys.stderr)  # fmt: skip
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64])
@@ -396,17 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, interpreter")
     args = ap.parse_args(argv)
-    if args.smoke:
-        if args.out.resolve() == RESULTS.resolve():
-            print("--smoke never writes into benches/results; pass --out", file=sys.stderr)
-            return 2
-        os.environ.setdefault("OSCAR_KV_BACKEND", "triton")
-        args.batch = [b for b in args.batch if b <= 2] or [1]
-        args.context = [c for c in args.context if c <= 300] or [200]
-    elif not torch.cuda.is_available():
-        print("no CUDA device: refusing to write GPU numbers (use --smoke for a CPU check)",
-              file=sys.stderr)  # fmt: skip
+    if not gpu_or_smoke(args):
         return 2
+    if args.smoke:
+        args.context = [c for c in args.context if c <= 300] or [200]
     rows = run(args)
     print(summarize(rows))
     write(rows, args.out)

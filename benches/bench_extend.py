@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +35,7 @@ from bench_decode import (
     Case,
     Shape,
     git_commit,
+    gpu_or_smoke,
     packed_bytes,
     packed_inputs,
     time_ms,
@@ -228,18 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, interpreter")
     args = ap.parse_args(argv)
+    if not gpu_or_smoke(args):
+        return 2
     if args.smoke:
-        if args.out.resolve() == RESULTS.resolve():
-            print("--smoke never writes into benches/results; pass --out", file=sys.stderr)
-            return 2
-        os.environ.setdefault("OSCAR_KV_BACKEND", "triton")
-        args.batch = [b for b in args.batch if b <= 2] or [1]
         args.context = [c for c in args.context if c <= 300] or [200]
         args.new = [n for n in args.new if n <= 40] or [20]
-    elif not torch.cuda.is_available():
-        print("no CUDA device: refusing to write GPU numbers (use --smoke for a CPU check)",
-              file=sys.stderr)  # fmt: skip
-        return 2
     rows = run(args)
     print(summarize(rows))
     write(rows, args.out)

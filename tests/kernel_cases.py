@@ -18,6 +18,23 @@ from oscar_kv.ref.quant import QuantizedKV
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 KINDS = ("random", "outlier", "tiny")
 
+# The configurations every decode kernel is checked on besides the default: 4 bits with a
+# per-head norm, K groups of 128, KIVI (no rotation, no norm), rotation only, direct
+# scaling, V folded into the weights, V groups of 16.
+DECODE_CONFIGS = [
+    OscarConfig(bits=4, k_group=64, norm="head"),
+    OscarConfig(k_group=128),
+    OscarConfig.kivi(),
+    OscarConfig.rotation_only(),
+    OscarConfig.direct_scaling(bits=4),
+    OscarConfig(fold_v=True),
+    OscarConfig(v_group=16),
+]
+
+
+def config_id(cfg: OscarConfig) -> str:
+    return f"{cfg.label}{'-foldv' if cfg.fold_v else ''}-vg{cfg.v_group}"
+
 
 def make_kv(
     tokens: int, heads: int, dim: int, kind: str, gen: torch.Generator

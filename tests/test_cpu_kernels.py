@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_cases import build_cache
+from kernel_cases import DECODE_CONFIGS, build_cache, config_id
 from oscar_kv import OscarConfig, cpu_kernels, ops
 from oscar_kv.ref import attention
 
@@ -47,19 +47,7 @@ def test_decode_gqa(group):
     check(OscarConfig(), LENS, 2, group, 64)
 
 
-@pytest.mark.parametrize(
-    "cfg",
-    [
-        OscarConfig(bits=4, k_group=64, norm="head"),
-        OscarConfig(k_group=128),
-        OscarConfig.kivi(),
-        OscarConfig.rotation_only(),
-        OscarConfig.direct_scaling(bits=4),
-        OscarConfig(fold_v=True),
-        OscarConfig(v_group=16),
-    ],
-    ids=lambda c: f"{c.label}{'-foldv' if c.fold_v else ''}-vg{c.v_group}",
-)
+@pytest.mark.parametrize("cfg", DECODE_CONFIGS, ids=config_id)
 def test_decode_configs(cfg):
     check(cfg, [257, 40, 128], 2, 2, 64)
 

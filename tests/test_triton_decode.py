@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_cases import DEVICE, build_cache
+from kernel_cases import DECODE_CONFIGS, DEVICE, build_cache, config_id
 from oscar_kv import OscarConfig, ops
 from oscar_kv import triton as tri
 from oscar_kv.ref import attention
@@ -55,18 +55,7 @@ def test_decode_gqa(group):
     check(OscarConfig(), [260, 1], 1 if group == 8 else 2, group, 64, splits=(2,))
 
 
-@pytest.mark.parametrize(
-    "cfg",
-    [
-        OscarConfig(bits=4, k_group=64, norm="head"),
-        OscarConfig(k_group=128),
-        OscarConfig.kivi(),
-        OscarConfig.rotation_only(),
-        OscarConfig.direct_scaling(bits=4),
-        OscarConfig(fold_v=True),
-    ],
-    ids=lambda c: f"{c.label}{'-foldv' if c.fold_v else ''}",
-)
+@pytest.mark.parametrize("cfg", DECODE_CONFIGS, ids=config_id)
 def test_decode_configs(cfg):
     check(cfg, [257, 40], 2, 2, 64, splits=(2,))
 

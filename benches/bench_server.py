@@ -20,6 +20,8 @@ server_agreement.csv (one row per prompt) and server.png.
 
     python benches/bench_server.py               # about 10 minutes on 2 cores
     python benches/bench_server.py --prompts 4 --decode-tokens 32   # quick
+    python benches/bench_server.py --context 7000 --batch 2 --prompts 2 --gsp-groups 1 \
+        --decode-tokens 64 --out benches/results/server_long        # long context
 """
 
 from __future__ import annotations
@@ -96,8 +98,9 @@ def run_server(kind: str, args: argparse.Namespace, chats: list) -> dict:
         smollm2_model(),
         kv_quant=kind,
         max_running_requests=max(8, args.batch),
-        context_length=4096,
-        max_total_tokens=16384,
+        # Room for --context prompts at --batch (SmolLM2 takes up to 8192 positions).
+        context_length=max(4096, args.context + args.decode_tokens + 64),
+        max_total_tokens=max(16384, args.batch * (args.context + args.decode_tokens + 64)),
     )
     print(f"[{kind}] starting ...", flush=True)
     with server:

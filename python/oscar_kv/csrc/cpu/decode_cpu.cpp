@@ -67,7 +67,10 @@ constexpr int kMaxHeadBlock = 8;  // query heads whose accumulators stay in regi
 inline void halves_to_float(const uint8_t* src, int64_t n, float* dst) {
   const uint16_t* h = reinterpret_cast<const uint16_t*>(src);
 #ifdef __F16C__
-  for (int64_t i = 0; i < n; ++i) dst[i] = _cvtsh_ss(h[i]);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+  for (; i < n; ++i) dst[i] = _cvtsh_ss(h[i]);
 #else
   for (int64_t i = 0; i < n; ++i) dst[i] = float(c10::Half(h[i], c10::Half::from_bits()));
 #endif
@@ -326,6 +329,7 @@ void decode_one(const Args& a, const float* q, int64_t qs0, int64_t qs1, const T
         for (int grp = 0; grp < NGK; ++grp) {
           for (int g = 0; g < GB; ++g) {
             float z = 0.f;
+#pragma omp simd reduction(+ : z)
             for (int c = 0; c < D; ++c) {
               qs[g * D + c] = qr[(g0 + g) * D + c] * ksf[grp * D + c];
               z += qr[(g0 + g) * D + c] * kzf[grp * D + c];

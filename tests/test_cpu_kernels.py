@@ -112,3 +112,18 @@ def test_portable_build_matches_the_reference():
     r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
                        text=True, timeout=900, check=False)  # fmt: skip
     assert r.returncode == 0 and "portable ok" in r.stdout, r.stderr[-3000:]
+
+
+def test_opcheck_schema_and_fake_kernel():
+    """torch.library.opcheck: the schema matches what the op does (no input mutated), the
+    Meta/fake kernel agrees with the real one on shape and dtype, and torch.compile can
+    trace it (aot dispatch)."""
+    cfg = OscarConfig()
+    cache = build_cache(cfg, [300, 5], 2, 64, device=CPU)
+    q = torch.randn(2, 4, 64)
+    layout = ops.PageLayout.of(cfg, 2, 64)
+    args = (q, cache.pool, cache.page_table, cache.num_pages, cache.k_tail, cache.v_tail,
+            cache.tail_index, cache.tail_len, 0.125, *ops._native_layout_args(layout))  # fmt: skip
+    op = cpu_kernels.load().decode_attention.default
+    results = torch.library.opcheck(op, args)
+    assert all(v == "SUCCESS" for v in results.values()), results

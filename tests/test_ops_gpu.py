@@ -111,3 +111,28 @@ def test_cuda_is_the_default_backend_and_meta_shapes():
                                               dtype=torch.int32), i32, tail, tail, i32, i32,
                                               0.1, 0, 8, 128, 2, 32, 32, 1, 1, 1)  # fmt: skip
     assert out.shape == q.shape and out.dtype == q.dtype
+
+
+def test_opcheck_cuda_ops():
+    """torch.library.opcheck on every CUDA op: schemas (quantize_pages mutates only the
+    pool), Meta/fake kernels that agree with the real ones, and aot-dispatch tracing."""
+    cfg = OscarConfig()
+    cache = build_cache(cfg, [300, 5], 8, 128, seed=3, device=CUDA)
+    la = ops._native_layout_args(ops.PageLayout.of(cfg, 8, 128))
+    q = torch.randn(2, 32, 128, device=CUDA).bfloat16()
+    k, v = make_kv(256, 8, 128, "random", torch.Generator().manual_seed(4))
+    blocks = [t.view(2, 128, 8, 128).to(CUDA) for t in (k, v)]
+    i32 = {"dtype": torch.int32, "device": CUDA}
+    lib = torch.ops.oscar_kv
+    checks = {
+        "quantize_pages": (lib.quantize_pages.default, (*blocks, torch.arange(2, **i32),
+                           torch.arange(2, **i32), ops.PageLayout.of(cfg, 8, 128).alloc_pool(2, CUDA), *la)),
+        "decode_attention": (lib.decode_attention.default, (q, *cache.decode_args(),
+                             cache.tail_index, cache.tail_len, 128**-0.5, 0, *la)),
+        "dequantize_pages": (lib.dequantize_pages.default,
+                             (cache.pool, cache.page_table[0, :2].contiguous(), *la)),
+        "rotate_q": (lib.rotate_q.default, (q.float(),)),
+    }  # fmt: skip
+    for name, (op, args) in checks.items():
+        results = torch.library.opcheck(op, args)
+        assert all(r == "SUCCESS" for r in results.values()), (name, results)

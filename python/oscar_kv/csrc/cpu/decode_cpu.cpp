@@ -469,6 +469,15 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& pool,
   return out;
 }
 
+// Shapes only: lets torch.compile / FakeTensor trace through the op without running it.
+at::Tensor decode_attention_meta(const at::Tensor& q, const at::Tensor&, const at::Tensor&,
+                                 const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 const at::Tensor&, const at::Tensor&, double, int64_t,
+                                 int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                 int64_t) {
+  return at::empty(q.sizes(), q.options().dtype(at::kFloat));
+}
+
 }  // namespace
 }  // namespace oscar_kv_cpu
 
@@ -482,4 +491,8 @@ TORCH_LIBRARY(oscar_kv_cpu, m) {
 
 TORCH_LIBRARY_IMPL(oscar_kv_cpu, CPU, m) {
   m.impl("decode_attention", &oscar_kv_cpu::decode_attention);
+}
+
+TORCH_LIBRARY_IMPL(oscar_kv_cpu, Meta, m) {
+  m.impl("decode_attention", &oscar_kv_cpu::decode_attention_meta);
 }

@@ -37,6 +37,11 @@ class OscarForwardMetadata:
     prefix_lens_t: torch.Tensor  # int32 [B], on the CPU
     page_table: torch.Tensor  # int32 [B, max_pages]
     cu_seqlens: torch.Tensor  # int32 [B + 1]
+    # Decode only (None otherwise), the same for every layer: where the new tokens go, and
+    # each request's pages / tail length once they are stored.
+    decode_step: Any = None
+    num_pages_t: torch.Tensor | None = None  # int32 [B]
+    tail_len_t: torch.Tensor | None = None  # int32 [B]
 
 
 def _backend_base() -> type:
@@ -80,7 +85,7 @@ def _make_class() -> type:
             for n in new_lens:
                 cu.append(cu[-1] + n)
             dev = self.pool.pages.device
-            self.forward_metadata = OscarForwardMetadata(
+            md = OscarForwardMetadata(
                 slots=slots,
                 prefix_lens=prefix_lens,
                 new_lens=new_lens,
@@ -89,6 +94,14 @@ def _make_class() -> type:
                 page_table=(cols // BLOCK_TOKENS).to(device=dev, dtype=torch.int32),
                 cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=dev),
             )
+            if forward_batch.forward_mode.is_decode():
+                md.decode_step = self.pool.decode_step(
+                    self.req_to_token_pool.req_to_token, md.slots_t, md.prefix_lens_t
+                )
+                seq = md.prefix_lens_t + 1
+                md.num_pages_t = (seq // BLOCK_TOKENS).to(dev)
+                md.tail_len_t = (seq % BLOCK_TOKENS).to(dev)
+            self.forward_metadata = md
 
         def _store(self, layer: Any, k: torch.Tensor, v: torch.Tensor) -> None:
             md = self.forward_metadata
@@ -134,24 +147,16 @@ def _make_class() -> type:
             md = self.forward_metadata
             q3, k3, v3 = self._shapes(layer, q, k, v)
             if save_kv_cache:
-                self.pool.store_decode(
-                    layer.layer_id,
-                    self.req_to_token_pool.req_to_token,
-                    md.slots_t,
-                    md.prefix_lens_t,
-                    k3,
-                    v3,
-                )
+                self.pool.store_decode(layer.layer_id, md.decode_step, k3, v3)
             k_tail, v_tail = self.pool.tails(layer.layer_id)
-            seq = md.prefix_lens_t + 1
             out = ops.decode_attention(
                 q3,
                 self.pool.get_key_buffer(layer.layer_id),
                 md.page_table,
-                seq // BLOCK_TOKENS,
+                md.num_pages_t,
                 k_tail,
                 v_tail,
-                seq % BLOCK_TOKENS,
+                md.tail_len_t,
                 self.config,
                 tail_index=md.slots_t,
                 scale=layer.scaling,

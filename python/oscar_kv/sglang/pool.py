@@ -21,6 +21,7 @@ SGLang's capacity planner instead of the bf16 cell size; the tails are a fixed c
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,6 +31,16 @@ from oscar_kv.config import BLOCK_TOKENS, OscarConfig
 from oscar_kv.plan import bf16_bytes_per_token, oscar_bytes_per_token, tail_bytes_per_sequence
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DecodeStep:
+    """Where one decode step's new tokens go, worked out once per step for all layers."""
+
+    slots: torch.Tensor  # long [B]: each request's tail slot
+    pos: torch.Tensor  # long [B]: the new token's position in that tail
+    done_slots: torch.Tensor  # int32 [n]: slots whose tail this step completes
+    done_pages: torch.Tensor  # int32 [n]: the pages those tails are quantized into
 
 
 def pool_base() -> type:
@@ -172,38 +183,40 @@ def _make_class() -> type:
                     self.config,
                 )
 
+        def decode_step(
+            self, req_to_token: torch.Tensor, slots: torch.Tensor, prefix_lens: torch.Tensor
+        ) -> DecodeStep:
+            """One new token per request, request b holding ``prefix_lens[b]`` (CPU) tokens
+            in slot ``slots[b]``: its tail position, and the pages of the tails it completes
+            (page id = location of the page's first token // 128)."""
+            dev = self.k_tail.device
+            slots_l = slots.to(device=dev, dtype=torch.long)
+            pos = (prefix_lens % BLOCK_TOKENS).to(device=dev, dtype=torch.long)
+            done = (prefix_lens % BLOCK_TOKENS == BLOCK_TOKENS - 1).nonzero().flatten()
+            first_loc = (prefix_lens[done] // BLOCK_TOKENS * BLOCK_TOKENS).long()
+            rows = slots_l[done.to(dev)].to(req_to_token.device)
+            page_ids = req_to_token[rows, first_loc.to(req_to_token.device)] // BLOCK_TOKENS
+            return DecodeStep(
+                slots=slots_l,
+                pos=pos,
+                done_slots=slots_l[done.to(dev)].to(torch.int32),
+                done_pages=page_ids.to(device=self.pages.device, dtype=torch.int32),
+            )
+
         def store_decode(
-            self,
-            layer_id: int,
-            req_to_token: torch.Tensor,
-            slots: torch.Tensor,
-            prefix_lens: torch.Tensor,
-            k: torch.Tensor,
-            v: torch.Tensor,
+            self, layer_id: int, step: DecodeStep, k: torch.Tensor, v: torch.Tensor
         ) -> None:
             """One new token per request (a decode step), without a loop over requests: row b
-            of k, v [B, H, D] goes to position ``prefix_lens[b] % 128`` of slot ``slots[b]``'s
+            of k, v [B, H, D] goes to position ``step.pos[b]`` of slot ``step.slots[b]``'s
             tail; the tails it completes are quantized into their pages in one call."""
             pages = self.pages[self._layer(layer_id)]
             k_tail, v_tail = self.tails(layer_id)
-            slots_l = slots.to(device=k_tail.device, dtype=torch.long)
-            pos = (prefix_lens % BLOCK_TOKENS).to(device=k_tail.device, dtype=torch.long)
-            k_tail[slots_l, pos] = k.view(-1, self.head_num, self.head_dim).to(k_tail.dtype)
-            v_tail[slots_l, pos] = v.view(-1, self.head_num, self.head_dim).to(v_tail.dtype)
-            done = (pos == BLOCK_TOKENS - 1).nonzero().flatten()
-            if done.numel() == 0:
-                return
-            first_loc = (prefix_lens[done.cpu()] // BLOCK_TOKENS * BLOCK_TOKENS).long()
-            rows = slots_l[done].to(req_to_token.device)
-            page_ids = req_to_token[rows, first_loc.to(req_to_token.device)] // BLOCK_TOKENS
-            ops.quantize_page(
-                k_tail,
-                v_tail,
-                pages,
-                page_ids.to(device=pages.device, dtype=torch.int32),
-                self.config,
-                src_index=slots_l[done].to(torch.int32),
-            )
+            k_tail[step.slots, step.pos] = k.view(-1, self.head_num, self.head_dim).to(k_tail.dtype)
+            v_tail[step.slots, step.pos] = v.view(-1, self.head_num, self.head_dim).to(v_tail.dtype)
+            if step.done_pages.numel():
+                ops.quantize_page(
+                    k_tail, v_tail, pages, step.done_pages, self.config, src_index=step.done_slots
+                )
 
     return OscarTokenToKVPool
 

@@ -345,15 +345,17 @@ def summarize(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write(rows: list[dict], out: Path) -> None:
+def write_results(out: Path, name: str, rows: list[dict], columns: list[str], summary: str,
+                  plot_fn: Callable[[list[dict], Path], None]) -> None:  # fmt: skip
+    """``<name>.csv`` (these columns), ``<name>_summary.md`` and ``<name>.png`` under out."""
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "decode.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+    with (out / f"{name}.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    (out / "decode_summary.md").write_text(summarize(rows) + "\n")
-    plot(rows, out / "decode.png")
-    print(f"wrote {out / 'decode.csv'}, decode_summary.md, decode.png")
+    (out / f"{name}_summary.md").write_text(summary + "\n")
+    plot_fn(rows, out / f"{name}.png")
+    print(f"wrote {out / name}.csv, {name}_summary.md, {name}.png")
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -419,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         args.context = [c for c in args.context if c <= 300] or [200]
     rows = run(args)
     print(summarize(rows))
-    write(rows, args.out)
+    write_results(args.out, "decode", rows, COLUMNS, summarize(rows), plot)
     return 0
 
 

@@ -13,7 +13,6 @@ bytes of KV read, GB/s, and speedups over the fastest SDPA.
 from __future__ import annotations
 
 import argparse
-import csv
 import platform
 import statistics
 import sys
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import PAGE, RESULTS, git_commit
+from bench_decode import PAGE, RESULTS, git_commit, write_results
 
 from oscar_kv import OscarConfig, ops
 
@@ -167,14 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = run(args)
     summary = summarize(rows)
     print(summary)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with (args.out / "decode_cpu.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    (args.out / "decode_cpu_summary.md").write_text(summary + "\n")
-    plot(rows, args.out / "decode_cpu.png")
-    print(f"wrote {args.out / 'decode_cpu.csv'}, decode_cpu_summary.md, decode_cpu.png")
+    write_results(args.out, "decode_cpu", rows, COLUMNS, summary, plot)
     return 0
 
 

@@ -21,7 +21,6 @@ it).
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +38,7 @@ from bench_decode import (
     packed_bytes,
     packed_inputs,
     time_ms,
+    write_results,
 )
 
 from oscar_kv import OscarConfig, ops
@@ -180,17 +180,6 @@ def summarize(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write(rows: list[dict], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "extend.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    (out / "extend_summary.md").write_text(summarize(rows) + "\n")
-    plot(rows, out / "extend.png")
-    print(f"wrote {out / 'extend.csv'}, extend_summary.md, extend.png")
-
-
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -235,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         args.new = [n for n in args.new if n <= 40] or [20]
     rows = run(args)
     print(summarize(rows))
-    write(rows, args.out)
+    write_results(args.out, "extend", rows, COLUMNS, summarize(rows), plot)
     return 0
 
 

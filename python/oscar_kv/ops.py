@@ -353,23 +353,19 @@ def decode_attention(
         return _torchops().decode_attention(
             q, pool, layout, page_table, num_pages, k_tail, v_tail, tidx, tail_len, scale
         )
-    if which == "cpu":
-        # fp32 q (a small copy at most) whatever the tails' dtype: no rounding of q.
-        qc = q.float()
-        qc = qc if qc.stride(2) == 1 else qc.contiguous()
-        out = _cpu_ops().decode_attention(  # type: ignore[attr-defined]
-            qc, pool, page_table.to(torch.int32).contiguous(),
-            num_pages.to(torch.int32).contiguous(),
-            k_tail, v_tail, tidx, tail_len.to(torch.int32).contiguous(), scale,
-            *_native_layout_args(layout),
-        )  # fmt: skip
-        return out.to(q.dtype)
     pt = page_table.to(torch.int32)
     if pt.stride(1) != 1:
         pt = pt.contiguous()
     np_ = num_pages.to(torch.int32).contiguous()
     tl_ = tail_len.to(torch.int32).contiguous()
     qc = q if q.stride(2) == 1 else q.contiguous()
+    if which == "cpu":
+        # fp32 q (a small copy at most) whatever the tails' dtype: no rounding of q.
+        out = _cpu_ops().decode_attention(  # type: ignore[attr-defined]
+            qc.float(), pool, pt, np_, k_tail, v_tail, tidx, tl_, scale,
+            *_native_layout_args(layout),
+        )  # fmt: skip
+        return out.to(q.dtype)
     if which == "cuda":
         # The CUDA kernels take q in the tails' dtype (one template parameter for both).
         out = _cuda_ops().decode_attention(  # type: ignore[attr-defined]

@@ -1,9 +1,10 @@
-// Decode attention over packed pages + the exact tail on the CPU, fused: codes are unpacked
-// one token row at a time into a small buffer and consumed at once, so nothing the size of
-// the context is ever materialized (the batched torch ops dequantize whole pages first).
+// Decode attention over packed pages + the exact tail on the CPU, fused: the codes of 8
+// channels come out of one 16- or 32-bit word (channel c + j at bit j * bits) and are used
+// at once, so nothing the size of the context is ever materialized (the batched torch ops
+// dequantize whole pages first).
 //
 // One task per (request, KV head), spread over at::parallel_for; the G query heads of the KV
-// head share every unpacked row. Per page, in the rotated unit-scaled basis of the reference
+// head share every loaded code word. Per page, in the rotated unit-scaled basis of the reference
 // (oscar_kv.ref.attention):
 //   K: for each K group, qs[g][c] = (H q)[g][c] * k_scale[c], qz[g] = (H q)[g] . k_zero;
 //      logit[g][t] = (qs[g] . code[t] + qz[g]) * norm[t] * scale
@@ -37,32 +38,8 @@ namespace {
 using oscar::kBlockTokens;
 using oscar::PageLayout;
 
-// Code values of every byte: kLut2[b] = the four 2-bit codes of b (channel 4j + k at bits
-// 2k), kLut4[b] = its two 4-bit codes.
-struct Luts {
-  std::array<std::array<float, 4>, 256> two;
-  std::array<std::array<float, 2>, 256> four;
-  Luts() {
-    for (int b = 0; b < 256; ++b) {
-      for (int k = 0; k < 4; ++k) two[b][k] = float((b >> (2 * k)) & 3);
-      for (int k = 0; k < 2; ++k) four[b][k] = float((b >> (4 * k)) & 15);
-    }
-  }
-};
-const Luts kLuts;
-
 constexpr int kLanes = 8;  // floats per SIMD step (one AVX2 register)
 constexpr int kMaxHeadBlock = 8;  // query heads whose accumulators stay in registers
-
-// The 8 codes of channels c..c+7 (c % 8 == 0) of a packed row, as floats (without AVX2).
-[[maybe_unused]] inline void codes8_portable(const uint8_t* row, int c, int bits, float* out) {
-  if (bits == 2) {
-    std::memcpy(out, kLuts.two[row[c / 4]].data(), 16);
-    std::memcpy(out + 4, kLuts.two[row[c / 4 + 1]].data(), 16);
-  } else {
-    for (int k = 0; k < 4; ++k) std::memcpy(out + 2 * k, kLuts.four[row[c / 2 + k]].data(), 8);
-  }
-}
 
 inline void halves_to_float(const uint8_t* src, int64_t n, float* dst) {
   const uint16_t* h = reinterpret_cast<const uint16_t*>(src);
@@ -221,6 +198,15 @@ void page_values(const float* p, const uint8_t* vc, const float* vs, const float
   }
 }
 #else
+// The 8 codes of channels c..c+7 (c % 8 == 0) of a packed row, as floats: the same word and
+// shifts as the AVX2 path, one lane at a time.
+inline void codes8_portable(const uint8_t* row, int c, int bits, float* out) {
+  uint32_t w = 0;
+  std::memcpy(&w, row + c * bits / 8, bits);  // 8 codes of `bits` bits = `bits` bytes
+  const uint32_t mask = (1u << bits) - 1;
+  for (int j = 0; j < kLanes; ++j) out[j] = float((w >> (j * bits)) & mask);
+}
+
 // Logits of tokens [t0, t1) of a page for a block of GB heads: qs [GB][D] and qz [GB] are
 // the K group's folded query (see the top of the file). GB accumulators of 8 lanes stay in
 // registers while a token's codes stream by.

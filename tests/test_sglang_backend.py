@@ -118,7 +118,7 @@ def test_pool_capacity_vs_bf16():
     assert bf_bytes == (1024 + PAGE) * bf16_bytes_per_token(layers, hk, d)
     cfg = OscarConfig()
     pool = oscar_pool_class()(
-        1024 * 5, PAGE, torch.bfloat16, hk, d, layers, "cpu", config=cfg, tail_slots=1
+        1024 * 5, PAGE, torch.bfloat16, hk, d, layers, "cpu", config=cfg, residual_pages=1
     )
     per_tok = pool.pages.numel() / ((pool.num_pages + 1) * PAGE)
     assert per_tok == oscar_bytes_per_token(layers, hk, d, cfg) == 772 * layers
@@ -144,11 +144,11 @@ class World:
         self.req_to_token_pool = ReqToTokenPool(
             size=slots, max_context_len=8 * PAGE, device="cpu", enable_memory_saver=False
         )
-        # One tail per request slot: the pool is indexed by req_pool_idx (rows of req_to_token).
-        tails = self.req_to_token_pool.req_to_token.shape[0]
+        # One residual page per request slot, as the budget gives a server.
         self.pool = oscar_pool_class()(
-            num_tokens, PAGE, torch.bfloat16, HK, D, 1, "cpu", config=cfg, tail_slots=tails
+            num_tokens, PAGE, torch.bfloat16, HK, D, 1, "cpu", config=cfg, residual_pages=slots
         )
+        self.pool.attach(self.req_to_token_pool)
         self.allocator = PagedTokenToKVPoolAllocator(
             num_tokens, PAGE, torch.bfloat16, "cpu", self.pool, need_sort=False
         )
@@ -190,8 +190,9 @@ class World:
         )
         self.backend.init_forward_metadata(fb)
         out = self.backend.forward(
-            q.reshape(len(q), -1), k.reshape(len(k), -1), v.reshape(len(v), -1), self.layer, fb
-        )
+            q.reshape(len(q), HQ * D), k.reshape(len(k), HK * D), v.reshape(len(v), HK * D),
+            self.layer, fb,
+        )  # fmt: skip
         for s, n in zip(slots, new_lens, strict=True):
             self.lens[s] += n
         return out.view(-1, HQ, D)
@@ -323,36 +324,136 @@ def test_entry_point_and_load_plugins(hooks):
     assert "oscar" in ATTENTION_BACKENDS
 
 
-def test_capacity_and_pool_hooks(hooks, caplog):
-    """The two capacity hooks, called as SGLang's configurators call them. Stand-ins: the
-    configurator objects (namespaces with the attributes the hooks read)."""
+def _hf_llama(layers: int = 2) -> SimpleNamespace:
+    return SimpleNamespace(
+        model_type="llama", num_hidden_layers=layers, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, hidden_size=4096, sliding_window=None,
+    )  # fmt: skip
+
+
+def _pool_tensor_bytes(pool) -> int:
+    """Every tensor the pool object holds, counted once per storage."""
+    seen, total = set(), 0
+    for value in vars(pool).values():
+        if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() not in seen:
+            seen.add(value.untyped_storage().data_ptr())
+            total += value.untyped_storage().nbytes()
+    return total
+
+
+def _configurators(hf, dtype=torch.bfloat16):
+    from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
+
+    set_global_server_args_for_scheduler(ServerArgs(model_path="dummy", page_size=PAGE))
+    kvc = SimpleNamespace(
+        model_config=SimpleNamespace(hf_config=hf), kv_cache_dtype=dtype,
+        layer_info=SimpleNamespace(num_effective_layers=hf.num_hidden_layers, start_layer=0),
+        device="cpu",
+    )  # fmt: skip
+    return kvc, SimpleNamespace(_fixed_overhead_bytes=0)
+
+
+@pytest.mark.parametrize(("user_slots", "dtype"), [(None, torch.bfloat16), (6, torch.float32)])
+def test_one_budget_profiled_path(hooks, caplog, monkeypatch, user_slots, dtype):
+    """The hooks in SGLang's order (cell size, byte budget, running requests, pool): the pool
+    allocates, byte for byte, the budget the sizing hook promised, within the bytes SGLang
+    gave, residual pages included; residual pages are 16-bit even for an fp32 model."""
+    from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+
+    from oscar_kv.sglang import budget as budget_mod
+    from oscar_kv.sglang.args import KVQuantSpec
+
+    never = lambda *a, **k: pytest.fail("original called under --kv-quant oscar")
+    KVQuantSpec("oscar").publish()
+    monkeypatch.setattr(plugin, "_user_slots", lambda: user_slots)
+    monkeypatch.setattr(plugin, "_reported_cells", set())
+    caplog.set_level("INFO", logger="oscar_kv.sglang")
+    hf = _hf_llama()
+    kvc, pc = _configurators(hf, dtype)
+    assert plugin._hook_cell_size(never, pc, kvc, 2) == 2 * 772
+    assert "1544 B/token vs bf16 8192 B/token" in caplog.text
+
+    available = 64 * 2**20
+    cfg = plugin._hook_pool_sizes(never, pc, available, PAGE)
+    promised = plugin._budget
+    assert cfg.max_total_num_tokens == promised.tokens
+    assert promised.nbytes <= available
+    page_res = 2 * PAGE * 2 * 8 * 128 * 2  # K+V, 2 layers, 8 heads, D=128, 16-bit
+    assert promised.shape.residual_page_bytes == page_res
+    if user_slots is None:
+        assert promised.residual_bytes <= budget_mod.DEFAULT_RESIDUAL_SHARE * available
+        assert promised.residual_pages == int(0.1 * available // page_res)
+    else:
+        assert promised.residual_pages == user_slots
+    # SGLang's own running-request default (thousands) is lowered to the residual pages.
+    n = plugin._hook_max_num_reqs(lambda self, cap: 4096, None, cfg.max_total_num_tokens)
+    assert n == promised.residual_pages
+
+    rtp = ReqToTokenPool(size=n, max_context_len=1024, device="cpu", enable_memory_saver=False)
+    sizes = SimpleNamespace(max_total_num_tokens=cfg.max_total_num_tokens)
+    pool = plugin._hook_build_pool(
+        never, kvc, sizes=sizes, is_dsa_model=False, is_dsv4_model=False,
+        req_to_token_pool=rtp,
+    )  # fmt: skip
+    assert pool.k_res.dtype == torch.bfloat16
+    # The KV bytes are the promise; the only other tensor is the slot -> residual page map.
+    slot_map = pool.residual_of_slot.nbytes
+    assert slot_map == 4 * (n + 1)
+    assert _pool_tensor_bytes(pool) - slot_map == promised.nbytes == pool.get_kv_size_bytes()
+    assert "oscar-kv capacity" in caplog.text and "residual pages" in caplog.text
+    bf16_tokens = promised.nbytes // 8192
+    assert promised.tokens / bf16_tokens >= 4.5
+    assert f"({promised.tokens / bf16_tokens:.2f}x)" in caplog.text
+
+    os.environ.pop(ENV_VAR)  # off: the originals run
+    assert plugin._hook_cell_size(lambda *a: 7, None, kvc, 2) == 7
+
+
+def test_one_budget_token_cap_path(hooks, monkeypatch):
+    """--max-total-tokens: that many packed tokens; the default residual pages are at most
+    10% of everything the pool holds, and the pool holds exactly the promise."""
     from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 
     from oscar_kv.sglang.args import KVQuantSpec
 
-    hf = SimpleNamespace(
-        model_type="llama", num_hidden_layers=2, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=128, hidden_size=4096, sliding_window=None,
-    )  # fmt: skip
-    kvc = SimpleNamespace(model_config=SimpleNamespace(hf_config=hf))
     never = lambda *a, **k: pytest.fail("original called under --kv-quant oscar")
     KVQuantSpec("oscar").publish()
-    caplog.set_level("INFO", logger="oscar_kv.sglang")
-    assert plugin._hook_cell_size(never, None, kvc, 2) == 2 * 772
-    assert "1544 B/token vs bf16 8192 B/token" in caplog.text
-
-    rtp = ReqToTokenPool(size=4, max_context_len=1024, device="cpu", enable_memory_saver=False)
-    cfgr = SimpleNamespace(
-        model_config=SimpleNamespace(hf_config=hf), kv_cache_dtype=torch.bfloat16,
-        layer_info=SimpleNamespace(num_effective_layers=2, start_layer=0), device="cpu",
-    )  # fmt: skip
-    sizes = SimpleNamespace(max_total_num_tokens=4 * PAGE)
+    monkeypatch.setattr(plugin, "_user_slots", lambda: None)
+    hf = _hf_llama()
+    kvc, pc = _configurators(hf)
+    plugin._hook_cell_size(never, pc, kvc, 2)
+    cfg = plugin._hook_pool_sizes_from_tokens(never, pc, 100_000, PAGE)
+    promised = plugin._budget
+    assert cfg.max_total_num_tokens == promised.tokens == 100_000 // PAGE * PAGE
+    assert 1 <= promised.residual_pages and promised.residual_bytes <= 0.1 * promised.nbytes
+    n = plugin._hook_max_num_reqs(lambda self, cap: 2048, None, cfg.max_total_num_tokens)
+    rtp = ReqToTokenPool(size=n, max_context_len=1024, device="cpu", enable_memory_saver=False)
     pool = plugin._hook_build_pool(
-        never, cfgr, sizes=sizes, is_dsa_model=False, is_dsv4_model=False,
-        req_to_token_pool=rtp,
+        never, kvc, sizes=SimpleNamespace(max_total_num_tokens=cfg.max_total_num_tokens),
+        is_dsa_model=False, is_dsv4_model=False, req_to_token_pool=rtp,
     )  # fmt: skip
-    assert pool.num_pages == 4 and pool.k_tail.shape[:2] == (2, rtp.req_to_token.shape[0])
-    assert "oscar-kv capacity" in caplog.text and "5.31x" in caplog.text
+    assert _pool_tensor_bytes(pool) - pool.residual_of_slot.nbytes == promised.nbytes
 
-    os.environ.pop(ENV_VAR)  # off: the originals run
-    assert plugin._hook_cell_size(lambda *a: 7, None, kvc, 2) == 7
+
+def test_residual_pages_follow_request_slots():
+    """A slot takes a residual page at its first store and returns it when SGLang frees the
+    slot (free / free_rows / clear): a pool with 2 residual pages serves 5 requests in turn."""
+    from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+
+    rtp = ReqToTokenPool(size=2, max_context_len=4 * PAGE, device="cpu", enable_memory_saver=False)
+    pool = oscar_pool_class()(
+        8 * PAGE, PAGE, torch.bfloat16, HK, D, 1, "cpu", config=OscarConfig(), residual_pages=2
+    )
+    pool.attach(rtp)
+    for _ in range(5):
+        slots = rtp.alloc_rows(2)
+        pages = pool.assign_residual(slots)
+        assert sorted(pages) == [0, 1] and pool.assign_residual(slots) == pages
+        assert pool.residual_of_slot[slots].tolist() == pages
+        assert pool.residual_state() == {"total": 2, "free": 0, "held": 2}
+        rtp.free_rows(slots[:1])
+        assert pool.residual_state()["free"] == 1
+        rtp.clear()
+        assert pool.residual_state() == {"total": 2, "free": 2, "held": 0}
+    with pytest.raises(RuntimeError, match="no free residual page"):
+        pool.assign_residual([1, 2, 3])

@@ -1,4 +1,4 @@
-"""Attention backend "oscar": extend, decode and mixed batches over packed pages + bf16 tails.
+"""Attention backend "oscar": extend, decode and mixed batches over packed + residual pages.
 
 Built on `oscar_kv.ops` (CUDA > Triton on a GPU, C++ CPU kernels > batched torch on a CPU,
 chosen by tensor device and ``OSCAR_KV_BACKEND``). Per batch, `init_forward_metadata` reads
@@ -6,10 +6,14 @@ the request slots and lengths once and builds the page table from SGLang's ``req
 (page id = location of the page's first token // 128). Then per layer:
 
 - extend (and mixed; SGLang routes mixed batches to ``forward_extend`` off NPU): the new
-  tokens attend to their request's cached pages, its tail and themselves
+  tokens attend to their request's cached pages, its residual page and themselves
   (`ops.extend_attention`), then are stored (`OscarTokenToKVPool.store`: completed pages
-  quantized, the rest into the tail);
-- decode: the new token is stored first, then `ops.decode_attention` reads pages + tail.
+  quantized, the rest into the residual page);
+- decode: the new token is stored first, then `ops.decode_attention` reads pages + residual
+  page (the ops' "tail", indexed by each request's residual page id).
+
+A request's residual page is assigned in `init_forward_metadata` (once per batch) from the
+pool's free list and returned when SGLang frees the request slot.
 
 Q/K rotation and the norm descale happen inside the ops; V is un-rotated there unless the
 pool's config says V was folded into the weights (`oscar_kv.sglang.weights`). GQA is the ops'
@@ -33,7 +37,8 @@ class OscarForwardMetadata:
     slots: list[int]
     prefix_lens: list[int]  # tokens cached before this forward
     new_lens: list[int]  # tokens this forward adds
-    slots_t: torch.Tensor  # int32 [B]
+    residual: list[int]  # each request's residual page
+    residual_t: torch.Tensor  # int32 [B]
     prefix_lens_t: torch.Tensor  # int32 [B], on the CPU
     page_table: torch.Tensor  # int32 [B, max_pages]
     cu_seqlens: torch.Tensor  # int32 [B + 1]
@@ -85,18 +90,23 @@ def _make_class() -> type:
             for n in new_lens:
                 cu.append(cu[-1] + n)
             dev = self.pool.pages.device
+            residual = self.pool.assign_residual(slots)
             md = OscarForwardMetadata(
                 slots=slots,
+                residual=residual,
+                residual_t=torch.tensor(residual, dtype=torch.int32, device=dev),
                 prefix_lens=prefix_lens,
                 new_lens=new_lens,
-                slots_t=torch.tensor(slots, dtype=torch.int32, device=dev),
                 prefix_lens_t=torch.tensor(prefix_lens, dtype=torch.int32),
                 page_table=(cols // BLOCK_TOKENS).to(device=dev, dtype=torch.int32),
                 cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=dev),
             )
             if forward_batch.forward_mode.is_decode():
                 md.decode_step = self.pool.decode_step(
-                    self.req_to_token_pool.req_to_token, md.slots_t, md.prefix_lens_t
+                    self.req_to_token_pool.req_to_token,
+                    forward_batch.req_pool_indices,
+                    md.residual_t,
+                    md.prefix_lens_t,
                 )
                 seq = md.prefix_lens_t + 1
                 md.num_pages_t = (seq // BLOCK_TOKENS).to(dev)
@@ -109,6 +119,7 @@ def _make_class() -> type:
                 layer.layer_id,
                 self.req_to_token_pool.req_to_token,
                 md.slots,
+                md.residual,
                 md.prefix_lens,
                 md.new_lens,
                 k,
@@ -122,7 +133,7 @@ def _make_class() -> type:
         def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kw):
             md = self.forward_metadata
             q3, k3, v3 = self._shapes(layer, q, k, v)
-            k_tail, v_tail = self.pool.tails(layer.layer_id)
+            k_tail, v_tail = self.pool.residual(layer.layer_id)
             pre = md.prefix_lens_t
             out = ops.extend_attention(
                 q3,
@@ -136,19 +147,19 @@ def _make_class() -> type:
                 v_tail,
                 pre % BLOCK_TOKENS,
                 self.config,
-                tail_index=md.slots_t,
+                tail_index=md.residual_t,
                 scale=layer.scaling,
             )
             if save_kv_cache:
                 self._store(layer, k3, v3)
-            return out.reshape(q3.shape[0], -1)
+            return out.reshape(q3.shape[0], q3.shape[1] * q3.shape[2])
 
         def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kw):
             md = self.forward_metadata
             q3, k3, v3 = self._shapes(layer, q, k, v)
             if save_kv_cache:
                 self.pool.store_decode(layer.layer_id, md.decode_step, k3, v3)
-            k_tail, v_tail = self.pool.tails(layer.layer_id)
+            k_tail, v_tail = self.pool.residual(layer.layer_id)
             out = ops.decode_attention(
                 q3,
                 self.pool.get_key_buffer(layer.layer_id),
@@ -158,10 +169,10 @@ def _make_class() -> type:
                 v_tail,
                 md.tail_len_t,
                 self.config,
-                tail_index=md.slots_t,
+                tail_index=md.residual_t,
                 scale=layer.scaling,
             )
-            return out.reshape(q3.shape[0], -1)
+            return out.reshape(q3.shape[0], q3.shape[1] * q3.shape[2])
 
         def get_cuda_graph_seq_len_fill_value(self):
             return 1

@@ -49,9 +49,11 @@ exists and logs a warning if not):
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
+import torch
+
+from oscar_kv.config import BLOCK_TOKENS
 from oscar_kv.sglang.args import (
     BACKEND_NAME,
     KVQuantError,
@@ -60,6 +62,16 @@ from oscar_kv.sglang.args import (
     check_model,
     check_server_args,
 )
+from oscar_kv.sglang.budget import (
+    DEFAULT_RESIDUAL_SHARE,
+    KVBudget,
+    KVBudgetError,
+    KVShape,
+    for_tokens,
+    residual_dtype,
+    split_bytes,
+)
+from oscar_kv.sglang.validation import hook_validate_one_request
 
 logger = logging.getLogger("oscar_kv.sglang")
 
@@ -68,18 +80,26 @@ HOOK_TARGETS = {
     "from_cli_args": "sglang.srt.server_args.ServerArgs.from_cli_args",
     "cell_size": "sglang.srt.model_executor.pool_configurator."
     "DefaultPoolConfigurator._compute_cell_size",
+    "pool_sizes": "sglang.srt.model_executor.pool_configurator."
+    "DefaultPoolConfigurator.calculate_pool_sizes",
+    "pool_sizes_from_tokens": "sglang.srt.model_executor.pool_configurator."
+    "DefaultPoolConfigurator.calculate_pool_sizes_from_max_tokens",
+    "max_num_reqs": "sglang.srt.mem_cache.kv_cache_configurator."
+    "KVCacheConfigurator.resolve_max_num_reqs",
     "build_pool": "sglang.srt.mem_cache.kv_cache_configurator."
     "KVCacheConfigurator._build_token_to_kv_pool",
     "load_model": "sglang.srt.model_executor.model_runner.ModelRunner.load_model",
+    "validate_request": "sglang.srt.managers.tokenizer_manager."
+    "TokenizerManager._validate_one_request",
 }
 
-# Request slots (each with a bf16 tail buffer, see pool.py) when the user sets no
-# --max-running-requests; SGLang's own default (up to thousands) would spend more memory on
-# tails than on packed pages.
-DEFAULT_MAX_RUNNING_REQUESTS = 128
 _registered = False
 _radix_available = False
 _reported_cells: set[tuple[int, int]] = set()
+# This process's model shape and KV budget, set by the sizing hooks and read by the pool
+# hook (SGLang sizes, then builds, in the same process).
+_shape: KVShape | None = None
+_budget: KVBudget | None = None
 
 
 def spec() -> KVQuantSpec:
@@ -108,13 +128,6 @@ def apply_to_server_args(server_args: Any, s: KVQuantSpec) -> Any:
             "backend has no graph hooks yet)"
         )
         server_args.disable_cuda_graph = True
-    if getattr(server_args, "max_running_requests", None) is None:
-        server_args.max_running_requests = DEFAULT_MAX_RUNNING_REQUESTS
-        logger.info(
-            "oscar-kv: --max-running-requests defaults to %d under --kv-quant oscar (every "
-            "request slot holds a bf16 tail of its last <128 tokens); pass it to change",
-            DEFAULT_MAX_RUNNING_REQUESTS,
-        )
     if not _radix_available:
         logger.warning(
             "oscar-kv: radix cache backend 'oscar' is not available; SGLang's default prefix "
@@ -154,62 +167,113 @@ def _apply_gguf_rope_fix(args: Any) -> None:
             args.json_model_override_args = fixed
 
 
-def _hook_cell_size(orig, self, kvc, num_layers, *args, **kwargs):
-    s = spec()
-    if not s.enabled:
-        return orig(self, kvc, num_layers, *args, **kwargs)
+def _kv_shape(kvc: Any, num_layers: int) -> KVShape:
+    """The budget's view of the model on this rank (``kvc``: SGLang's KVCacheConfigurator)."""
     from sglang.srt.runtime_context import get_parallel
 
-    from oscar_kv.plan import bf16_bytes_per_token, oscar_bytes_per_token
+    from oscar_kv.sglang.weights import fold_enabled
 
     tp = get_parallel().attn_tp_size
     _, kv_heads, head_dim = check_model(kvc.model_config.hf_config, tp_size=tp)
-    cfg = s.oscar_config()
-    cell = oscar_bytes_per_token(num_layers, kv_heads, head_dim, cfg)
-    bf = bf16_bytes_per_token(num_layers, kv_heads, head_dim)
-    if (cell, bf) in _reported_cells:  # SGLang sizes the pool more than once
-        return cell
-    _reported_cells.add((cell, bf))
-    logger.info(
-        "oscar-kv: %s cell size %d B/token vs bf16 %d B/token (%.2fx tokens in the same "
-        "memory); %d layers x %d KV heads (per rank, tp=%d) x D=%d",
-        cfg.label, cell, bf, bf / cell, num_layers, kv_heads, tp, head_dim,
-    )  # fmt: skip
+    dtype = residual_dtype(getattr(kvc, "kv_cache_dtype", torch.bfloat16))
+    return KVShape(
+        num_layers, kv_heads, head_dim, spec().oscar_config(fold_v=fold_enabled()), dtype
+    )
+
+
+def _user_slots() -> int | None:
+    """--max-running-requests as the user gave it (None: SGLang's default)."""
+    from sglang.srt.runtime_context import get_schedule
+
+    return getattr(get_schedule(), "max_running_requests", None)
+
+
+def _hook_cell_size(orig, self, kvc, num_layers, *args, **kwargs):
+    """Packed bytes per token; remembers the model's shape for the budget hooks below."""
+    global _shape
+    if not spec().enabled:
+        return orig(self, kvc, num_layers, *args, **kwargs)
+    from sglang.srt.runtime_context import get_parallel
+
+    _shape = _kv_shape(kvc, num_layers)
+    cell = _shape.packed_page_bytes // BLOCK_TOKENS
+    bf = _shape.bf16_token_bytes
+    if (cell, bf) not in _reported_cells:  # SGLang sizes the pool more than once
+        _reported_cells.add((cell, bf))
+        logger.info(
+            "oscar-kv: %s cell size %d B/token vs bf16 %d B/token (packed pages; the residual "
+            "pages come out of the same budget, see the capacity line); %d layers x %d KV heads "
+            "(per rank, tp=%d) x D=%d",
+            _shape.config.label, cell, bf, num_layers, _shape.kv_heads,
+            get_parallel().attn_tp_size, _shape.head_dim,
+        )  # fmt: skip
     return cell
 
 
-def _hook_build_pool(orig, self, *args, **kwargs):
-    s = spec()
-    if not s.enabled:
-        return orig(self, *args, **kwargs)
-    from sglang.srt.runtime_context import get_parallel
+def _pool_config(tokens: int) -> Any:
+    from sglang.srt.model_executor.pool_configurator import MemoryPoolConfig
 
-    from oscar_kv.sglang.pool import capacity_report, oscar_pool_class
-    from oscar_kv.sglang.weights import fold_enabled
+    return MemoryPoolConfig(max_total_num_tokens=tokens)
+
+
+def _hook_pool_sizes(orig, self, available_bytes, page_size, *args, **kwargs):
+    """The profiled path: the byte budget split into residual and packed pages."""
+    global _budget
+    if not spec().enabled or _shape is None:
+        return orig(self, available_bytes, page_size, *args, **kwargs)
+    overhead = int(getattr(self, "_fixed_overhead_bytes", 0) or 0)
+    _budget = split_bytes(_shape, max(int(available_bytes) - overhead, 0), _user_slots())
+    return _pool_config(_budget.tokens)
+
+
+def _hook_pool_sizes_from_tokens(orig, self, max_total_num_tokens, page_size, *args, **kwargs):
+    """The --max-total-tokens path: that many packed tokens plus their residual pages."""
+    global _budget
+    if not spec().enabled or _shape is None:
+        return orig(self, max_total_num_tokens, page_size, *args, **kwargs)
+    _budget = for_tokens(_shape, int(max_total_num_tokens), _user_slots())
+    return _pool_config(_budget.tokens)
+
+
+def _hook_max_num_reqs(orig, self, token_capacity, *args, **kwargs):
+    """Running requests never exceed the residual pages (each holds one)."""
+    global _budget
+    n = orig(self, token_capacity, *args, **kwargs)
+    if not spec().enabled or _budget is None:
+        return n
+    if n > _budget.residual_pages:
+        logger.info(
+            "oscar-kv: --max-running-requests is %d: as many residual pages as fit in %d%% of "
+            "the KV budget (pass --max-running-requests to choose, or raise the budget)",
+            _budget.residual_pages, round(100 * DEFAULT_RESIDUAL_SHARE),
+        )  # fmt: skip
+        return _budget.residual_pages
+    _budget = _budget.with_residual_pages(n)  # SGLang lowered the user's value
+    return n
+
+
+def _hook_build_pool(orig, self, *args, **kwargs):
+    if not spec().enabled:
+        return orig(self, *args, **kwargs)
+    from oscar_kv.sglang.pool import oscar_pool_class
 
     size = int(kwargs["sizes"].max_total_num_tokens)
-    req_to_token_pool = kwargs.get("req_to_token_pool")
-    tp = get_parallel().attn_tp_size
-    _, kv_heads, head_dim = check_model(self.model_config.hf_config, tp_size=tp)
-    layer_num = self.layer_info.num_effective_layers
-    cfg = s.oscar_config(fold_v=fold_enabled())
-    if req_to_token_pool is not None:
-        tail_slots = int(req_to_token_pool.req_to_token.shape[0])
-    else:
-        tail_slots = int(os.environ.get("OSCAR_KV_TAIL_SLOTS", "256"))
-    pool = oscar_pool_class()(
-        size,
-        page_size=128,
-        dtype=self.kv_cache_dtype,
-        head_num=kv_heads,
-        head_dim=head_dim,
-        layer_num=layer_num,
-        device=self.device,
-        config=cfg,
-        tail_slots=tail_slots,
-        start_layer=self.layer_info.start_layer,
-    )
-    logger.info(capacity_report(layer_num, kv_heads, head_dim, cfg, pool.pages.numel()))
+    rtp = kwargs["req_to_token_pool"]
+    slots = int(rtp.size)
+    shape = _kv_shape(self, self.layer_info.num_effective_layers)
+    budget = _budget
+    if budget is None or budget.tokens != size or budget.shape != shape:
+        # SGLang sized the pool without the budget hooks (or on another path): the same
+        # split, from the token count it chose and the slots it made.
+        budget = for_tokens(shape, size, slots)
+    if budget.residual_pages < slots:
+        raise KVBudgetError(
+            f"oscar-kv: {slots} request slots but {budget.residual_pages} residual pages; "
+            f"lower --max-running-requests to {budget.residual_pages}"
+        )
+    pool = oscar_pool_class().from_budget(budget, self.device, self.layer_info.start_layer)
+    pool.attach(rtp)
+    logger.info(budget.report())
     return pool
 
 
@@ -226,8 +290,12 @@ _HOOKS = {
     "add_cli_args": _hook_add_cli_args,
     "from_cli_args": _hook_from_cli_args,
     "cell_size": _hook_cell_size,
+    "pool_sizes": _hook_pool_sizes,
+    "pool_sizes_from_tokens": _hook_pool_sizes_from_tokens,
+    "max_num_reqs": _hook_max_num_reqs,
     "build_pool": _hook_build_pool,
     "load_model": _hook_load_model,
+    "validate_request": hook_validate_one_request,
 }
 
 

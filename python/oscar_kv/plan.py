@@ -5,9 +5,10 @@ Hugging Face ``config.json`` and prints how many sequences of ``--context`` toke
 ``--kv-mem`` bytes of KV cache with a bf16 cache and with OScaR at 2 and 4 bits. The same
 numbers size SGLang's pool under ``--kv-quant oscar`` (`oscar_kv.sglang.pool`).
 
-OScaR memory per sequence = context * packed bytes per token (all layers) + one bf16 tail
-buffer of 128 tokens per running sequence (K and V, all layers), where the partial last page
-lives until it is quantized.
+OScaR memory per sequence = context * packed bytes per token (all layers) + one bf16
+residual page of 128 tokens per running sequence (K and V, all layers), where the partial
+last page lives until it is quantized (`oscar_kv.sglang.budget` splits a server's budget the
+same way).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def oscar_bytes_per_token(layers: int, kv_heads: int, head_dim: int, cfg: OscarC
 
 
 def tail_bytes_per_sequence(layers: int, kv_heads: int, head_dim: int) -> int:
-    """One bf16 tail of 128 tokens (K and V) per running sequence, every layer."""
+    """One bf16 residual page of 128 tokens (K and V) per running sequence, every layer."""
     return BLOCK_TOKENS * bf16_bytes_per_token(layers, kv_heads, head_dim)
 
 

@@ -107,7 +107,7 @@ class KVBudget:
             f"for as many running requests ({self.residual_bytes / 2**20:.1f} MiB, "
             f"{str(s.residual_dtype).removeprefix('torch.')}, "
             f"{100 * self.residual_bytes / self.nbytes:.1f}% of the budget) = "
-            f"{self.nbytes / 2**30:.3f} GiB; bf16 holds {bf16_tokens} tokens in the same bytes "
+            f"{self.nbytes / 2**30:.3f} GiB ({self.nbytes} B); bf16 holds {bf16_tokens} tokens in the same bytes "
             f"({self.tokens / max(bf16_tokens, 1):.2f}x)"
         )
 

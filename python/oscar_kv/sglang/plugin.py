@@ -35,13 +35,20 @@ exists and logs a warning if not):
   add the flags; validate and apply them (page_size, attention_backend,
   radix_cache_backend, disable_cuda_graph) to the constructed ServerArgs;
 - ``model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size(kvc,
-  num_layers)``: returns OScaR bytes per token (reads ``kvc.model_config.hf_config`` and
-  ``get_parallel().attn_tp_size``) and logs the capacity report;
-- ``mem_cache.kv_cache_configurator.KVCacheConfigurator._build_token_to_kv_pool(self, *,
-  sizes, is_dsa_model, is_dsv4_model, req_to_token_pool)``: builds `OscarTokenToKVPool`
-  instead of the MHA pool (reads ``sizes.max_total_num_tokens``, ``self.kv_cache_dtype,
-  self.model_config.hf_config, self.layer_info, self.device``; one bf16 tail per row of
-  ``req_to_token_pool.req_to_token``);
+  num_layers)``: returns packed bytes per token (reads ``kvc.model_config.hf_config``,
+  ``kvc.kv_cache_dtype`` and ``get_parallel().attn_tp_size``) and logs the cell line;
+- ``DefaultPoolConfigurator.calculate_pool_sizes(available_bytes, page_size)`` and
+  ``calculate_pool_sizes_from_max_tokens(max_total_num_tokens, page_size)``: the one KV
+  budget split into packed and residual pages (`oscar_kv.sglang.budget`; reads
+  ``self._fixed_overhead_bytes`` and ``get_schedule().max_running_requests``);
+- ``mem_cache.kv_cache_configurator.KVCacheConfigurator.resolve_max_num_reqs(token_capacity)``:
+  running requests capped at the residual pages;
+- ``KVCacheConfigurator._build_token_to_kv_pool(self, *, sizes, is_dsa_model, is_dsv4_model,
+  req_to_token_pool)``: builds `OscarTokenToKVPool` from the budget instead of the MHA pool
+  (reads ``sizes.max_total_num_tokens``, ``self.layer_info``, ``self.device``) and binds its
+  residual pages to ``req_to_token_pool``'s slots;
+- ``managers.tokenizer_manager.TokenizerManager._validate_one_request(obj, input_ids)``:
+  the request checks of `oscar_kv.sglang.validation` after SGLang's own;
 - ``model_executor.model_runner.ModelRunner.load_model``: after it, the V fold
   (`oscar_kv.sglang.weights.fold_v_into_model`).
 """

@@ -159,6 +159,11 @@ class OscarRadixCache(BasePrefixCache):
             return
         state = " ".join(f"{k}={v}" for k, v in self.pool_state().items())
         logger.info("oscar-kv pool state at %s: %s (tokens)", when, state)
+        kvcache = getattr(self.token_to_kv_pool_allocator, "get_kvcache", lambda: None)()
+        if hasattr(kvcache, "residual_state"):
+            # Residual pages belong to running requests only; after all finished, held=0.
+            res = " ".join(f"{k}={v}" for k, v in kvcache.residual_state().items())
+            logger.info("oscar-kv residual pages at %s: %s", when, res)
 
     # ----- BasePrefixCache ------------------------------------------------------------------
 

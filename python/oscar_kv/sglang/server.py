@@ -91,7 +91,7 @@ class SGLangServer:
     kv_quant_bits: int = 2
     port: int = 0
     max_total_tokens: int = 16384
-    max_running_requests: int = 16
+    max_running_requests: int | None = 16  # None: the server's default
     context_length: int | None = None
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
@@ -109,9 +109,10 @@ class SGLangServer:
             sys.executable, "-m", "sglang.launch_server",
             "--model-path", self.model.model_path,
             "--host", "127.0.0.1", "--port", str(self.port),
-            "--max-running-requests", str(self.max_running_requests),
             "--enable-cache-report",
         ]  # fmt: skip
+        if self.max_running_requests is not None:
+            cmd += ["--max-running-requests", str(self.max_running_requests)]
         if self.model.tokenizer_path:
             cmd += ["--tokenizer-path", self.model.tokenizer_path]
         if self.context_length:

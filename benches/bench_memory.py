@@ -57,7 +57,9 @@ def pool_bytes(log: str, cache: str) -> int:
 
 
 def prompt_ids(tokenizer, n: int, salt: int) -> list[int]:
-    ids = tokenizer.encode(f"Document {salt}. " + english_text(), add_special_tokens=False)
+    ids = tokenizer.encode(
+        f"Document {salt}. " + english_text(8 * n + 2000), add_special_tokens=False
+    )
     assert len(ids) >= n, f"need {n} tokens of text, have {len(ids)}"
     return ids[:n]
 
@@ -69,13 +71,9 @@ def run_one(cache: str, tokens: int, tokenizer, commit: str) -> list[dict]:
     )  # fmt: skip
     rows = []
     with s:
-        info = requests.get(s.url + "/get_server_info", timeout=60).json()
-        mtt = int(
-            info.get("max_total_num_tokens") or info["internal_states"][0]["max_total_num_tokens"]
-        )
-        mrr = info.get("max_running_requests")
-        if mrr is None:
-            mrr = info["internal_states"][0].get("max_running_requests")
+        # SGLang's own start-up line, written by the scheduler after sizing the pool.
+        m = re.search(r"max_total_num_tokens=(\d+), .*?max_running_requests=(\d+)", s.log_text())
+        mtt, mrr = int(m.group(1)), int(m.group(2))
         nbytes = pool_bytes(s.log_text(), cache)
         idle = rss_tree(s.proc.pid)
         for n in (1024, 4096):

@@ -22,6 +22,9 @@ from oscar_kv.cache_demo import SYSTEM_PROMPT, TURNS
 from oscar_kv.config import BLOCK_TOKENS
 
 CELL_LINE = re.compile(r"cell size (\d+) B/token vs bf16 (\d+) B/token")
+CAPACITY_LINE = re.compile(
+    r"oscar-kv capacity .*?: (\d+) tokens in .*? = ([0-9.]+) GiB .*\(([0-9.]+)x\)"
+)
 
 
 @dataclass
@@ -93,7 +96,17 @@ def kv_report(log_text: str, tokens: int) -> str:
         f"KV memory for this conversation ({tokens} tokens, {paged} in packed pages): "
         f"{paged * ours / 1e6:.2f} MB of OScaR pages vs {paged * bf16 / 1e6:.2f} MB in bf16 "
         f"({bf16 / ours:.2f}x smaller; the last {tokens - paged} tokens stay exact in the "
-        f"request's bf16 tail). Per token: {ours} B vs {bf16} B."
+        f"request's bf16 residual page). Per token: {ours} B vs {bf16} B."
+    ) + _capacity(log_text)
+
+
+def _capacity(log_text: str) -> str:
+    m = CAPACITY_LINE.search(log_text)
+    if m is None:
+        return ""
+    return (
+        f"\nServer capacity: {m.group(1)} tokens in {m.group(2)} GiB of KV budget, residual "
+        f"pages included: {m.group(3)}x the tokens bf16 holds in the same bytes."
     )
 
 

@@ -91,7 +91,7 @@ class SGLangServer:
     kv_quant_bits: int = 2
     port: int = 0
     max_total_tokens: int = 16384
-    max_running_requests: int | None = 16  # None: the server's default
+    max_running_requests: int | None = None  # None: the server's default (budget-sized)
     context_length: int | None = None
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)

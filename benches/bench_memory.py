@@ -30,6 +30,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import write_results
+from bench_decode_cpu import cpu_name
 
 from oscar_kv.eval.smollm2 import english_text
 from oscar_kv.plan import bf16_bytes_per_token
@@ -38,7 +39,7 @@ from oscar_kv.sglang.server import SGLangServer, smollm2_model
 RESULTS = Path(__file__).resolve().parent / "results"
 BF16_TOKEN = bf16_bytes_per_token(30, 3, 64)  # SmolLM2: 30 layers x 3 KV heads x D=64
 COLUMNS = [
-    "commit", "cache", "prompt_tokens", "max_total_num_tokens", "max_running_requests",
+    "device", "commit", "cache", "prompt_tokens", "max_total_num_tokens", "max_running_requests",
     "pool_bytes", "x_bf16_same_bytes", "served_at_once", "repeat_cached_tokens",
     "rss_idle_mib", "rss_after_mib",
 ]  # fmt: skip
@@ -92,7 +93,7 @@ def run_one(cache: str, tokens: int, tokenizer, commit: str) -> list[dict]:
             assert all(r.status_code == 200 for r in codes), [r.text for r in codes]
             again = requests.post(s.url + "/generate", json=bodies[0], timeout=900).json()
             rows.append({
-                "commit": commit, "cache": cache, "prompt_tokens": n,
+                "device": cpu_name(), "commit": commit, "cache": cache, "prompt_tokens": n,
                 "max_total_num_tokens": mtt, "max_running_requests": mrr, "pool_bytes": nbytes,
                 "x_bf16_same_bytes": round(mtt / (nbytes / BF16_TOKEN), 3),
                 "served_at_once": at_once,

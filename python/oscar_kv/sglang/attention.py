@@ -152,7 +152,7 @@ def _make_class() -> type:
             )
             if save_kv_cache:
                 self._store(layer, k3, v3)
-            return out.reshape(q3.shape[0], q3.shape[1] * q3.shape[2])
+            return out.flatten(1)  # [tokens, heads * D], also for 0 tokens
 
         def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kw):
             md = self.forward_metadata
@@ -172,7 +172,7 @@ def _make_class() -> type:
                 tail_index=md.residual_t,
                 scale=layer.scaling,
             )
-            return out.reshape(q3.shape[0], q3.shape[1] * q3.shape[2])
+            return out.flatten(1)  # [tokens, heads * D], also for 0 tokens
 
         def get_cuda_graph_seq_len_fill_value(self):
             return 1

@@ -73,7 +73,6 @@ class KVBudget:
     shape: KVShape
     packed_pages: int  # usable pages (SGLang's page 0, the padding page, comes on top)
     residual_pages: int
-    slots_from_user: bool
 
     @property
     def tokens(self) -> int:
@@ -94,7 +93,7 @@ class KVBudget:
         return self.packed_bytes + self.residual_bytes
 
     def with_residual_pages(self, n: int) -> KVBudget:
-        return KVBudget(self.shape, self.packed_pages, n, self.slots_from_user)
+        return KVBudget(self.shape, self.packed_pages, n)
 
     def report(self) -> str:
         """The start-up capacity line: both page kinds counted, vs bf16 in the same bytes."""
@@ -107,19 +106,24 @@ class KVBudget:
             f"for as many running requests ({self.residual_bytes / 2**20:.1f} MiB, "
             f"{str(s.residual_dtype).removeprefix('torch.')}, "
             f"{100 * self.residual_bytes / self.nbytes:.1f}% of the budget) = "
-            f"{self.nbytes / 2**30:.3f} GiB ({self.nbytes} B); bf16 holds {bf16_tokens} tokens in the same bytes "
-            f"({self.tokens / max(bf16_tokens, 1):.2f}x)"
+            f"{self.nbytes / 2**30:.3f} GiB ({self.nbytes} B); bf16 holds {bf16_tokens} tokens "
+            f"in the same bytes ({self.tokens / max(bf16_tokens, 1):.2f}x)"
         )
 
 
-def _default_residual_pages(shape: KVShape, total_bytes: float) -> int:
-    n = int(DEFAULT_RESIDUAL_SHARE * total_bytes // shape.residual_page_bytes)
+def _default_residual_pages(shape: KVShape, residual_share_bytes: float) -> int:
+    """Residual pages that fit in ``residual_share_bytes``, at least 1, at most
+    `MAX_DEFAULT_SLOTS`."""
+    n = int(residual_share_bytes // shape.residual_page_bytes)
     return max(1, min(n, MAX_DEFAULT_SLOTS))
 
 
 def split_bytes(shape: KVShape, budget_bytes: int, slots: int | None) -> KVBudget:
     """A byte budget (the profiled path): residual pages first, packed pages from the rest."""
-    residual = slots if slots is not None else _default_residual_pages(shape, budget_bytes)
+    if slots is None:
+        residual = _default_residual_pages(shape, DEFAULT_RESIDUAL_SHARE * budget_bytes)
+    else:
+        residual = slots
     rest = budget_bytes - residual * shape.residual_page_bytes
     packed = rest // shape.packed_page_bytes - 1
     if packed < 1:
@@ -129,7 +133,7 @@ def split_bytes(shape: KVShape, budget_bytes: int, slots: int | None) -> KVBudge
             f"packed page plus {residual} residual pages ({need / 2**20:.1f} MiB needed); "
             "raise --mem-fraction-static or lower --max-running-requests"
         )
-    return KVBudget(shape, packed, residual, slots is not None)
+    return KVBudget(shape, packed, residual)
 
 
 def for_tokens(shape: KVShape, max_total_tokens: int, slots: int | None) -> KVBudget:
@@ -141,12 +145,10 @@ def for_tokens(shape: KVShape, max_total_tokens: int, slots: int | None) -> KVBu
             f"--kv-quant oscar needs at least one 128-token page; got {max_total_tokens} tokens"
         )
     if slots is None:
-        # r * res <= share * (packed_bytes + r * res)  <=>  r <= share/(1-share) * packed/res
+        # r * res <= share * (packed_bytes + r * res)  <=>  r * res <= share/(1-share) * packed_bytes
         packed_bytes = (packed + 1) * shape.packed_page_bytes
         ratio = DEFAULT_RESIDUAL_SHARE / (1 - DEFAULT_RESIDUAL_SHARE)
-        residual = max(
-            1, min(int(ratio * packed_bytes // shape.residual_page_bytes), MAX_DEFAULT_SLOTS)
-        )
+        residual = _default_residual_pages(shape, ratio * packed_bytes)
     else:
         residual = slots
-    return KVBudget(shape, packed, residual, slots is not None)
+    return KVBudget(shape, packed, residual)

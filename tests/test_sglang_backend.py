@@ -33,8 +33,8 @@ except ImportError as e:  # pragma: no cover - depends on the machine
 
 from oscar_kv.sglang import plugin
 from oscar_kv.sglang.args import ENV_VAR, KVQuantError
-from oscar_kv.sglang.attention import oscar_backend_class
-from oscar_kv.sglang.pool import oscar_pool_class
+from oscar_kv.sglang.attention import OscarAttnBackend
+from oscar_kv.sglang.pool import OscarTokenToKVPool
 
 HQ, HK, D = 4, 2, 64
 PAGE = 128
@@ -117,7 +117,7 @@ def test_pool_capacity_vs_bf16():
     # SGLang's pool holds size + page_size slots (a padding page).
     assert bf_bytes == (1024 + PAGE) * bf16_bytes_per_token(layers, hk, d)
     cfg = OscarConfig()
-    pool = oscar_pool_class()(
+    pool = OscarTokenToKVPool(
         1024 * 5, PAGE, torch.bfloat16, hk, d, layers, "cpu", config=cfg, residual_pages=1
     )
     per_tok = pool.pages.numel() / ((pool.num_pages + 1) * PAGE)
@@ -145,7 +145,7 @@ class World:
             size=slots, max_context_len=8 * PAGE, device="cpu", enable_memory_saver=False
         )
         # One residual page per request slot, as the budget gives a server.
-        self.pool = oscar_pool_class()(
+        self.pool = OscarTokenToKVPool(
             num_tokens, PAGE, torch.bfloat16, HK, D, 1, "cpu", config=cfg, residual_pages=slots
         )
         self.pool.attach(self.req_to_token_pool)
@@ -153,9 +153,10 @@ class World:
             num_tokens, PAGE, torch.bfloat16, "cpu", self.pool, need_sort=False
         )
         runner = SimpleNamespace(
-            device="cpu", req_to_token_pool=self.req_to_token_pool, token_to_kv_pool=self.pool
-        )
-        self.backend = oscar_backend_class()(runner)
+            device="cpu", req_to_token_pool=self.req_to_token_pool, token_to_kv_pool=self.pool,
+            model_config=SimpleNamespace(num_attention_heads=HQ),
+        )  # fmt: skip
+        self.backend = OscarAttnBackend(runner)
         self.layer = RadixAttention(HQ, D, 1 / math.sqrt(D), HK, layer_id=0)
         self.lens: dict[int, int] = {}
 
@@ -184,9 +185,12 @@ class World:
             input_ids=torch.zeros(sum(new_lens), dtype=torch.int64),
             req_pool_indices=torch.tensor(slots, dtype=torch.int64),
             seq_lens=torch.tensor(seq, dtype=torch.int64),
+            seq_lens_cpu=torch.tensor(seq, dtype=torch.int64),
             out_cache_loc=torch.zeros(sum(new_lens), dtype=torch.int64),
             seq_lens_sum=sum(seq),
+            extend_seq_lens=None if decode else torch.tensor(new_lens, dtype=torch.int32),
             extend_seq_lens_cpu=None if decode else list(new_lens),
+            extend_prefix_lens_cpu=None if decode else [self.lens[s] for s in slots],
         )
         self.backend.init_forward_metadata(fb)
         out = self.backend.forward(
@@ -306,7 +310,7 @@ def test_backend_refuses_other_pools():
     )  # fmt: skip
     runner = SimpleNamespace(device="cpu", req_to_token_pool=None, token_to_kv_pool=kv)
     with pytest.raises(ValueError, match="--kv-quant oscar"):
-        oscar_backend_class()(runner)
+        OscarAttnBackend(runner)
 
 
 # ------------------------------------------------------------------------------ hooks
@@ -382,7 +386,8 @@ def test_one_budget_profiled_path(hooks, caplog, monkeypatch, user_slots, dtype)
     assert promised.shape.residual_page_bytes == page_res
     if user_slots is None:
         assert promised.residual_bytes <= budget_mod.DEFAULT_RESIDUAL_SHARE * available
-        assert promised.residual_pages == int(0.1 * available // page_res)
+        # ... beside the padding residual page (CUDA-graph padding rows write there).
+        assert promised.residual_pages == int(0.1 * available // page_res) - 1
     else:
         assert promised.residual_pages == user_slots
     # SGLang's own running-request default (thousands) is lowered to the residual pages.
@@ -436,24 +441,31 @@ def test_one_budget_token_cap_path(hooks, monkeypatch):
 
 
 def test_residual_pages_follow_request_slots():
-    """A slot takes a residual page at its first store and returns it when SGLang frees the
-    slot (free / free_rows / clear): a pool with 2 residual pages serves 5 requests in turn."""
+    """A slot takes a residual page when SGLang allocates it (alloc_rows, on the host) and
+    returns it when SGLang frees the slot (free / free_rows / clear): a pool with 2 residual
+    pages serves 10 requests in turn. Slot 0 (SGLang's padding row) and free slots map to the
+    padding residual page."""
     from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
 
     rtp = ReqToTokenPool(size=2, max_context_len=4 * PAGE, device="cpu", enable_memory_saver=False)
-    pool = oscar_pool_class()(
+    pool = OscarTokenToKVPool(
         8 * PAGE, PAGE, torch.bfloat16, HK, D, 1, "cpu", config=OscarConfig(), residual_pages=2
     )
     pool.attach(rtp)
+    padding = pool.padding_residual
+    assert padding == 2 and pool.residual_of_slot.tolist() == [padding] * 3
     for _ in range(5):
         slots = rtp.alloc_rows(2)
-        pages = pool.assign_residual(slots)
-        assert sorted(pages) == [0, 1] and pool.assign_residual(slots) == pages
-        assert pool.residual_of_slot[slots].tolist() == pages
         assert pool.residual_state() == {"total": 2, "free": 0, "held": 2}
+        pages = pool.assign_residual(slots)  # already held: the same pages
+        assert sorted(pages) == [0, 1] and pool.residual_of_slot[slots].tolist() == pages
+        assert int(pool.residual_of_slot[0]) == padding
         rtp.free_rows(slots[:1])
         assert pool.residual_state()["free"] == 1
+        assert int(pool.residual_of_slot[slots[0]]) == padding
         rtp.clear()
         assert pool.residual_state() == {"total": 2, "free": 2, "held": 0}
+    with pytest.raises(ValueError, match="padding row"):
+        pool.assign_residual([0])
     with pytest.raises(RuntimeError, match="no free residual page"):
         pool.assign_residual([1, 2, 3])

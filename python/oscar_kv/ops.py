@@ -1,28 +1,27 @@
 """Public entry points of the oscar-kv kernels; each dispatches CUDA > Triton > torch > ref.
 
-Paged pool (what the SGLang pool allocates, one per layer)
------------------------------------------------------------
-``pool``: uint8 tensor [num_pages, page_bytes] (row stride may exceed page_bytes, e.g. a
-view of one layer of a [layers, num_pages, page_bytes] allocation; rows themselves must be
-contiguous). Row ``p`` holds page ``p`` byte for byte in the reference layout
-(`oscar_kv.ref.quant`), i.e. exactly a row of ``QuantizedKV.packed_pages()``; section offsets
-come from `PageLayout` (= ``oscar_kv._native.page_sections``). Every section size is a
-multiple of 16 bytes, so the fp16/fp32 sections of every row are aligned.
+The cache an attention op reads is one `oscar_kv.paged.PagedKV` (packed pages, residual
+pages, page table and lengths; see there). `quantize_page` writes packed pages in the
+`oscar_kv.layout.PageLayout` byte layout, which is exactly a row of the reference's
+``QuantizedKV.packed_pages()``.
 
-Per request the cache is: ``num_pages[b]`` full pages listed in ``page_table[b, :]`` (int32
-page ids, oldest first), then ``tail_len[b]`` (0..127) exact tokens in the bf16 tail buffer
-``k_tail/v_tail [slots, 128, H_kv, D]`` at slot ``tail_index[b]`` (default ``b``). A decode
-query is the last token of its request: its own K/V must already be in the tail (or be the
-last token of the last page). Tensors of one call live on one device.
+Every op is a torch operator in the ``oscar`` namespace (``torch.ops.oscar.*``: schema, a
+CPU and a CUDA kernel that dispatch as below, and a fake kernel that also serves the
+``meta`` device). The fake kernels check that every tensor of a call is on one device and
+return empty outputs of the right shape, so the SGLang backend can run a whole forward on
+``meta`` tensors: any host read (``.item()``, ``.tolist()``, ``nonzero()``) or a tensor on
+another device raises there, which is how the serving path is proven free of host syncs
+without a GPU. ``torch.library.opcheck`` passes for each op (tests/test_ops_library.py).
 
 Dispatch: ``backend=None`` reads ``OSCAR_KV_BACKEND`` (cuda, triton, cpu, torch, ref), else
 picks CUDA for CUDA tensors when the extension builds, then Triton; for CPU tensors "cpu":
 the C++ kernels of `oscar_kv.cpu_kernels` (fused decode; the other ops of that backend are
 the torch ones) when they build, else "torch": `oscar_kv.torchops`, plain torch vectorized
-over the whole batch. "ref" drives the reference
-(`oscar_kv.ref`) one request and one page at a time: the slow, obviously-right path that the
-other backends are tested against. "torch" also runs on CUDA tensors when asked for by name.
-``backend="triton"`` on CPU tensors runs Triton's interpreter (slow; for tests).
+over the whole batch. "ref" drives the reference (`oscar_kv.ref`) one request and one page
+at a time: the slow, obviously-right path that the other backends are tested against.
+"torch" also runs on CUDA tensors when asked for by name (it reads lengths on the host, so
+it is not the graph path). ``backend="triton"`` on CPU tensors runs Triton's interpreter
+(slow; for tests).
 """
 
 from __future__ import annotations
@@ -31,108 +30,32 @@ import functools
 import math
 import os
 import warnings
-from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 
-from oscar_kv import _native
 from oscar_kv.config import BLOCK_TOKENS, OscarConfig
+from oscar_kv.layout import PageLayout
+from oscar_kv.paged import PagedKV
 from oscar_kv.ref import attention as ref_attention
 from oscar_kv.ref import fwht as ref_fwht
 from oscar_kv.ref import quantize_kv
 from oscar_kv.ref.hadamard import check_head_dim
-from oscar_kv.ref.quant import QuantizedKV, dequantize_kv
+from oscar_kv.ref.quant import dequantize_kv
 
 BACKENDS = ("cuda", "triton", "cpu", "torch", "ref")
-_SECTION_DTYPES = {
-    "k_codes": torch.uint8,
-    "v_codes": torch.uint8,
-    "k_scale": torch.float16,
-    "k_zero": torch.float16,
-    "v_scale": torch.float16,
-    "v_zero": torch.float16,
-    "norms": torch.float32,
-}
 
-
-@dataclass(frozen=True)
-class PageLayout:
-    """Byte layout of one packed page for (config, kv_heads, head_dim)."""
-
-    config: OscarConfig
-    kv_heads: int
-    head_dim: int
-    page_bytes: int
-    offsets: dict[str, int]
-    nbytes: dict[str, int]
-
-    @staticmethod
-    @functools.cache
-    def of(config: OscarConfig, kv_heads: int, head_dim: int) -> PageLayout:
-        if not isinstance(config, OscarConfig):
-            raise ValueError(f"config must be an OscarConfig, got {type(config).__name__}")  # noqa: TRY004
-        config.require_uniform_pages("the paged pool")
-        check_head_dim(head_dim)
-        if kv_heads < 1:
-            raise ValueError(f"kv_heads must be >= 1, got {kv_heads}")
-        if head_dim % config.v_group:
-            raise ValueError(f"v_group ({config.v_group}) must divide head_dim ({head_dim})")
-        args = (kv_heads, head_dim, config.bits, config.k_group, config.v_group, config.norm)
-        secs = _native.page_sections(*args)
-        return PageLayout(
-            config=config,
-            kv_heads=kv_heads,
-            head_dim=head_dim,
-            page_bytes=_native.page_bytes(*args),
-            offsets={name: off for name, off, _ in secs},
-            nbytes={name: n for name, _, n in secs},
-        )
-
-    def section_shape(self, name: str) -> tuple[int, ...]:
-        h, d, cfg = self.kv_heads, self.head_dim, self.config
-        return {
-            "k_codes": (h, BLOCK_TOKENS, d * cfg.bits // 8),
-            "v_codes": (h, BLOCK_TOKENS, d * cfg.bits // 8),
-            "k_scale": (h, BLOCK_TOKENS // cfg.k_group, d),
-            "k_zero": (h, BLOCK_TOKENS // cfg.k_group, d),
-            "v_scale": (h, BLOCK_TOKENS, d // cfg.v_group),
-            "v_zero": (h, BLOCK_TOKENS, d // cfg.v_group),
-            "norms": (BLOCK_TOKENS,) if cfg.norm == "token" else (h, BLOCK_TOKENS),
-        }[name]
-
-    def alloc_pool(self, num_pages: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """A zeroed pool of ``num_pages`` pages: uint8 [num_pages, page_bytes]."""
-        return torch.zeros((num_pages, self.page_bytes), dtype=torch.uint8, device=device)
-
-    def pages_to_qkv(
-        self,
-        pool: torch.Tensor,
-        page_ids: torch.Tensor,
-        k_tail: torch.Tensor | None = None,
-        v_tail: torch.Tensor | None = None,
-    ) -> QuantizedKV:
-        """The pages ``pool[page_ids]`` (and an optional tail) as a reference QuantizedKV."""
-        rows = pool[page_ids.long()].cpu()
-        n = rows.shape[0]
-        fields: dict[str, torch.Tensor | None] = {}
-        for name, dtype in _SECTION_DTYPES.items():
-            size = self.nbytes[name]
-            if size == 0:
-                fields[name] = None
-                continue
-            off = self.offsets[name]
-            raw = rows[:, off : off + size].contiguous()
-            fields[name] = raw.view(dtype).reshape(n, *self.section_shape(name))
-        empty = torch.zeros((0, self.kv_heads, self.head_dim), dtype=torch.bfloat16)
-        return QuantizedKV(
-            config=self.config,
-            kv_heads=self.kv_heads,
-            head_dim=self.head_dim,
-            k_tail=empty if k_tail is None else k_tail.cpu(),
-            v_tail=empty if v_tail is None else v_tail.cpu(),
-            **fields,  # type: ignore[arg-type]
-        )
+__all__ = [
+    "BACKENDS",
+    "PageLayout",
+    "PagedKV",
+    "decode_attention",
+    "dequantize_pages",
+    "extend_attention",
+    "quantize_page",
+    "resolve_backend",
+    "rotate_q",
+]
 
 
 # ---------------------------------------------------------------------------- dispatch
@@ -174,7 +97,6 @@ def _triton():
 
 
 def _torchops() -> ModuleType:
-    # Imported late: torchops builds on PageLayout from this module.
     import oscar_kv.torchops as tops
 
     return tops
@@ -213,7 +135,11 @@ def _check_layout_tensors(pool: torch.Tensor, layout: PageLayout) -> None:
         raise ValueError("pool rows must be contiguous with a row stride that is a multiple of 16")
 
 
-def _as_index(t: torch.Tensor | None, n: int, device: torch.device, name: str) -> torch.Tensor:
+def _check_pool(pool: torch.Tensor, layout: PageLayout) -> None:
+    _check_layout_tensors(pool, layout)
+
+
+def _index(t: torch.Tensor | None, n: int, device: torch.device, name: str) -> torch.Tensor:
     if t is None:
         return torch.arange(n, dtype=torch.int32, device=device)
     if t.dim() != 1 or t.shape[0] != n:
@@ -221,6 +147,224 @@ def _as_index(t: torch.Tensor | None, n: int, device: torch.device, name: str) -
     if t.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name} must be int32 or int64, got {t.dtype}")
     return t.to(device=device, dtype=torch.int32).contiguous()
+
+
+def _which(backend: str | None, device: torch.device) -> str:
+    """The backend name the operator receives; "" on ``meta`` (only the fake kernel runs)."""
+    return "" if device.type == "meta" else resolve_backend(backend, device)
+
+
+@functools.cache
+def _layout_of(args: tuple[int, ...]) -> PageLayout:
+    return PageLayout.from_native_args(args)
+
+
+def _one_device(op: str, *tensors: torch.Tensor | None) -> torch.device:
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise RuntimeError(
+            f"oscar::{op}: tensors on {sorted(map(str, devices))}; every tensor of one call "
+            "must be on the same device"
+        )
+    return devices.pop()
+
+
+# ---------------------------------------------------------------------------- torch operators
+
+_LIB = torch.library.Library("oscar", "DEF")
+_LIB.define(
+    "quantize_pages(Tensor k, Tensor v, Tensor src_index, Tensor page_ids, Tensor(a!) pool, "
+    "int[] layout, str backend) -> ()"
+)
+_LIB.define("rotate_q(Tensor q, str backend) -> Tensor")
+_LIB.define(
+    "decode_attention(Tensor q, Tensor pool, Tensor k_tail, Tensor v_tail, Tensor page_table, "
+    "Tensor num_pages, Tensor tail_len, Tensor tail_index, Tensor(a!)? mid_o, "
+    "Tensor(b!)? mid_ml, float scale, int num_splits, int[] layout, str backend) -> Tensor"
+)
+_LIB.define(
+    "extend_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor cu_seqlens, Tensor pool, "
+    "Tensor k_tail, Tensor v_tail, Tensor page_table, Tensor num_pages, Tensor tail_len, "
+    "Tensor tail_index, Tensor? work, int work_rows, float scale, int[] layout, str backend) "
+    "-> Tensor"
+)
+_LIB.define(
+    "dequantize_pages(Tensor pool, Tensor page_ids, int[] layout, str backend) -> (Tensor, Tensor)"
+)
+
+
+def _register(name: str, kernel, fake) -> None:  # noqa: ANN001
+    _LIB.impl(name, kernel, "CPU")
+    _LIB.impl(name, kernel, "CUDA")
+    torch.library.register_fake(f"oscar::{name}", fake, lib=_LIB)
+
+
+def _kv_of(
+    layout: PageLayout,
+    pool: torch.Tensor,
+    k_tail: torch.Tensor,
+    v_tail: torch.Tensor,
+    page_table: torch.Tensor,
+    num_pages: torch.Tensor,
+    tail_len: torch.Tensor,
+    tail_index: torch.Tensor,
+    **extra: object,
+) -> PagedKV:
+    return PagedKV(
+        layout, pool[None], k_tail[None], v_tail[None], page_table, num_pages, tail_len,
+        tail_index, **extra,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+# -- quantize_pages
+def _quantize_kernel(k, v, src, pid, pool, layout_args, backend) -> None:  # noqa: ANN001
+    layout = _layout_of(tuple(layout_args))
+    which = _torch_for_cpu(backend or resolve_backend(None, k.device))
+    if which == "cuda":
+        _cuda_ops().quantize_pages(k, v, src, pid, pool, layout)  # type: ignore[attr-defined]
+    elif which == "triton":
+        if k.stride(3) != 1 or v.stride(3) != 1:
+            k, v = k.contiguous(), v.contiguous()
+        _triton().quantize_pages(k, v, pool, pid, layout, src)
+    elif which == "torch":
+        _torchops().quantize_pages(k, v, pool, pid, layout, src)
+    else:
+        for s, p in zip(src.tolist(), pid.tolist(), strict=True):
+            if p >= 0:
+                q = quantize_kv(k[s].cpu(), v[s].cpu(), layout.config)
+                pool[p] = q.packed_pages()[0].to(pool.device)
+
+
+def _quantize_fake(k, v, src, pid, pool, layout_args, backend) -> None:  # noqa: ANN001
+    _one_device("quantize_pages", k, v, src, pid, pool)
+
+
+_register("quantize_pages", _quantize_kernel, _quantize_fake)
+
+
+# -- rotate_q
+def _rotate_kernel(q: torch.Tensor, backend: str) -> torch.Tensor:
+    which = backend or resolve_backend(None, q.device)
+    if which == "cuda":
+        return _cuda_ops().rotate_q(q)  # type: ignore[attr-defined]
+    if which == "triton":
+        return _triton().fwht(q, torch.float32)
+    return ref_fwht(q.float())
+
+
+def _rotate_fake(q: torch.Tensor, backend: str) -> torch.Tensor:
+    return torch.empty(q.shape, dtype=torch.float32, device=q.device)
+
+
+_register("rotate_q", _rotate_kernel, _rotate_fake)
+
+
+# -- decode_attention
+def _decode_kernel(
+    q, pool, k_tail, v_tail, page_table, num_pages, tail_len, tail_index, mid_o, mid_ml,
+    scale, num_splits, layout_args, backend,
+):  # noqa: ANN001, ANN202
+    layout = _layout_of(tuple(layout_args))
+    which = backend or resolve_backend(None, q.device)
+    if which in ("ref", "torch"):
+        kv = _kv_of(layout, pool, k_tail, v_tail, page_table, num_pages, tail_len, tail_index)
+        if which == "ref":
+            return _ref_decode(q, kv, scale)
+        return _torchops().decode_attention(q, kv, 0, scale)
+    qc = q if q.stride(2) == 1 else q.contiguous()
+    pt = page_table if page_table.stride(1) == 1 else page_table.contiguous()
+    if which == "cpu":
+        # fp32 q (a small copy at most) whatever the tails' dtype: no rounding of q.
+        out = _cpu_ops().decode_attention(  # type: ignore[attr-defined]
+            qc.float(), pool, pt, num_pages, k_tail, v_tail, tail_index, tail_len, scale,
+            *layout.native_args,
+        )  # fmt: skip
+        return out.to(q.dtype)
+    if which == "cuda":
+        # The CUDA kernels take q in the tails' dtype (one template parameter for both).
+        kv = _kv_of(layout, pool, k_tail, v_tail, pt, num_pages, tail_len, tail_index)
+        out = _cuda_ops().decode_attention(qc.to(k_tail.dtype), kv, 0, scale, num_splits)  # type: ignore[attr-defined]
+        return out.to(q.dtype)
+    from oscar_kv.paged import DecodeScratch
+
+    scratch = None if mid_o is None else DecodeScratch(mid_o, mid_ml)
+    kv = _kv_of(
+        layout, pool, k_tail, v_tail, pt, num_pages, tail_len, tail_index,
+        num_splits=num_splits or None, scratch=scratch,
+    )  # fmt: skip
+    return _triton().decode_attention(qc, kv, 0, scale)
+
+
+def _decode_fake(
+    q, pool, k_tail, v_tail, page_table, num_pages, tail_len, tail_index, mid_o, mid_ml,
+    scale, num_splits, layout_args, backend,
+):  # noqa: ANN001, ANN202
+    _one_device(
+        "decode_attention", q, pool, k_tail, v_tail, page_table, num_pages, tail_len,
+        tail_index, mid_o, mid_ml,
+    )  # fmt: skip
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+_register("decode_attention", _decode_kernel, _decode_fake)
+
+
+# -- extend_attention
+def _extend_kernel(
+    q, k_new, v_new, cu_seqlens, pool, k_tail, v_tail, page_table, num_pages, tail_len,
+    tail_index, work, work_rows, scale, layout_args, backend,
+):  # noqa: ANN001, ANN202
+    layout = _layout_of(tuple(layout_args))
+    which = _torch_for_cpu(backend or resolve_backend(None, q.device))
+    kv = _kv_of(
+        layout, pool, k_tail, v_tail, page_table, num_pages, tail_len, tail_index,
+        extend_work=work, extend_rows=work_rows,
+    )  # fmt: skip
+    if which == "torch":
+        return _torchops().extend_attention(q, k_new, v_new, cu_seqlens, kv, 0, scale)
+    if which in ("cuda", "triton"):
+        return _triton().extend_attention(q, k_new, v_new, cu_seqlens, kv, 0, scale)
+    return _extend_via_workspace(which, q, k_new, v_new, cu_seqlens, kv, scale)
+
+
+def _extend_fake(
+    q, k_new, v_new, cu_seqlens, pool, k_tail, v_tail, page_table, num_pages, tail_len,
+    tail_index, work, work_rows, scale, layout_args, backend,
+):  # noqa: ANN001, ANN202
+    _one_device(
+        "extend_attention", q, k_new, v_new, cu_seqlens, pool, k_tail, v_tail, page_table,
+        num_pages, tail_len, tail_index, work,
+    )  # fmt: skip
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+_register("extend_attention", _extend_kernel, _extend_fake)
+
+
+# -- dequantize_pages
+def _dequantize_kernel(pool, page_ids, layout_args, backend):  # noqa: ANN001, ANN202
+    layout = _layout_of(tuple(layout_args))
+    which = _torch_for_cpu(backend or resolve_backend(None, pool.device))
+    if which == "cuda":
+        return _cuda_ops().dequantize_pages(pool, page_ids, layout)  # type: ignore[attr-defined]
+    if which == "triton":
+        return _triton().dequantize_pages(pool, page_ids, layout, torch.float32)
+    if which == "torch":
+        return _torchops().dequantize_pages(pool, page_ids, layout)
+    k, v = dequantize_kv(layout.pages_to_qkv(pool, page_ids))
+    shape = (page_ids.shape[0], BLOCK_TOKENS, layout.kv_heads, layout.head_dim)
+    return k.reshape(shape).to(pool.device), v.reshape(shape).to(pool.device)
+
+
+def _dequantize_fake(pool, page_ids, layout_args, backend):  # noqa: ANN001, ANN202
+    _one_device("dequantize_pages", pool, page_ids)
+    layout = _layout_of(tuple(layout_args))
+    shape = (page_ids.shape[0], BLOCK_TOKENS, layout.kv_heads, layout.head_dim)
+    k = torch.empty(shape, dtype=torch.float32, device=pool.device)
+    return k, torch.empty_like(k)
+
+
+_register("dequantize_pages", _dequantize_kernel, _dequantize_fake)
 
 
 # ---------------------------------------------------------------------------- ops
@@ -240,10 +384,12 @@ def quantize_page(
 
     ``k``, ``v``: [n_src, 128, H_kv, D] (or [128, H_kv, D]), any float dtype, post-RoPE, in
     the model's basis; block ``src_index[i]`` (default ``i``) is written to page
-    ``page_ids[i]``, so a tail buffer [slots, 128, H, D] can be passed whole with the slots
-    whose tails completed. The kernels' pages are byte-identical to
-    ``quantize_kv(...).packed_pages()`` (the
-    reference's own torch norm may differ from it in the last bit; see there).
+    ``page_ids[i]``; an entry ``page_ids[i] < 0`` writes nothing, so a caller can pass one
+    entry per request every step (a fixed grid; the CUDA and Triton kernels exit early on
+    those) instead of selecting the completed ones on the host. A residual-page buffer
+    [R, 128, H, D] can be passed whole with the residual pages that completed. The kernels'
+    pages are byte-identical to ``quantize_kv(...).packed_pages()`` (the reference's own
+    torch norm may differ from it in the last bit; see there).
     """
     if k.dim() == 3:
         k, v = k.unsqueeze(0), v.unsqueeze(0)
@@ -252,148 +398,72 @@ def quantize_page(
     if v.shape != k.shape:
         raise ValueError(f"v must match k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     layout = PageLayout.of(config, k.shape[2], k.shape[3])
-    _check_layout_tensors(pool, layout)
+    _check_pool(pool, layout)
     if page_ids.dim() != 1:
         raise ValueError(f"page_ids must be 1-D, got shape {tuple(page_ids.shape)}")
     n = page_ids.shape[0]
-    src = _as_index(src_index, n, k.device, "src_index")
+    src = _index(src_index, n, k.device, "src_index")
     if src_index is None and n != k.shape[0]:
         raise ValueError(f"page_ids has {n} entries but k holds {k.shape[0]} blocks")
     pid = page_ids.to(device=pool.device, dtype=torch.int32).contiguous()
-    which = _torch_for_cpu(resolve_backend(backend, k.device))
-    if which == "cuda":
-        _cuda_ops().quantize_pages(k, v, src, pid, pool, *_native_layout_args(layout))  # type: ignore[attr-defined]
-    elif which == "triton":
-        if k.stride(3) != 1 or v.stride(3) != 1:
-            k, v = k.contiguous(), v.contiguous()
-        _triton().quantize_pages(k, v, pool, pid, layout, src)
-    elif which == "torch":
-        _torchops().quantize_pages(k, v, pool, pid, layout, src)
-    else:
-        for i in range(n):
-            s = int(src[i])
-            q = quantize_kv(k[s].cpu(), v[s].cpu(), config)
-            pool[int(pid[i])] = q.packed_pages()[0].to(pool.device)
+    torch.ops.oscar.quantize_pages(k, v, src, pid, pool, layout.native_args, _which(backend, k.device))
 
 
 def rotate_q(q: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Normalized Hadamard H_D / sqrt(D) of the last dim, fp32 out (bit-equal to the ref)."""
     check_head_dim(q.shape[-1], "q head_dim")
-    which = resolve_backend(backend, q.device)
-    if which == "cuda":
-        return _cuda_ops().rotate_q(q)  # type: ignore[attr-defined]
-    if which == "triton":
-        return _triton().fwht(q, torch.float32)
-    return ref_fwht(q.float())
+    return torch.ops.oscar.rotate_q(q, _which(backend, q.device))
 
 
-def _check_decode_args(
-    q: torch.Tensor,
-    layout: PageLayout,
-    page_table: torch.Tensor,
-    num_pages: torch.Tensor,
-    k_tail: torch.Tensor,
-    v_tail: torch.Tensor,
-    tail_len: torch.Tensor,
-    batch: int,
-) -> None:
+def _check_query(q: torch.Tensor, kv: PagedKV) -> None:
     hq, d = q.shape[-2:]
-    if d != layout.head_dim or hq % layout.kv_heads:
+    lay = kv.layout
+    if d != lay.head_dim or hq % lay.kv_heads:
         raise ValueError(
-            f"q heads/dim ({hq}, {d}) must be a multiple of kv_heads ({layout.kv_heads}) "
-            f"and head_dim {layout.head_dim}"
+            f"q heads/dim ({hq}, {d}) must be a multiple of kv_heads ({lay.kv_heads}) "
+            f"and head_dim {lay.head_dim}"
         )
-    if page_table.dim() != 2 or page_table.shape[0] != batch:
-        raise ValueError(f"page_table must be [{batch}, max_pages], got {tuple(page_table.shape)}")
-    for name, t in (("num_pages", num_pages), ("tail_len", tail_len)):
-        if t.dim() != 1 or t.shape[0] != batch:
-            raise ValueError(f"{name} must be 1-D of length {batch}, got {tuple(t.shape)}")
-    want = (BLOCK_TOKENS, layout.kv_heads, layout.head_dim)
-    for name, t in (("k_tail", k_tail), ("v_tail", v_tail)):
-        if t.dim() != 4 or tuple(t.shape[1:]) != want:
-            raise ValueError(
-                f"{name} must be [slots, {', '.join(map(str, want))}], got {tuple(t.shape)}"
-            )
 
 
 def decode_attention(
     q: torch.Tensor,
-    pool: torch.Tensor,
-    page_table: torch.Tensor,
-    num_pages: torch.Tensor,
-    k_tail: torch.Tensor,
-    v_tail: torch.Tensor,
-    tail_len: torch.Tensor,
-    config: OscarConfig,
+    kv: PagedKV,
     *,
-    tail_index: torch.Tensor | None = None,
+    layer: int = 0,
     scale: float | None = None,
     num_splits: int | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """One decode query per request over its pages and tail: q [B, Hq, D] -> [B, Hq, D].
+    """One decode query per request over its pages and residual page: q [B, Hq, D] ->
+    [B, Hq, D] in q's dtype.
 
     Equals ``oscar_kv.ref.attention(q[b:b+1], qkv_b)`` for each request (qkv_b: its pages
-    plus its tail). Output in q's dtype. GQA: query head j reads KV head j // (Hq / H_kv).
+    plus its tail). GQA: query head j reads KV head j // (Hq / H_kv). ``num_splits``
+    overrides ``kv.num_splits`` (the split-KV count of the CUDA and Triton kernels).
     """
     if q.dim() != 3:
         raise ValueError(f"q must be [batch, q_heads, head_dim], got {tuple(q.shape)}")
-    batch = q.shape[0]
-    layout = PageLayout.of(config, k_tail.shape[2], q.shape[2])
-    _check_layout_tensors(pool, layout)
-    _check_decode_args(q, layout, page_table, num_pages, k_tail, v_tail, tail_len, batch)
-    tidx = _as_index(tail_index, batch, q.device, "tail_index")
+    if q.shape[0] != kv.batch:
+        raise ValueError(f"q holds {q.shape[0]} queries for a batch of {kv.batch} requests")
+    _check_query(q, kv)
+    pool, k_tail, v_tail = kv.layer(layer)
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
-    which = resolve_backend(backend, q.device)
-    if which == "ref":
-        return _ref_decode(
-            q, pool, layout, page_table, num_pages, k_tail, v_tail, tidx, tail_len, scale
-        )
-    if which == "torch":
-        return _torchops().decode_attention(
-            q, pool, layout, page_table, num_pages, k_tail, v_tail, tidx, tail_len, scale
-        )
-    pt = page_table.to(torch.int32)
-    if pt.stride(1) != 1:
-        pt = pt.contiguous()
-    np_ = num_pages.to(torch.int32).contiguous()
-    tl_ = tail_len.to(torch.int32).contiguous()
-    qc = q if q.stride(2) == 1 else q.contiguous()
-    if which == "cpu":
-        # fp32 q (a small copy at most) whatever the tails' dtype: no rounding of q.
-        out = _cpu_ops().decode_attention(  # type: ignore[attr-defined]
-            qc.float(), pool, pt, np_, k_tail, v_tail, tidx, tl_, scale,
-            *_native_layout_args(layout),
-        )  # fmt: skip
-        return out.to(q.dtype)
-    if which == "cuda":
-        # The CUDA kernels take q in the tails' dtype (one template parameter for both).
-        out = _cuda_ops().decode_attention(  # type: ignore[attr-defined]
-            qc.to(k_tail.dtype), pool, pt, np_, k_tail, v_tail, tidx, tl_, scale,
-            num_splits or 0, *_native_layout_args(layout),
-        )  # fmt: skip
-        return out.to(q.dtype)
-    return _triton().decode_attention(
-        qc, pool, layout, pt, np_, k_tail, v_tail, tidx, tl_, scale, num_splits
-    )
+    s = kv.scratch
+    return torch.ops.oscar.decode_attention(
+        q, pool, k_tail, v_tail, kv.page_table, kv.num_pages, kv.tail_len, kv.tail_index,
+        None if s is None else s.mid_o, None if s is None else s.mid_ml, scale,
+        num_splits or kv.num_splits or 0, kv.layout.native_args, _which(backend, q.device),
+    )  # fmt: skip
 
 
-def _ref_decode(
-    q: torch.Tensor,
-    pool: torch.Tensor,
-    layout: PageLayout,
-    page_table: torch.Tensor,
-    num_pages: torch.Tensor,
-    k_tail: torch.Tensor,
-    v_tail: torch.Tensor,
-    tidx: torch.Tensor,
-    tail_len: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
+def _ref_decode(q: torch.Tensor, kv: PagedKV, scale: float) -> torch.Tensor:
     out = torch.empty(q.shape, dtype=torch.float32)
+    pool, k_tail, v_tail = kv.layer(0)
     for b in range(q.shape[0]):
-        npg, nt, slot = int(num_pages[b]), int(tail_len[b]), int(tidx[b])
-        qkv = layout.pages_to_qkv(pool, page_table[b, :npg], k_tail[slot, :nt], v_tail[slot, :nt])
+        npg, nt, slot = int(kv.num_pages[b]), int(kv.tail_len[b]), int(kv.tail_index[b])
+        qkv = kv.layout.pages_to_qkv(
+            pool, kv.page_table[b, :npg], k_tail[slot, :nt], v_tail[slot, :nt]
+        )
         out[b] = ref_attention(q[b : b + 1].cpu(), qkv, causal=True, scale=scale)[0]
     return out.to(device=q.device, dtype=q.dtype)
 
@@ -403,56 +473,52 @@ def extend_attention(
     k_new: torch.Tensor,
     v_new: torch.Tensor,
     cu_seqlens: torch.Tensor,
-    pool: torch.Tensor,
-    page_table: torch.Tensor,
-    num_pages: torch.Tensor,
-    k_tail: torch.Tensor,
-    v_tail: torch.Tensor,
-    tail_len: torch.Tensor,
-    config: OscarConfig,
+    kv: PagedKV,
     *,
-    tail_index: torch.Tensor | None = None,
+    layer: int = 0,
     scale: float | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """New tokens attend causally to their request's pages, tail, and themselves.
+    """New tokens attend causally to their request's pages, residual page, and themselves.
 
     ``q`` [N, Hq, D], ``k_new``/``v_new`` [N, H_kv, D]: the new tokens of all requests,
     request b owning rows cu_seqlens[b]:cu_seqlens[b+1]; they follow the request's
-    num_pages[b] * 128 + tail_len[b] cached tokens and are NOT in the tail yet. Equals
-    ``oscar_kv.ref.attention(q_b, qkv_b)`` where qkv_b's tail is (tail ++ new tokens).
+    num_pages[b] * 128 + tail_len[b] cached tokens and are NOT in the residual page yet.
+    Equals ``oscar_kv.ref.attention(q_b, qkv_b)`` where qkv_b's tail is (tail ++ new tokens).
 
     cuda and triton: one fused Triton kernel (`oscar_kv.triton.extend`) that dequantizes pages
-    in registers; csrc has no extend kernel, so the CUDA backend falls through to it. The
-    alternative, dequantizing the prefix into an fp32 workspace and calling SDPA
-    (`_extend_via_workspace`, the baseline benches/bench_extend.py times), holds 8 KiB per
-    prefix token per layer at 8 KV heads x 128: 1 GiB for a 128K prefix.
+    in registers, over ``kv.extend_work`` when the caller planned it (`plan_extend`);
+    csrc has no extend kernel, so the CUDA backend falls through to it. The alternative,
+    dequantizing the prefix into an fp32 workspace and calling SDPA (`_extend_via_workspace`,
+    the baseline benches/bench_extend.py times), holds 8 KiB per prefix token per layer at
+    8 KV heads x 128: 1 GiB for a 128K prefix.
     """
     if q.dim() != 3 or k_new.dim() != 3 or v_new.shape != k_new.shape:
         raise ValueError("q must be [N, Hq, D] and k_new/v_new [N, H_kv, D] of equal shape")
     if q.shape[0] != k_new.shape[0]:
         raise ValueError(f"q ({q.shape[0]}) and k_new ({k_new.shape[0]}) token counts differ")
-    batch = cu_seqlens.shape[0] - 1
-    layout = PageLayout.of(config, k_new.shape[1], q.shape[2])
-    _check_layout_tensors(pool, layout)
-    _check_decode_args(q, layout, page_table, num_pages, k_tail, v_tail, tail_len, batch)
-    tidx = _as_index(tail_index, batch, q.device, "tail_index")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] != kv.batch + 1:
+        raise ValueError(
+            f"cu_seqlens must be 1-D of length {kv.batch + 1}, got {tuple(cu_seqlens.shape)}"
+        )
+    if k_new.shape[1] != kv.layout.kv_heads:
+        raise ValueError(f"k_new has {k_new.shape[1]} KV heads, the cache {kv.layout.kv_heads}")
+    _check_query(q, kv)
+    pool, k_tail, v_tail = kv.layer(layer)
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
-    which = _torch_for_cpu(resolve_backend(backend, q.device))
-    if which == "torch":
-        return _torchops().extend_attention(
-            q, k_new, v_new, cu_seqlens, pool, layout, page_table, num_pages, k_tail, v_tail,
-            tidx, tail_len, scale,
-        )  # fmt: skip
-    if which in ("cuda", "triton"):
-        return _triton().extend_attention(
-            q, k_new, v_new, cu_seqlens, pool, layout, page_table, num_pages, k_tail, v_tail,
-            tidx, tail_len, scale,
-        )  # fmt: skip
-    return _extend_via_workspace(
-        which, q, k_new, v_new, cu_seqlens, pool, layout, page_table, num_pages, k_tail, v_tail,
-        tidx, tail_len, scale,
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    return torch.ops.oscar.extend_attention(
+        q, k_new, v_new, cu, pool, k_tail, v_tail, kv.page_table, kv.num_pages, kv.tail_len,
+        kv.tail_index, kv.extend_work, kv.extend_rows, scale, kv.layout.native_args,
+        _which(backend, q.device),
     )  # fmt: skip
+
+
+def plan_extend(kv: PagedKV, new_lens: list[int], q_heads: int) -> PagedKV:
+    """``kv`` with the fused extend kernel's work list built from host-known new-token counts
+    (once per forward, so no layer reads lengths back from the device)."""
+    rows, work = _triton().extend_work(new_lens, q_heads // kv.layout.kv_heads, kv.layout.head_dim)
+    return kv.with_batch(extend_work=work.to(kv.device), extend_rows=rows)
 
 
 def _extend_via_workspace(
@@ -461,18 +527,14 @@ def _extend_via_workspace(
     k_new: torch.Tensor,
     v_new: torch.Tensor,
     cu_seqlens: torch.Tensor,
-    pool: torch.Tensor,
-    layout: PageLayout,
-    page_table: torch.Tensor,
-    num_pages: torch.Tensor,
-    k_tail: torch.Tensor,
-    v_tail: torch.Tensor,
-    tidx: torch.Tensor,
-    tail_len: torch.Tensor,
+    kv: PagedKV,
     scale: float,
 ) -> torch.Tensor:
     """Per request: prefix pages dequantized by ``which`` (cuda, triton; ref: the reference
-    attention itself) into fp32, then SDPA over [prefix, tail, new] with the causal offset."""
+    attention itself) into fp32, then SDPA over [prefix, tail, new] with the causal offset.
+    Reads lengths on the host: a baseline and test path, not the serving path."""
+    layout = kv.layout
+    pool, k_tail, v_tail = kv.layer(0)
     batch = cu_seqlens.shape[0] - 1
     cu = cu_seqlens.tolist()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -481,17 +543,17 @@ def _extend_via_workspace(
         lo, hi = cu[b], cu[b + 1]
         if hi == lo:
             continue
-        npg, nt, slot = int(num_pages[b]), int(tail_len[b]), int(tidx[b])
+        npg, nt, slot = int(kv.num_pages[b]), int(kv.tail_len[b]), int(kv.tail_index[b])
         kt = torch.cat((k_tail[slot, :nt].to(k_new.dtype), k_new[lo:hi]))
         vt = torch.cat((v_tail[slot, :nt].to(v_new.dtype), v_new[lo:hi]))
         if which == "ref":
-            qkv = layout.pages_to_qkv(pool, page_table[b, :npg], kt, vt)
+            qkv = layout.pages_to_qkv(pool, kv.page_table[b, :npg], kt, vt)
             o = ref_attention(q[lo:hi].cpu(), qkv, causal=True, scale=scale)
             out[lo:hi] = o.to(device=q.device, dtype=q.dtype)
             continue
-        ids = page_table[b, :npg].to(torch.int32).contiguous()
+        ids = kv.page_table[b, :npg].to(torch.int32).contiguous()
         if which == "cuda":
-            kp, vp = _cuda_ops().dequantize_pages(pool, ids, *_native_layout_args(layout))  # type: ignore[attr-defined]
+            kp, vp = _cuda_ops().dequantize_pages(pool, ids, layout)  # type: ignore[attr-defined]
         else:
             kp, vp = _triton().dequantize_pages(pool, ids, layout, torch.float32)
         kk = torch.cat((kp.reshape(-1, layout.kv_heads, layout.head_dim), kt.float()))
@@ -528,32 +590,8 @@ def dequantize_pages(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pages back to fp32 K, V [n, 128, H_kv, D] in the model's basis (= ref dequantize_kv)."""
     layout = PageLayout.of(config, kv_heads, head_dim)
-    _check_layout_tensors(pool, layout)
+    _check_pool(pool, layout)
     ids = page_ids.to(device=pool.device, dtype=torch.int32).contiguous()
-    which = _torch_for_cpu(resolve_backend(backend, pool.device))
-    if which == "cuda":
-        return _cuda_ops().dequantize_pages(pool, ids, *_native_layout_args(layout))  # type: ignore[attr-defined]
-    if which == "triton":
-        return _triton().dequantize_pages(pool, ids, layout, torch.float32)
-    if which == "torch":
-        return _torchops().dequantize_pages(pool, ids, layout)
-    k, v = dequantize_kv(layout.pages_to_qkv(pool, ids))
-    n = ids.shape[0]
-    shape = (n, BLOCK_TOKENS, kv_heads, head_dim)
-    return k.reshape(shape).to(pool.device), v.reshape(shape).to(pool.device)
-
-
-def _native_layout_args(layout: PageLayout) -> tuple[int, ...]:
-    """The layout as the C++ ops (CUDA and CPU) take it: kv_heads, head_dim, bits, k_group,
-    v_group, norm code (0 none, 1 token, 2 head), rotate K, rotate V online."""
-    cfg = layout.config
-    return (
-        layout.kv_heads,
-        layout.head_dim,
-        cfg.bits,
-        cfg.k_group,
-        cfg.v_group,
-        {"none": 0, "token": 1, "head": 2}[cfg.norm],
-        int(cfg.rotation == "hadamard"),
-        int(cfg.rotates_v_online),
+    return torch.ops.oscar.dequantize_pages(
+        pool, ids, layout.native_args, _which(backend, pool.device)
     )

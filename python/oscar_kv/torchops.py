@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from oscar_kv.config import BLOCK_TOKENS
-from oscar_kv.ops import _SECTION_DTYPES, PageLayout
+from oscar_kv.layout import SECTION_DTYPES, PageLayout
+from oscar_kv.paged import PagedKV
 from oscar_kv.ref.hadamard import fwht, hadamard_matrix
 from oscar_kv.ref.quant import FLOAT_DTYPES, quantize_kv
 
@@ -53,7 +54,11 @@ def quantize_pages(
     layout: PageLayout,
     src_index: torch.Tensor,
 ) -> None:
-    """Blocks ``k[src_index[i]]``, ``v[...]`` ([n_src, 128, H, D]) into rows ``page_ids[i]``."""
+    """Blocks ``k[src_index[i]]``, ``v[...]`` ([n_src, 128, H, D]) into rows ``page_ids[i]``;
+    entries with ``page_ids[i] < 0`` are skipped (selected on the host: not a graph path)."""
+    keep = page_ids >= 0
+    if not bool(keep.all()):
+        page_ids, src_index = page_ids[keep], src_index[keep.to(src_index.device)]
     n = page_ids.shape[0]
     if n == 0:
         return
@@ -85,20 +90,14 @@ def dequantize_pages(
     return k.contiguous(), v.contiguous()
 
 
-def decode_attention(
-    q: torch.Tensor,
-    pool: torch.Tensor,
-    layout: PageLayout,
-    page_table: torch.Tensor,
-    num_pages: torch.Tensor,
-    k_tail: torch.Tensor,
-    v_tail: torch.Tensor,
-    tail_index: torch.Tensor,
-    tail_len: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, kv: PagedKV, layer: int, scale: float) -> torch.Tensor:
     """One query per request over its pages and tail: q [B, Hq, D] -> [B, Hq, D], q's dtype."""
     _check_query(q)
+    layout = kv.layout
+    pool, k_tail, v_tail = kv.layer(layer)
+    page_table, num_pages, tail_len, tail_index = (
+        kv.page_table, kv.num_pages, kv.tail_len, kv.tail_index
+    )  # fmt: skip
     cfg, dev = layout.config, q.device
     batch, hq, d = q.shape
     h = layout.kv_heads
@@ -156,18 +155,17 @@ def extend_attention(
     k_new: torch.Tensor,
     v_new: torch.Tensor,
     cu_seqlens: torch.Tensor,
-    pool: torch.Tensor,
-    layout: PageLayout,
-    page_table: torch.Tensor,
-    num_pages: torch.Tensor,
-    k_tail: torch.Tensor,
-    v_tail: torch.Tensor,
-    tail_index: torch.Tensor,
-    tail_len: torch.Tensor,
+    kv: PagedKV,
+    layer: int,
     scale: float,
 ) -> torch.Tensor:
     """New tokens of all requests attend causally to their pages, tail and themselves."""
     _check_query(q)
+    layout = kv.layout
+    pool, k_tail, v_tail = kv.layer(layer)
+    page_table, num_pages, tail_len, tail_index = (
+        kv.page_table, kv.num_pages, kv.tail_len, kv.tail_index
+    )  # fmt: skip
     cfg, dev = layout.config, q.device
     n_tok, hq, d = q.shape
     h = layout.kv_heads
@@ -298,7 +296,7 @@ def _sections(rows: torch.Tensor, layout: PageLayout) -> dict[str, torch.Tensor]
     """Typed views [n, *section_shape] into gathered pool rows (absent sections left out)."""
     n = rows.shape[0]
     out = {}
-    for name, dtype in _SECTION_DTYPES.items():
+    for name, dtype in SECTION_DTYPES.items():
         size = layout.nbytes[name]
         if size == 0:
             continue

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from oscar_kv import _build
+from oscar_kv.layout import PageLayout
+from oscar_kv.paged import PagedKV
 
 _SOURCES = ("oscar_kv_ops.cu", "torch_bindings.cpp")
 
@@ -34,22 +36,28 @@ def build_key(root: Path | None = None) -> str:
 
 
 class CudaOps:
-    """Thin Python face of ``torch.ops.oscar_kv`` (argument order as in oscar_kv_ops.h)."""
+    """Python face of ``torch.ops.oscar_kv``: takes `PageLayout` / `PagedKV` and passes the
+    schema's flat arguments (order as in oscar_kv_ops.h)."""
 
     def __init__(self) -> None:
         self._ops = torch.ops.oscar_kv
 
-    def quantize_pages(self, k, v, src_index, page_ids, pool, *layout: int) -> None:
-        self._ops.quantize_pages(k, v, src_index, page_ids, pool, *layout)
+    def quantize_pages(self, k, v, src_index, page_ids, pool, layout: PageLayout) -> None:
+        self._ops.quantize_pages(k, v, src_index, page_ids, pool, *layout.native_args)
 
-    def decode_attention(self, q, pool, page_table, num_pages, k_tail, v_tail, tail_index,
-                         tail_len, scale, num_splits, *layout: int) -> torch.Tensor:  # fmt: skip
-        return self._ops.decode_attention(q, pool, page_table, num_pages, k_tail, v_tail,
-                                          tail_index, tail_len, float(scale), int(num_splits),
-                                          *layout)  # fmt: skip
+    def decode_attention(
+        self, q: torch.Tensor, kv: PagedKV, layer: int, scale: float, num_splits: int
+    ) -> torch.Tensor:
+        pool, k_tail, v_tail = kv.layer(layer)
+        return self._ops.decode_attention(
+            q, pool, kv.page_table, kv.num_pages, k_tail, v_tail, kv.tail_index, kv.tail_len,
+            float(scale), int(num_splits), *kv.layout.native_args,
+        )  # fmt: skip
 
-    def dequantize_pages(self, pool, page_ids, *layout: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._ops.dequantize_pages(pool, page_ids, *layout)
+    def dequantize_pages(
+        self, pool: torch.Tensor, page_ids: torch.Tensor, layout: PageLayout
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._ops.dequantize_pages(pool, page_ids, *layout.native_args)
 
     def rotate_q(self, q: torch.Tensor) -> torch.Tensor:
         return self._ops.rotate_q(q)

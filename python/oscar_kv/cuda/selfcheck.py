@@ -28,17 +28,17 @@ LENGTHS = (261, 128, 5)  # pages + tail, one page and no tail, tail only
 
 
 def _layout_args(cfg: OscarConfig, kv_heads: int, head_dim: int) -> tuple[int, ...]:
-    from oscar_kv.ops import PageLayout, _native_layout_args
+    from oscar_kv.layout import PageLayout
 
-    return _native_layout_args(PageLayout.of(cfg, kv_heads, head_dim))
+    return PageLayout.of(cfg, kv_heads, head_dim).native_args
 
 
 def _case(cuda: Any, device: torch.device, cfg: OscarConfig, h: int, d: int, g: int) -> str | None:
-    from oscar_kv.ops import PageLayout
+    from oscar_kv.layout import PageLayout
+    from oscar_kv.paged import PagedKV
 
     gen = torch.Generator().manual_seed(d + g)
     layout = PageLayout.of(cfg, h, d)
-    la = _layout_args(cfg, h, d)
     n_req = len(LENGTHS)
     pages = [n // BLOCK_TOKENS for n in LENGTHS]
     pool = layout.alloc_pool(sum(pages) + 2, device)
@@ -63,7 +63,7 @@ def _case(cuda: Any, device: torch.device, cfg: OscarConfig, h: int, d: int, g: 
             blocks = (t[:full].reshape(-1, BLOCK_TOKENS, h, d).to(device) for t in (k, v))
             src = torch.arange(pages[b], dtype=torch.int32, device=device)
             pid = my_ids.int().to(device)
-            cuda.quantize_pages(*blocks, src, pid, pool, *la)
+            cuda.quantize_pages(*blocks, src, pid, pool, layout)
             got = pool[my_ids.to(device)].cpu()
             bad = int((got != qkv.packed_pages()).sum())
             if bad:
@@ -72,12 +72,11 @@ def _case(cuda: Any, device: torch.device, cfg: OscarConfig, h: int, d: int, g: 
         v_tail[b, : n - full] = v[full:]
 
     i32 = {"dtype": torch.int32, "device": device}
-    out = cuda.decode_attention(
-        q.to(device), pool, page_table.to(device),
-        torch.tensor(pages, **i32), k_tail.to(device), v_tail.to(device),
-        torch.arange(n_req, **i32), torch.tensor([n % BLOCK_TOKENS for n in LENGTHS], **i32),
-        d**-0.5, 2, *la,
-    ).float().cpu()  # fmt: skip
+    kv = PagedKV.single_layer(
+        layout, pool, k_tail.to(device), v_tail.to(device), page_table.to(device),
+        torch.tensor(pages, **i32), torch.tensor([n % BLOCK_TOKENS for n in LENGTHS], **i32),
+    )  # fmt: skip
+    out = cuda.decode_attention(q.to(device), kv, 0, d**-0.5, 2).float().cpu()
     ref = torch.stack(want)
     err = float((out - ref).abs().max())
     if not err <= 2e-2 * max(1.0, float(ref.abs().max())):  # also catches NaN

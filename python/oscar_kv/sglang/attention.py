@@ -1,24 +1,30 @@
 """Attention backend "oscar": extend, decode and mixed batches over packed + residual pages.
 
 Built on `oscar_kv.ops` (CUDA > Triton on a GPU, C++ CPU kernels > batched torch on a CPU,
-chosen by tensor device and ``OSCAR_KV_BACKEND``). Per batch, `init_forward_metadata` reads
-the request slots and lengths once and builds the page table from SGLang's ``req_to_token``
-(page id = location of the page's first token // 128). Then per layer:
+chosen by tensor device and ``OSCAR_KV_BACKEND``). Once per forward the backend builds, on the
+pool's device, the batch's `oscar_kv.paged.PagedKV` view (page table from SGLang's
+``req_to_token``, lengths, residual page ids from the pool's slot map) and a store plan
+(`oscar_kv.sglang.forward_plan`); each layer then only launches kernels:
 
 - extend (and mixed; SGLang routes mixed batches to ``forward_extend`` off NPU): the new
   tokens attend to their request's cached pages, its residual page and themselves
-  (`ops.extend_attention`), then are stored (`OscarTokenToKVPool.store`: completed pages
-  quantized, the rest into the residual page);
-- decode: the new token is stored first, then `ops.decode_attention` reads pages + residual
-  page (the ops' "tail", indexed by each request's residual page id).
+  (`ops.extend_attention`), then are stored (`OscarTokenToKVPool.store_extend`: completed
+  pages quantized, the rest into the residual page);
+- decode: the new token is stored first (`OscarTokenToKVPool.store_decode`, page completion
+  on a fixed grid), then `ops.decode_attention` reads pages + residual page.
 
-A request's residual page is assigned in `init_forward_metadata` (once per batch) from the
-pool's free list and returned when SGLang frees the request slot.
+CUDA graphs (decode only; extend and mixed batches stay eager, as in SGLang's own backends)
+follow SGLang's three-method contract: `init_cuda_graph_state` allocates persistent
+``[max_bs, max_pages]`` buffers (and builds/self-checks the kernels, before any capture);
+`init_forward_metadata_out_graph` selects the captured batch size's views of them, with a
+split count and split-KV scratch fixed per batch size; `init_forward_metadata_in_graph`
+fills them from the graph runner's static ``req_pool_indices`` / ``seq_lens`` with device ops
+only, so the graph's replay rebuilds the metadata itself. Padding rows (slot 0, length
+``get_cuda_graph_seq_len_fill_value()`` = 1) write to the pool's padding residual page.
 
 Q/K rotation and the norm descale happen inside the ops; V is un-rotated there unless the
 pool's config says V was folded into the weights (`oscar_kv.sglang.weights`). GQA is the ops'
-(query head j reads KV head j // group). CUDA graphs are not captured by this backend: the
-plugin disables them with a logged notice when ``--kv-quant oscar`` is on.
+(query head j reads KV head j // group).
 """
 
 from __future__ import annotations
@@ -27,169 +33,238 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
 from oscar_kv import ops
-from oscar_kv.config import BLOCK_TOKENS
+from oscar_kv.paged import PagedKV
+from oscar_kv.sglang import forward_plan
+from oscar_kv.sglang.forward_plan import BatchPages, DecodePlan, ExtendPlan
+
+GRAPH_SEQ_LEN_FILL = 1
 
 
-@dataclass
+@dataclass(frozen=True)
 class OscarForwardMetadata:
-    slots: list[int]
-    prefix_lens: list[int]  # tokens cached before this forward
-    new_lens: list[int]  # tokens this forward adds
-    residual: list[int]  # each request's residual page
-    residual_t: torch.Tensor  # int32 [B]
-    prefix_lens_t: torch.Tensor  # int32 [B], on the CPU
-    page_table: torch.Tensor  # int32 [B, max_pages]
-    cu_seqlens: torch.Tensor  # int32 [B + 1]
-    # Decode only (None otherwise), the same for every layer: where the new tokens go, and
-    # each request's pages / tail length once they are stored.
-    decode_step: Any = None
-    num_pages_t: torch.Tensor | None = None  # int32 [B]
-    tail_len_t: torch.Tensor | None = None  # int32 [B]
+    kv: PagedKV
+    cu_seqlens: torch.Tensor | None = None  # extend: int32 [B + 1]
+    extend_plan: ExtendPlan | None = None
+    decode_plan: DecodePlan | None = None
+    graph: bool = False  # views of the CUDA-graph buffers
 
 
-def _backend_base() -> type:
-    from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
+@dataclass(frozen=True)
+class GraphBuffers:
+    """Persistent decode metadata for CUDA graphs: [max_bs, width] / [max_bs]."""
 
-    return AttentionBackend
+    width: int
+    page_table: torch.Tensor
+    num_pages: torch.Tensor
+    tail_len: torch.Tensor
+    tail_index: torch.Tensor
+    residual: torch.Tensor
+    pos: torch.Tensor
+    done_pages: torch.Tensor
 
 
-def _make_class() -> type:
-    AttentionBackend = _backend_base()
+def _q_heads(model_runner: Any) -> int | None:
+    cfg = getattr(model_runner, "model_config", None)
+    heads = getattr(cfg, "num_attention_heads", None)
+    if heads is None:
+        return None
+    try:
+        from sglang.srt.layers.dp_attention import get_attention_tp_size
 
-    class OscarAttnBackend(AttentionBackend):
-        """See the module docstring. ``model_runner`` needs ``device``,
-        ``req_to_token_pool`` and ``token_to_kv_pool`` (an `OscarTokenToKVPool`)."""
+        tp = get_attention_tp_size()
+    except (ImportError, AssertionError, AttributeError):  # no distributed state (tests)
+        tp = 1
+    return max(1, heads // tp)
 
-        def __init__(self, model_runner: Any) -> None:
-            super().__init__()
-            self.device = model_runner.device
-            self.req_to_token_pool = model_runner.req_to_token_pool
-            self.pool = model_runner.token_to_kv_pool
-            if not hasattr(self.pool, "store"):
-                raise ValueError(
-                    "attention backend 'oscar' needs the oscar-kv pool (start the server with "
-                    f"--kv-quant oscar); got {type(self.pool).__name__}"
-                )
-            self.config = self.pool.config
-            self.forward_metadata: OscarForwardMetadata | None = None
 
-        def init_forward_metadata(self, forward_batch: Any) -> None:
-            slots = forward_batch.req_pool_indices.tolist()
-            seq_lens = forward_batch.seq_lens.tolist()
-            if forward_batch.forward_mode.is_decode():
-                new_lens = [1] * len(slots)
-            else:
-                new_lens = [int(x) for x in forward_batch.extend_seq_lens_cpu]
-            prefix_lens = [s - n for s, n in zip(seq_lens, new_lens, strict=True)]
-            max_pages = max([-(-s // BLOCK_TOKENS) for s in seq_lens] + [1])
-            rows = self.req_to_token_pool.req_to_token[forward_batch.req_pool_indices.long()]
-            cols = rows[:, : max_pages * BLOCK_TOKENS : BLOCK_TOKENS]
-            cu = [0]
-            for n in new_lens:
-                cu.append(cu[-1] + n)
-            dev = self.pool.pages.device
-            residual = self.pool.assign_residual(slots)
-            md = OscarForwardMetadata(
-                slots=slots,
-                residual=residual,
-                residual_t=torch.tensor(residual, dtype=torch.int32, device=dev),
-                prefix_lens=prefix_lens,
-                new_lens=new_lens,
-                prefix_lens_t=torch.tensor(prefix_lens, dtype=torch.int32),
-                page_table=(cols // BLOCK_TOKENS).to(device=dev, dtype=torch.int32),
-                cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=dev),
+class OscarAttnBackend(AttentionBackend):
+    """See the module docstring. ``model_runner`` needs ``device``, ``req_to_token_pool``
+    and ``token_to_kv_pool`` (an `OscarTokenToKVPool`); ``model_config`` (query heads) is
+    read when present, to size the decode scratch once per forward."""
+
+    def __init__(self, model_runner: Any) -> None:
+        super().__init__()
+        self.device = model_runner.device
+        self.req_to_token_pool = model_runner.req_to_token_pool
+        self.pool = model_runner.token_to_kv_pool
+        if not hasattr(self.pool, "store_decode"):
+            raise ValueError(
+                "attention backend 'oscar' needs the oscar-kv pool (start the server with "
+                f"--kv-quant oscar); got {type(self.pool).__name__}"
             )
-            if forward_batch.forward_mode.is_decode():
-                md.decode_step = self.pool.decode_step(
-                    self.req_to_token_pool.req_to_token,
-                    forward_batch.req_pool_indices,
-                    md.residual_t,
-                    md.prefix_lens_t,
-                )
-                seq = md.prefix_lens_t + 1
-                md.num_pages_t = (seq // BLOCK_TOKENS).to(dev)
-                md.tail_len_t = (seq % BLOCK_TOKENS).to(dev)
-            self.forward_metadata = md
+        self.config = self.pool.config
+        self.q_heads = _q_heads(model_runner)
+        self.forward_metadata: OscarForwardMetadata | None = None
+        self._graph: GraphBuffers | None = None
+        self._graph_metadata: dict[int, OscarForwardMetadata] = {}
 
-        def _store(self, layer: Any, k: torch.Tensor, v: torch.Tensor) -> None:
-            md = self.forward_metadata
-            self.pool.store(
-                layer.layer_id,
-                self.req_to_token_pool.req_to_token,
-                md.slots,
-                md.residual,
-                md.prefix_lens,
-                md.new_lens,
-                k,
-                v,
+    # -- metadata --------------------------------------------------------------------
+    def _kv(self, pages: BatchPages) -> PagedKV:
+        p = self.pool
+        return PagedKV(
+            p.layout, p.pages, p.k_res, p.v_res,
+            pages.page_table, pages.num_pages, pages.tail_len, pages.tail_index,
+        )  # fmt: skip
+
+    def _with_scratch(self, kv: PagedKV, splits: int | None = None) -> PagedKV:
+        """Split-KV scratch for the Triton decode, allocated once per forward (graph: once
+        per captured batch size, with ``splits`` fixed)."""
+        if self.q_heads is None or ops.resolve_backend(None, kv.device) != "triton":
+            return kv if splits is None else kv.with_batch(num_splits=splits)
+        from oscar_kv.triton import decode_splits
+
+        ns, _ = decode_splits(kv.batch, kv.layout.kv_heads, kv.page_table.shape[1], kv.device, splits)
+        return kv.with_decode_scratch(self.q_heads, ns)
+
+    def _width(self, forward_batch: Any) -> int:
+        """Page-table columns from host data SGLang already holds (never a device read)."""
+        host = getattr(forward_batch, "seq_lens_cpu", None)
+        if host is not None and host.numel():
+            return forward_plan.table_width(int(host.max()))
+        prefix, new = (
+            getattr(forward_batch, "extend_prefix_lens_cpu", None),
+            getattr(forward_batch, "extend_seq_lens_cpu", None),
+        )
+        if prefix is not None and new is not None and len(new):
+            return forward_plan.table_width(max(int(p) + int(n) for p, n in zip(prefix, new)))
+        return forward_plan.table_width(self.req_to_token_pool.req_to_token.shape[1])
+
+    def init_forward_metadata(self, forward_batch: Any) -> None:
+        """Eager metadata, every mode (host lists SGLang holds give the shapes)."""
+        rtt = self.req_to_token_pool.req_to_token
+        width = self._width(forward_batch)
+        if forward_batch.forward_mode.is_decode_or_idle():
+            pages, plan = forward_plan.decode(
+                rtt, self.pool.residual_of_slot, forward_batch.req_pool_indices,
+                forward_batch.seq_lens, width,
+            )  # fmt: skip
+            kv = self._with_scratch(self._kv(pages))
+            self.forward_metadata = OscarForwardMetadata(kv=kv, decode_plan=plan)
+            return
+        new_host = [int(n) for n in forward_batch.extend_seq_lens_cpu]
+        prefix_host = getattr(forward_batch, "extend_prefix_lens_cpu", None)
+        if prefix_host is not None:
+            seq_host = [int(p) + n for p, n in zip(prefix_host, new_host, strict=True)]
+        else:
+            seq_host = forward_batch.seq_lens_cpu.tolist()  # a host tensor
+        new_dev = getattr(forward_batch, "extend_seq_lens", None)
+        if new_dev is None:
+            new_dev = torch.tensor(new_host, dtype=torch.int32).to(self.pool.pages.device)
+        pages, cu, plan = forward_plan.extend(
+            rtt, self.pool.residual_of_slot, forward_batch.req_pool_indices,
+            forward_batch.seq_lens, new_dev, new_host, seq_host, width,
+        )  # fmt: skip
+        kv = self._kv(pages)
+        if self.q_heads is not None and ops.resolve_backend(None, kv.device) in ("cuda", "triton"):
+            kv = ops.plan_extend(kv, new_host, self.q_heads)
+        self.forward_metadata = OscarForwardMetadata(kv=kv, cu_seqlens=cu, extend_plan=plan)
+
+    # -- CUDA graphs (decode) --------------------------------------------------------
+    def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
+        dev = self.pool.pages.device
+        # Build and self-check the kernels now: nothing may compile or read back inside a
+        # capture.
+        ops.resolve_backend(None, dev)
+        width = forward_plan.table_width(self.req_to_token_pool.req_to_token.shape[1])
+
+        def i32(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.int32, device=dev)
+
+        self._graph = GraphBuffers(
+            width=width,
+            page_table=i32(max_bs, width),
+            num_pages=i32(max_bs),
+            tail_len=i32(max_bs),
+            tail_index=i32(max_bs),
+            residual=torch.zeros(max_bs, dtype=torch.long, device=dev),
+            pos=torch.zeros(max_bs, dtype=torch.long, device=dev),
+            done_pages=torch.full((max_bs,), -1, dtype=torch.int32, device=dev),
+        )
+        self._graph_metadata = {}
+
+    def get_cuda_graph_seq_len_fill_value(self) -> int:
+        return GRAPH_SEQ_LEN_FILL
+
+    def init_forward_metadata_out_graph(self, forward_batch: Any, in_capture: bool = False) -> None:
+        """Selects the captured batch size's buffer views (host work only)."""
+        g = self._graph
+        if g is None:
+            raise RuntimeError("oscar backend: init_cuda_graph_state was not called")
+        if not forward_batch.forward_mode.is_decode_or_idle():
+            raise NotImplementedError(
+                "the 'oscar' attention backend captures decode batches only; extend and "
+                f"mixed batches run eagerly (got {forward_batch.forward_mode})"
             )
-
-        def _shapes(self, layer: Any, q, k, v):
-            hq, hk, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
-            return q.view(-1, hq, d), k.view(-1, hk, d), v.view(-1, hk, d)
-
-        def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kw):
-            md = self.forward_metadata
-            q3, k3, v3 = self._shapes(layer, q, k, v)
-            k_tail, v_tail = self.pool.residual(layer.layer_id)
-            pre = md.prefix_lens_t
-            out = ops.extend_attention(
-                q3,
-                k3,
-                v3,
-                md.cu_seqlens,
-                self.pool.get_key_buffer(layer.layer_id),
-                md.page_table,
-                pre // BLOCK_TOKENS,
-                k_tail,
-                v_tail,
-                pre % BLOCK_TOKENS,
-                self.config,
-                tail_index=md.residual_t,
-                scale=layer.scaling,
+        bs = int(forward_batch.req_pool_indices.shape[0])
+        md = self._graph_metadata.get(bs)
+        if md is None:
+            pages = BatchPages(
+                g.page_table[:bs], g.num_pages[:bs], g.tail_len[:bs], g.tail_index[:bs]
             )
-            if save_kv_cache:
-                self._store(layer, k3, v3)
-            return out.flatten(1)  # [tokens, heads * D], also for 0 tokens
+            kv = self._with_scratch(self._kv(pages), self._graph_splits(bs, g.width))
+            plan = DecodePlan(g.residual[:bs], g.pos[:bs], g.done_pages[:bs])
+            md = OscarForwardMetadata(kv=kv, decode_plan=plan, graph=True)
+            self._graph_metadata[bs] = md
+        self.forward_metadata = md
 
-        def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kw):
-            md = self.forward_metadata
-            q3, k3, v3 = self._shapes(layer, q, k, v)
-            if save_kv_cache:
-                self.pool.store_decode(layer.layer_id, md.decode_step, k3, v3)
-            k_tail, v_tail = self.pool.residual(layer.layer_id)
-            out = ops.decode_attention(
-                q3,
-                self.pool.get_key_buffer(layer.layer_id),
-                md.page_table,
-                md.num_pages_t,
-                k_tail,
-                v_tail,
-                md.tail_len_t,
-                self.config,
-                tail_index=md.residual_t,
-                scale=layer.scaling,
-            )
-            return out.flatten(1)  # [tokens, heads * D], also for 0 tokens
-
-        def get_cuda_graph_seq_len_fill_value(self):
+    def _graph_splits(self, bs: int, width: int) -> int:
+        """A split count fixed per captured batch size (from shapes only)."""
+        dev = self.pool.pages.device
+        if dev.type != "cuda":
             return 1
+        from oscar_kv.triton.api import default_num_splits
 
-    return OscarAttnBackend
+        return default_num_splits(bs, self.pool.layout.kv_heads, width, dev)
+
+    def init_forward_metadata_in_graph(self, forward_batch: Any) -> None:
+        """Fills the selected views from the runner's static buffers: device ops only, so
+        the captured graph replays them."""
+        md = self.forward_metadata
+        if md is None or not md.graph:
+            return
+        pages, plan = forward_plan.decode(
+            self.req_to_token_pool.req_to_token, self.pool.residual_of_slot,
+            forward_batch.req_pool_indices, forward_batch.seq_lens, self._graph.width,
+        )  # fmt: skip
+        kv, dp = md.kv, md.decode_plan
+        kv.page_table.copy_(pages.page_table)
+        kv.num_pages.copy_(pages.num_pages)
+        kv.tail_len.copy_(pages.tail_len)
+        kv.tail_index.copy_(pages.tail_index)
+        dp.residual.copy_(plan.residual)
+        dp.pos.copy_(plan.pos)
+        dp.done_pages.copy_(plan.done_pages)
+
+    # -- forward ---------------------------------------------------------------------
+    def _shapes(self, layer: Any, q, k, v):
+        hq, hk, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
+        return q.view(-1, hq, d), k.view(-1, hk, d), v.view(-1, hk, d)
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kw):
+        md = self.forward_metadata
+        q3, k3, v3 = self._shapes(layer, q, k, v)
+        out = ops.extend_attention(
+            q3, k3, v3, md.cu_seqlens, md.kv,
+            layer=self.pool._layer(layer.layer_id), scale=layer.scaling,
+        )  # fmt: skip
+        if save_kv_cache:
+            self.pool.store_extend(layer.layer_id, md.extend_plan, k3, v3)
+        return out.flatten(1)  # [tokens, heads * D], also for 0 tokens
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kw):
+        md = self.forward_metadata
+        q3, k3, v3 = self._shapes(layer, q, k, v)
+        if save_kv_cache:
+            self.pool.store_decode(layer.layer_id, md.decode_plan, k3, v3)
+        out = ops.decode_attention(
+            q3, md.kv, layer=self.pool._layer(layer.layer_id), scale=layer.scaling
+        )
+        return out.flatten(1)  # [tokens, heads * D], also for 0 tokens
 
 
-_CLASS: type | None = None
-
-
-def oscar_backend_class() -> type:
-    global _CLASS
-    if _CLASS is None:
-        _CLASS = _make_class()
-    return _CLASS
-
-
-def create_backend(model_runner: Any) -> Any:
+def create_backend(model_runner: Any) -> OscarAttnBackend:
     """The factory SGLang's attention registry calls."""
-    return oscar_backend_class()(model_runner)
+    return OscarAttnBackend(model_runner)

@@ -7,7 +7,8 @@ page, both sized here and nowhere else:
 - packed pages (`oscar_kv.ops.PageLayout`, all layers): SGLang's token location space, so
   ``max_total_num_tokens = packed_pages * 128``; one more page is SGLang's padding page 0;
 - residual pages: 128 bf16 token slots, K and V, all layers, one per running request, where
-  its newest <128 tokens live until the page is complete and quantized.
+  its newest <128 tokens live until the page is complete and quantized; one more is the
+  padding residual page that CUDA-graph padding rows write to.
 
 The split is a reservation sized from the request slots: ``residual_pages`` equals
 ``--max-running-requests`` when the user sets it; otherwise as many as fit in
@@ -85,7 +86,8 @@ class KVBudget:
 
     @property
     def residual_bytes(self) -> int:
-        return self.residual_pages * self.shape.residual_page_bytes
+        """The residual pages and the padding residual page."""
+        return (self.residual_pages + 1) * self.shape.residual_page_bytes
 
     @property
     def nbytes(self) -> int:
@@ -103,7 +105,7 @@ class KVBudget:
             f"oscar-kv capacity ({s.config.label}, {s.layers} layers x {s.kv_heads} KV heads x "
             f"D={s.head_dim}): {self.tokens} tokens in {self.packed_pages} packed pages "
             f"({self.packed_bytes / 2**20:.1f} MiB) + {self.residual_pages} residual pages "
-            f"for as many running requests ({self.residual_bytes / 2**20:.1f} MiB, "
+            f"for as many running requests, +1 padding ({self.residual_bytes / 2**20:.1f} MiB, "
             f"{str(s.residual_dtype).removeprefix('torch.')}, "
             f"{100 * self.residual_bytes / self.nbytes:.1f}% of the budget) = "
             f"{self.nbytes / 2**30:.3f} GiB ({self.nbytes} B); bf16 holds {bf16_tokens} tokens "
@@ -112,9 +114,9 @@ class KVBudget:
 
 
 def _default_residual_pages(shape: KVShape, residual_share_bytes: float) -> int:
-    """Residual pages that fit in ``residual_share_bytes``, at least 1, at most
-    `MAX_DEFAULT_SLOTS`."""
-    n = int(residual_share_bytes // shape.residual_page_bytes)
+    """Residual pages that fit in ``residual_share_bytes`` beside the padding residual page,
+    at least 1, at most `MAX_DEFAULT_SLOTS`."""
+    n = int(residual_share_bytes // shape.residual_page_bytes) - 1
     return max(1, min(n, MAX_DEFAULT_SLOTS))
 
 
@@ -124,13 +126,14 @@ def split_bytes(shape: KVShape, budget_bytes: int, slots: int | None) -> KVBudge
         residual = _default_residual_pages(shape, DEFAULT_RESIDUAL_SHARE * budget_bytes)
     else:
         residual = slots
-    rest = budget_bytes - residual * shape.residual_page_bytes
+    rest = budget_bytes - (residual + 1) * shape.residual_page_bytes
     packed = rest // shape.packed_page_bytes - 1
     if packed < 1:
-        need = 2 * shape.packed_page_bytes + residual * shape.residual_page_bytes
+        need = 2 * shape.packed_page_bytes + (residual + 1) * shape.residual_page_bytes
         raise KVBudgetError(
             f"--kv-quant oscar: the KV budget ({budget_bytes / 2**20:.1f} MiB) cannot hold one "
-            f"packed page plus {residual} residual pages ({need / 2**20:.1f} MiB needed); "
+            f"packed page plus {residual} residual pages and the padding one "
+            f"({need / 2**20:.1f} MiB needed); "
             "raise --mem-fraction-static or lower --max-running-requests"
         )
     return KVBudget(shape, packed, residual)

@@ -9,7 +9,9 @@ with scope():
     from oscar_kv.triton.api import (
         decode_attention,
         dequantize_pages,
+        decode_splits,
         extend_attention,
+        extend_work,
         fwht,
         quantize_pages,
     )
@@ -20,7 +22,9 @@ __all__ = [
     "bf16_decode_attention",
     "decode_attention",
     "dequantize_pages",
+    "decode_splits",
     "extend_attention",
+    "extend_work",
     "fwht",
     "quantize_pages",
 ]

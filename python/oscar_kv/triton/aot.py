@@ -21,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from oscar_kv import OscarConfig
-from oscar_kv.ops import PageLayout
+from oscar_kv.layout import PageLayout
 from oscar_kv.triton.api import EXTEND_WARPS, _layout_args, extend_block_tokens
 from oscar_kv.triton.bf16 import bf16_split_kernel
 from oscar_kv.triton.decode import decode_split_kernel, merge_kernel

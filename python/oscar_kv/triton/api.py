@@ -15,7 +15,8 @@ from oscar_kv.triton.extend import extend_kernel
 from oscar_kv.triton.quant import dequantize_pages_kernel, fwht_kernel, quantize_pages_kernel
 
 if TYPE_CHECKING:
-    from oscar_kv.ops import PageLayout
+    from oscar_kv.layout import PageLayout
+    from oscar_kv.paged import PagedKV
 
 _NORM_CODE = {"none": 0, "token": 1, "head": 2}
 _LOG2E = 1.4426950408889634
@@ -124,39 +125,54 @@ def default_num_splits(batch: int, kv_heads: int, max_pages: int, device: torch.
     return max(1, min(max_pages, triton.cdiv(2 * sms, batch * kv_heads)))
 
 
+def decode_splits(
+    batch: int, kv_heads: int, max_pages: int, device: torch.device, requested: int | None = None
+) -> tuple[int, int]:
+    """(splits, pages per split) the decode kernel runs with for a page table of
+    ``max_pages`` columns: ``requested`` (or the default) rounded so no split is empty.
+    A host computation from shapes only, so a CUDA graph can fix it at capture."""
+    ns = requested or default_num_splits(batch, kv_heads, max_pages, device)
+    pps = max(1, triton.cdiv(max_pages, ns))
+    return (max(1, triton.cdiv(max_pages, pps)) if max_pages else 1), pps
+
+
 @in_scope
 def decode_attention(
     q: torch.Tensor,
-    pool: torch.Tensor,
-    layout: PageLayout,
-    page_table: torch.Tensor,
-    num_pages: torch.Tensor,
-    k_tail: torch.Tensor,
-    v_tail: torch.Tensor,
-    tail_index: torch.Tensor,
-    tail_len: torch.Tensor,
+    kv: PagedKV,
+    layer: int,
     scale: float,
-    num_splits: int | None = None,
     precise: bool = False,
     block_tokens: int = 32,
 ) -> torch.Tensor:
-    """Split-KV decode over packed pages + bf16 tail; out [B, Hq, D] in q's dtype.
+    """Split-KV decode over packed pages + residual pages; out [B, Hq, D] in q's dtype.
 
-    ``precise`` runs the dots in fp32 (IEEE) instead of fp16 operands with fp32 accumulation;
-    tests use it to compare with the reference tightly. ``block_tokens`` (32, 64 or 128):
-    tokens per inner step; a page is walked in 128 / block_tokens steps. 32 with 4 warps
-    compiles for sm_90a to ~165 registers without spills (64: 255 and spills).
+    The split count is ``kv.num_splits`` (fixed for a captured CUDA graph) or the default
+    for this batch; the partial results go to ``kv.scratch`` when the caller allocated it
+    once for the forward, else to buffers allocated here. ``precise`` runs the dots in fp32
+    (IEEE) instead of fp16 operands with fp32 accumulation; tests use it to compare with the
+    reference tightly. ``block_tokens`` (32, 64 or 128): tokens per inner step; a page is
+    walked in 128 / block_tokens steps. 32 with 4 warps compiles for sm_90a to ~165
+    registers without spills (64: 255 and spills).
     """
+    layout = kv.layout
+    pool, k_tail, v_tail = kv.layer(layer)
+    page_table, num_pages, tail_len, tail_index = (
+        kv.page_table, kv.num_pages, kv.tail_len, kv.tail_index
+    )  # fmt: skip
+    num_splits = kv.num_splits
     batch, hq, d = q.shape
     hkv = layout.kv_heads
     group = hq // hkv
     max_pages = page_table.shape[1]
-    ns = num_splits or default_num_splits(batch, hkv, max_pages, q.device)
-    pps = max(1, triton.cdiv(max_pages, ns))
-    ns = max(1, triton.cdiv(max_pages, pps)) if max_pages else 1
-    mid_o = torch.empty((batch, hq, ns + 1, d), dtype=torch.float32, device=q.device)
-    mid_m = torch.empty((batch, hq, ns + 1), dtype=torch.float32, device=q.device)
-    mid_l = torch.empty((batch, hq, ns + 1), dtype=torch.float32, device=q.device)
+    ns, pps = decode_splits(batch, hkv, max_pages, q.device, num_splits)
+    s = kv.scratch
+    if s is not None and tuple(s.mid_o.shape) == (batch, hq, ns + 1, d):
+        mid_o, mid_m, mid_l = s.mid_o, s.mid_ml[0], s.mid_ml[1]
+    else:
+        mid_o = torch.empty((batch, hq, ns + 1, d), dtype=torch.float32, device=q.device)
+        mid_m = torch.empty((batch, hq, ns + 1), dtype=torch.float32, device=q.device)
+        mid_l = torch.empty((batch, hq, ns + 1), dtype=torch.float32, device=q.device)
     out = torch.empty((batch, hq, d), dtype=q.dtype, device=q.device)
     cfg = layout.config
     gp = max(16, triton.next_power_of_2(group))
@@ -225,45 +241,53 @@ def extend_block_tokens(group: int, head_dim: int) -> int:
     return max(1, rows // triton.next_power_of_2(group), 16 // triton.next_power_of_2(group))
 
 
+def extend_work(new_lens: list[int], group: int, head_dim: int) -> tuple[int, torch.Tensor]:
+    """(rows per work item, work list int32 [2, n] on the CPU: request, first new row) of the
+    fused extend kernel, from host-known new-token counts."""
+    bm = extend_block_tokens(group, head_dim)
+    work = [(b, q0) for b, nb in enumerate(new_lens) for q0 in range(0, nb, bm)]
+    t = torch.tensor(work, dtype=torch.int32).reshape(-1, 2).T.contiguous()
+    return bm, t
+
+
 @in_scope
 def extend_attention(
     q: torch.Tensor,
     k_new: torch.Tensor,
     v_new: torch.Tensor,
     cu_seqlens: torch.Tensor,
-    pool: torch.Tensor,
-    layout: PageLayout,
-    page_table: torch.Tensor,
-    num_pages: torch.Tensor,
-    k_tail: torch.Tensor,
-    v_tail: torch.Tensor,
-    tail_index: torch.Tensor,
-    tail_len: torch.Tensor,
+    kv: PagedKV,
+    layer: int,
     scale: float,
     precise: bool = False,
     block_tokens: int = 32,
-    new_lens: list[int] | None = None,
 ) -> torch.Tensor:
     """Fused extend attention; out [N, Hq, D] in q's dtype (see `oscar_kv.ops.extend_attention`).
 
-    ``new_lens`` (new tokens per request, host ints) spares a device-to-host copy of
-    cu_seqlens when the caller has them; the work list of (request, first token) blocks is
-    built from it on the host.
+    The work list of (request, first token) blocks is ``kv.extend_work`` when the caller
+    planned it from host-known lengths (`oscar_kv.ops.plan_extend`, once per forward);
+    otherwise it is built here from cu_seqlens, which reads them back from the device.
     """
+    layout = kv.layout
+    pool, k_tail, v_tail = kv.layer(layer)
+    page_table, num_pages, tail_len, tail_index = (
+        kv.page_table, kv.num_pages, kv.tail_len, kv.tail_index
+    )  # fmt: skip
     n, hq, d = q.shape
     hkv = layout.kv_heads
     group = hq // hkv
     out = torch.empty((n, hq, d), dtype=q.dtype, device=q.device)
     bm = extend_block_tokens(group, d)
-    if new_lens is None:
+    if kv.extend_work is not None and kv.extend_rows == bm:
+        work_t = kv.extend_work
+    else:
         cu = cu_seqlens.tolist()
-        new_lens = [hi - lo for lo, hi in itertools.pairwise(cu)]
-    work = [(b, q0) for b, nb in enumerate(new_lens) for q0 in range(0, nb, bm)]
-    if not work:
+        _, work_t = extend_work([hi - lo for lo, hi in itertools.pairwise(cu)], group, d)
+        work_t = work_t.to(q.device)
+    if work_t.shape[1] == 0:
         return out
-    work_t = torch.tensor(work, dtype=torch.int32).T.contiguous().to(q.device)
     cfg = layout.config
-    extend_kernel[(len(work), hkv)](
+    extend_kernel[(work_t.shape[1], hkv)](
         q,
         q.stride(0),
         q.stride(1),

@@ -73,6 +73,9 @@ __global__ void quantize_pages_kernel(QuantizeArgs a) {
   const int i = blockIdx.x, h = blockIdx.y, g = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, nwarps = blockDim.x / 32;
   const int64_t row = a.src_index[i];
+  // A fixed grid over requests: an entry without a completed page (id < 0) writes nothing.
+  // The whole block leaves before its first barrier, so no thread waits on it.
+  if (a.page_ids[i] < 0) return;
   uint8_t* page = a.pool + int64_t(a.page_ids[i]) * a.page_stride;
   const T* k = static_cast<const T*>(a.k) + row * a.k_stride[0];
   const T* v = static_cast<const T*>(a.v) + row * a.v_stride[0];

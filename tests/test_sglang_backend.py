@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from oscar_kv import OscarConfig
+from oscar_kv.paged import PagedKV
 from oscar_kv.ref import attention as ref_attention
 from oscar_kv.ref import dequantize_kv, quantize_kv
 
@@ -311,6 +312,211 @@ def test_backend_refuses_other_pools():
     runner = SimpleNamespace(device="cpu", req_to_token_pool=None, token_to_kv_pool=kv)
     with pytest.raises(ValueError, match="--kv-quant oscar"):
         OscarAttnBackend(runner)
+
+
+# ------------------------------------------------------------------------------ GPU readiness
+# A GPU forward must not read anything back to the host and must keep every tensor on the
+# pool's device. On the `meta` device both are errors: a host read raises (no data), a CPU
+# tensor next to a meta one raises, and the oscar ops run their fake kernels (which check
+# that all their tensors share one device). So a whole SGLang forward on meta tensors proves
+# the serving path free of host syncs and device mix-ups without a GPU.
+def _fb(mode, slots, seq, new=None, prefix=None, device="cpu"):
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+
+    n = sum(new) if new is not None else len(slots)
+    i64 = {"dtype": torch.int64, "device": device}
+    return ForwardBatch(
+        forward_mode=mode,
+        batch_size=len(slots),
+        input_ids=torch.zeros(n, **i64),
+        req_pool_indices=torch.tensor(slots, **i64)
+        if device != "meta"
+        else torch.empty(len(slots), **i64),
+        seq_lens=torch.tensor(seq, **i64) if device != "meta" else torch.empty(len(seq), **i64),
+        seq_lens_cpu=torch.tensor(seq, dtype=torch.int64),
+        out_cache_loc=torch.zeros(n, **i64),
+        seq_lens_sum=sum(seq),
+        extend_seq_lens=None
+        if new is None
+        else torch.empty(len(new), dtype=torch.int32, device=device),
+        extend_seq_lens_cpu=None if new is None else list(new),
+        extend_prefix_lens_cpu=None if new is None else list(prefix),
+    )
+
+
+class MetaWorld:
+    """Pool, request slots and backend with every tensor on the meta device (2 layers)."""
+
+    def __init__(self, cfg: OscarConfig, slots: int = 8):
+        from sglang.srt.layers.radix_attention import RadixAttention
+        from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+        from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
+
+        set_global_server_args_for_scheduler(ServerArgs(model_path="dummy", page_size=PAGE))
+        self.rtp = ReqToTokenPool(
+            size=slots, max_context_len=16 * PAGE, device="meta", enable_memory_saver=False
+        )
+        self.pool = OscarTokenToKVPool(
+            64 * PAGE, PAGE, torch.bfloat16, HK, D, 2, "meta", config=cfg, residual_pages=slots
+        )
+        self.pool.attach(self.rtp)
+        runner = SimpleNamespace(
+            device="meta", req_to_token_pool=self.rtp, token_to_kv_pool=self.pool,
+            model_config=SimpleNamespace(num_attention_heads=HQ),
+        )  # fmt: skip
+        self.backend = OscarAttnBackend(runner)
+        self.layers = [RadixAttention(HQ, D, 1 / math.sqrt(D), HK, layer_id=i) for i in (0, 1)]
+
+    def forward(self, fb, tokens: int):
+        self.backend.init_forward_metadata(fb)
+        outs = []
+        for layer in self.layers:
+            q, k, v = (torch.empty(tokens, h * D, device="meta") for h in (HQ, HK, HK))
+            outs.append(self.backend.forward(q, k, v, layer, fb))
+        return outs
+
+
+@pytest.mark.parametrize("fold_v", [False, True])
+def test_meta_device_forward_has_no_host_sync(fold_v):
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    w = MetaWorld(OscarConfig(fold_v=fold_v))
+    slots = w.rtp.alloc_rows(4)
+    cases = [
+        # (mode, seq_lens after the forward, new tokens, cached prefix)
+        (ForwardMode.EXTEND, [5, 128, 300, 1], [5, 128, 300, 1], [0, 0, 0, 0]),  # no prefix
+        (ForwardMode.EXTEND, [266, 300, 140, 129], [10, 44, 12, 1], [256, 256, 128, 128]),
+        (ForwardMode.MIXED, [201, 128, 50, 130], [1, 1, 50, 2], [200, 127, 0, 128]),
+        (ForwardMode.DECODE, [129, 128, 1000, 1], None, None),  # 128: completes a page
+    ]
+    for mode, seq, new, prefix in cases:
+        fb = _fb(mode, slots, seq, new, prefix, device="meta")
+        outs = w.forward(fb, sum(new) if new else len(slots))
+        for out in outs:
+            assert out.device.type == "meta" and tuple(out.shape) == (fb.input_ids.shape[0], HQ * D)
+        kv = w.backend.forward_metadata.kv
+        assert kv.page_table.device.type == "meta" and kv.page_table.shape[0] == len(slots)
+    # And the CUDA-graph decode path: buffers, capture and replay metadata on meta too.
+    w.backend.init_cuda_graph_state(max_bs=8, max_num_tokens=8)
+    fb = _fb(ForwardMode.DECODE, slots + [0] * 4, [129, 128, 1000, 1] + [1] * 4, device="meta")
+    w.backend.init_forward_metadata_out_graph(fb, in_capture=True)
+    w.backend.init_forward_metadata_in_graph(fb)
+    for layer in w.layers:
+        q, k, v = (torch.empty(8, h * D, device="meta") for h in (HQ, HK, HK))
+        assert w.backend.forward(q, k, v, layer, fb).device.type == "meta"
+
+
+def test_meta_device_catches_a_host_read():
+    """The meta proof has teeth: a host read of a device tensor, or a CPU tensor handed to an
+    oscar op next to meta ones, raises."""
+    from oscar_kv import ops
+
+    with pytest.raises(NotImplementedError):
+        torch.empty(3, device="meta").tolist()
+    layout = ops.PageLayout.of(OscarConfig(), HK, D)
+    kv = PagedKV(
+        layout, torch.empty(1, 4, layout.page_bytes, dtype=torch.uint8, device="meta"),
+        *(torch.empty(1, 2, PAGE, HK, D, device="meta") for _ in range(2)),
+        torch.empty(2, 1, dtype=torch.int32),  # page table left on the CPU
+        *(torch.empty(2, dtype=torch.int32, device="meta") for _ in range(3)),
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="same device"):
+        ops.decode_attention(torch.empty(2, HQ, D, device="meta"), kv)
+
+
+def _graph_replay(w, slots, seq, q, k, v, max_bs, bufs):
+    """What SGLang's decode graph runner does at replay: copy the batch into the static
+    buffers (padding rows: slot 0, length = fill value), the out-of-graph prep, then the
+    graph's own work (the in-graph prep and every layer's kernels) over static inputs."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    raw = len(slots)
+    fill = w.backend.get_cuda_graph_seq_len_fill_value()
+    bufs["req_pool_indices"].zero_()[:raw] = torch.tensor(slots)
+    bufs["seq_lens"].fill_(fill)[:raw] = torch.tensor(seq)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        bufs[name].zero_()[:raw] = x.reshape(raw, -1)
+    fb = _fb(ForwardMode.DECODE, [0] * max_bs, [fill] * max_bs)
+    fb.req_pool_indices, fb.seq_lens = bufs["req_pool_indices"], bufs["seq_lens"]
+    w.backend.init_forward_metadata_out_graph(fb)
+    w.backend.init_forward_metadata_in_graph(fb)
+    out = w.backend.forward(bufs["q"], bufs["k"], bufs["v"], w.layer, fb)
+    return out.view(max_bs, HQ, D)[:raw]
+
+
+def _metadata_pointers(md) -> list[int]:
+    kv, plan = md.kv, md.decode_plan
+    tensors = [kv.page_table, kv.num_pages, kv.tail_len, kv.tail_index, *vars(plan).values()]
+    if kv.scratch is not None:
+        tensors += [kv.scratch.mid_o, kv.scratch.mid_ml]
+    return [t.data_ptr() for t in tensors]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_cuda_graph_capture_replay_equals_eager(backend, monkeypatch):
+    """Decode through captured metadata (static buffers written in place, a split count fixed
+    at capture) equals eager decode, for batches padded up to the captured size, across a
+    page completion; the pool ends byte-identical to the eager pool."""
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+    monkeypatch.setenv("OSCAR_KV_BACKEND", backend)
+    torch.manual_seed(3)
+    cfg = OscarConfig()
+    eager, graph = World(cfg), World(cfg)
+    prompts = [100, 126, 250, 5]  # the 126-token request completes its page at step 2
+    steps = 4
+    data = [
+        (torch.randn(p + steps, HQ, D), *(_bf16(torch.randn(p + steps, HK, D)) for _ in "kv"))
+        for p in prompts
+    ]
+    slots = [[w.new_request(p + steps) for p in prompts] for w in (eager, graph)]
+    assert slots[0] == slots[1]
+    slots = slots[0]
+    for w in (eager, graph):
+        cat = [torch.cat([d[i][:p] for d, p in zip(data, prompts, strict=True)]) for i in range(3)]
+        w.forward(slots, *cat, prompts, decode=False)
+
+    max_bs = 4
+    graph.backend.init_cuda_graph_state(max_bs=max_bs, max_num_tokens=max_bs)
+    bufs = {
+        "req_pool_indices": torch.zeros(max_bs, dtype=torch.int64),
+        "seq_lens": torch.ones(max_bs, dtype=torch.int64),
+        "q": torch.zeros(max_bs, HQ * D),
+        "k": torch.zeros(max_bs, HK * D),
+        "v": torch.zeros(max_bs, HK * D),
+    }
+    # Capture: a padding-only batch of the captured size.
+    fb = _fb(ForwardMode.DECODE, [0] * max_bs, [1] * max_bs)
+    fb.req_pool_indices, fb.seq_lens = bufs["req_pool_indices"], bufs["seq_lens"]
+    graph.backend.init_forward_metadata_out_graph(fb, in_capture=True)
+    graph.backend.init_forward_metadata_in_graph(fb)
+    captured = graph.backend.forward_metadata
+    pointers = _metadata_pointers(captured)
+    graph.backend.forward(bufs["q"], bufs["k"], bufs["v"], graph.layer, fb)
+    if backend == "triton":
+        assert captured.kv.scratch is not None and captured.kv.num_splits == 1
+
+    for step in range(steps):
+        live = [0, 1, 2, 3] if step % 2 == 0 else [0, 1, 2]  # full, or padded to 4
+        pos = [graph.lens[slots[b]] for b in live]  # each new token's index
+        q, k, v = (
+            torch.stack([data[b][i][p] for b, p in zip(live, pos, strict=True)]) for i in range(3)
+        )
+        got = _graph_replay(
+            graph, [slots[b] for b in live], [p + 1 for p in pos], q, k, v, max_bs, bufs
+        )
+        assert graph.backend.forward_metadata is captured
+        assert _metadata_pointers(captured) == pointers  # replay rewrote contents only
+        want = eager.forward([slots[b] for b in live], q, k, v, [1] * len(live), decode=True)
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+        for b in live:
+            graph.lens[slots[b]] += 1
+    assert graph.lens[slots[1]] == 130  # the 126-token request completed its first page
+    assert torch.equal(graph.pool.pages, eager.pool.pages)
+    for s in slots:
+        r_g, r_e = int(graph.pool.residual_of_slot[s]), int(eager.pool.residual_of_slot[s])
+        n = graph.lens[s] % PAGE
+        assert torch.equal(graph.pool.k_res[0, r_g, :n], eager.pool.k_res[0, r_e, :n])
 
 
 # ------------------------------------------------------------------------------ hooks

@@ -193,7 +193,7 @@ _LIB.define(
 )
 
 
-def _register(name: str, kernel, fake) -> None:  # noqa: ANN001
+def _register(name: str, kernel, fake) -> None:
     _LIB.impl(name, kernel, "CPU")
     _LIB.impl(name, kernel, "CUDA")
     torch.library.register_fake(f"oscar::{name}", fake, lib=_LIB)
@@ -217,7 +217,7 @@ def _kv_of(
 
 
 # -- quantize_pages
-def _quantize_kernel(k, v, src, pid, pool, layout_args, backend) -> None:  # noqa: ANN001
+def _quantize_kernel(k, v, src, pid, pool, layout_args, backend) -> None:
     layout = _layout_of(tuple(layout_args))
     which = _torch_for_cpu(backend or resolve_backend(None, k.device))
     if which == "cuda":
@@ -235,7 +235,7 @@ def _quantize_kernel(k, v, src, pid, pool, layout_args, backend) -> None:  # noq
                 pool[p] = q.packed_pages()[0].to(pool.device)
 
 
-def _quantize_fake(k, v, src, pid, pool, layout_args, backend) -> None:  # noqa: ANN001
+def _quantize_fake(k, v, src, pid, pool, layout_args, backend) -> None:
     _one_device("quantize_pages", k, v, src, pid, pool)
 
 
@@ -261,9 +261,21 @@ _register("rotate_q", _rotate_kernel, _rotate_fake)
 
 # -- decode_attention
 def _decode_kernel(
-    q, pool, k_tail, v_tail, page_table, num_pages, tail_len, tail_index, mid_o, mid_ml,
-    scale, num_splits, layout_args, backend,
-):  # noqa: ANN001, ANN202
+    q,
+    pool,
+    k_tail,
+    v_tail,
+    page_table,
+    num_pages,
+    tail_len,
+    tail_index,
+    mid_o,
+    mid_ml,
+    scale,
+    num_splits,
+    layout_args,
+    backend,
+):
     layout = _layout_of(tuple(layout_args))
     which = backend or resolve_backend(None, q.device)
     if which in ("ref", "torch"):
@@ -296,9 +308,21 @@ def _decode_kernel(
 
 
 def _decode_fake(
-    q, pool, k_tail, v_tail, page_table, num_pages, tail_len, tail_index, mid_o, mid_ml,
-    scale, num_splits, layout_args, backend,
-):  # noqa: ANN001, ANN202
+    q,
+    pool,
+    k_tail,
+    v_tail,
+    page_table,
+    num_pages,
+    tail_len,
+    tail_index,
+    mid_o,
+    mid_ml,
+    scale,
+    num_splits,
+    layout_args,
+    backend,
+):
     _one_device(
         "decode_attention", q, pool, k_tail, v_tail, page_table, num_pages, tail_len,
         tail_index, mid_o, mid_ml,
@@ -311,9 +335,23 @@ _register("decode_attention", _decode_kernel, _decode_fake)
 
 # -- extend_attention
 def _extend_kernel(
-    q, k_new, v_new, cu_seqlens, pool, k_tail, v_tail, page_table, num_pages, tail_len,
-    tail_index, work, work_rows, scale, layout_args, backend,
-):  # noqa: ANN001, ANN202
+    q,
+    k_new,
+    v_new,
+    cu_seqlens,
+    pool,
+    k_tail,
+    v_tail,
+    page_table,
+    num_pages,
+    tail_len,
+    tail_index,
+    work,
+    work_rows,
+    scale,
+    layout_args,
+    backend,
+):
     layout = _layout_of(tuple(layout_args))
     which = _torch_for_cpu(backend or resolve_backend(None, q.device))
     kv = _kv_of(
@@ -328,9 +366,23 @@ def _extend_kernel(
 
 
 def _extend_fake(
-    q, k_new, v_new, cu_seqlens, pool, k_tail, v_tail, page_table, num_pages, tail_len,
-    tail_index, work, work_rows, scale, layout_args, backend,
-):  # noqa: ANN001, ANN202
+    q,
+    k_new,
+    v_new,
+    cu_seqlens,
+    pool,
+    k_tail,
+    v_tail,
+    page_table,
+    num_pages,
+    tail_len,
+    tail_index,
+    work,
+    work_rows,
+    scale,
+    layout_args,
+    backend,
+):
     _one_device(
         "extend_attention", q, k_new, v_new, cu_seqlens, pool, k_tail, v_tail, page_table,
         num_pages, tail_len, tail_index, work,
@@ -342,7 +394,7 @@ _register("extend_attention", _extend_kernel, _extend_fake)
 
 
 # -- dequantize_pages
-def _dequantize_kernel(pool, page_ids, layout_args, backend):  # noqa: ANN001, ANN202
+def _dequantize_kernel(pool, page_ids, layout_args, backend):
     layout = _layout_of(tuple(layout_args))
     which = _torch_for_cpu(backend or resolve_backend(None, pool.device))
     if which == "cuda":
@@ -356,7 +408,7 @@ def _dequantize_kernel(pool, page_ids, layout_args, backend):  # noqa: ANN001, A
     return k.reshape(shape).to(pool.device), v.reshape(shape).to(pool.device)
 
 
-def _dequantize_fake(pool, page_ids, layout_args, backend):  # noqa: ANN001, ANN202
+def _dequantize_fake(pool, page_ids, layout_args, backend):
     _one_device("dequantize_pages", pool, page_ids)
     layout = _layout_of(tuple(layout_args))
     shape = (page_ids.shape[0], BLOCK_TOKENS, layout.kv_heads, layout.head_dim)
@@ -406,7 +458,9 @@ def quantize_page(
     if src_index is None and n != k.shape[0]:
         raise ValueError(f"page_ids has {n} entries but k holds {k.shape[0]} blocks")
     pid = page_ids.to(device=pool.device, dtype=torch.int32).contiguous()
-    torch.ops.oscar.quantize_pages(k, v, src, pid, pool, layout.native_args, _which(backend, k.device))
+    torch.ops.oscar.quantize_pages(
+        k, v, src, pid, pool, layout.native_args, _which(backend, k.device)
+    )
 
 
 def rotate_q(q: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:

@@ -122,9 +122,7 @@ class PagedKV:
         if self.pages.dtype != torch.uint8 or self.pages.dim() != 3:
             raise ValueError(f"pages must be uint8 [layers, num_pages, {lay.page_bytes}]")
         if self.pages.shape[2] != lay.page_bytes:
-            raise ValueError(
-                f"pool rows must be {lay.page_bytes} bytes, got {self.pages.shape[2]}"
-            )
+            raise ValueError(f"pool rows must be {lay.page_bytes} bytes, got {self.pages.shape[2]}")
         if self.pages.stride(2) != 1 or self.pages.stride(1) % 16:
             raise ValueError(
                 "pool rows must be contiguous with a row stride that is a multiple of 16"

@@ -116,7 +116,9 @@ class OscarAttnBackend(AttentionBackend):
             return kv if splits is None else kv.with_batch(num_splits=splits)
         from oscar_kv.triton import decode_splits
 
-        ns, _ = decode_splits(kv.batch, kv.layout.kv_heads, kv.page_table.shape[1], kv.device, splits)
+        ns, _ = decode_splits(
+            kv.batch, kv.layout.kv_heads, kv.page_table.shape[1], kv.device, splits
+        )
         return kv.with_decode_scratch(self.q_heads, ns)
 
     def _width(self, forward_batch: Any) -> int:

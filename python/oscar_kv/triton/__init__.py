@@ -8,8 +8,8 @@ from oscar_kv.triton._env import INTERPRETED, scope
 with scope():
     from oscar_kv.triton.api import (
         decode_attention,
-        dequantize_pages,
         decode_splits,
+        dequantize_pages,
         extend_attention,
         extend_work,
         fwht,
@@ -21,8 +21,8 @@ __all__ = [
     "INTERPRETED",
     "bf16_decode_attention",
     "decode_attention",
-    "dequantize_pages",
     "decode_splits",
+    "dequantize_pages",
     "extend_attention",
     "extend_work",
     "fwht",

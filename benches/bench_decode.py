@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 
 from oscar_kv import OscarConfig, ops
+from oscar_kv.layout import PageLayout
+from oscar_kv.paged import PagedKV
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COLUMNS = ["device", "commit", "impl", "batch", "context", "ms", "gb_per_s", "frac_peak"]
@@ -113,7 +115,7 @@ def make_case(batch: int, context: int) -> Case:
 
 def packed_inputs(cfg: OscarConfig, shape: Shape, case: Case, device: torch.device):
     """A pool of realistic pages (a few quantized blocks tiled), page table, tails."""
-    layout = ops.PageLayout.of(cfg, shape.kv_heads, shape.head_dim)
+    layout = PageLayout.of(cfg, shape.kv_heads, shape.head_dim)
     n_total = max(1, case.batch * case.n_pages)
     pool = layout.alloc_pool(n_total, device)
     seed_pages = min(16, n_total)
@@ -131,19 +133,14 @@ def packed_inputs(cfg: OscarConfig, shape: Shape, case: Case, device: torch.devi
         2, case.batch, PAGE, shape.kv_heads, shape.head_dim, device=device
     ).bfloat16()
     i32 = {"dtype": torch.int32, "device": device}
-    return {
-        "layout": layout,
-        "pool": pool,
-        "page_table": page_table,
-        "num_pages": torch.full((case.batch,), case.n_pages, **i32),
-        "k_tail": tails[0],
-        "v_tail": tails[1],
-        "tail_index": torch.arange(case.batch, **i32),
-        "tail_len": torch.full((case.batch,), case.tail, **i32),
-    }
+    kv = PagedKV.single_layer(
+        layout, pool, tails[0], tails[1], page_table,
+        torch.full((case.batch,), case.n_pages, **i32), torch.full((case.batch,), case.tail, **i32),
+    )  # fmt: skip
+    return {"layout": layout, "kv": kv}
 
 
-def packed_bytes(layout: ops.PageLayout, case: Case) -> int:
+def packed_bytes(layout: PageLayout, case: Case) -> int:
     per_req = case.n_pages * layout.page_bytes + case.tail * 4 * layout.kv_heads * layout.head_dim
     return case.batch * per_req
 
@@ -154,23 +151,19 @@ def packed_impls(cfg: OscarConfig, name: str, shape: Shape, case: Case, device: 
     layout = inp["layout"]
     nbytes = packed_bytes(layout, case)
     scale = shape.head_dim**-0.5
-    args = (inp["pool"], inp["page_table"], inp["num_pages"], inp["k_tail"], inp["v_tail"])
+    kv = inp["kv"]
     out: dict[str, tuple[Callable[[], object], int]] = {}
     if device.type == "cuda" and ops._cuda_ops() is not None:
         cuda = ops._cuda_ops()
-        la = ops._native_layout_args(layout)
 
         def run_cuda():
-            return cuda.decode_attention(q, *args, inp["tail_index"], inp["tail_len"], scale, 0,
-                                         *la)  # fmt: skip
+            return cuda.decode_attention(q, kv, 0, scale, 0)
 
         out[f"{name}-cuda"] = (run_cuda, nbytes)
     from oscar_kv import triton as tri
 
     def run_triton():
-        return tri.decode_attention(q, inp["pool"], layout, inp["page_table"], inp["num_pages"],
-                                    inp["k_tail"], inp["v_tail"], inp["tail_index"],
-                                    inp["tail_len"], scale)  # fmt: skip
+        return tri.decode_attention(q, kv, 0, scale)
 
     out[f"{name}-triton"] = (run_triton, nbytes)
     return out
@@ -235,7 +228,7 @@ def flashinfer_impl(shape, case, device, q, k_cache, v_cache, pages_per_req):
 def quantize_ms(cfg: OscarConfig, shape: Shape, batch: int, device: torch.device,
                 backend: str) -> float:  # fmt: skip
     """One completed page per request (all heads) quantized into the pool."""
-    layout = ops.PageLayout.of(cfg, shape.kv_heads, shape.head_dim)
+    layout = PageLayout.of(cfg, shape.kv_heads, shape.head_dim)
     pool = layout.alloc_pool(batch, device)
     kv = torch.randn(2, batch, PAGE, shape.kv_heads, shape.head_dim, device=device).bfloat16()
     ids = torch.arange(batch, device=device)

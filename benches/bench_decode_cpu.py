@@ -25,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import PAGE, RESULTS, git_commit, write_results
 
 from oscar_kv import OscarConfig, ops
+from oscar_kv.layout import PageLayout
+from oscar_kv.paged import PagedKV
 
 COLUMNS = ["device", "commit", "threads", "shape", "impl", "batch", "context", "ms", "mb_read",
            "gb_per_s"]  # fmt: skip
@@ -53,7 +55,7 @@ def median_ms(fn, reps: int) -> float:
 
 def packed(cfg: OscarConfig, hkv: int, d: int, batch: int, context: int):
     """Pages of real quantized blocks (a few tiled) + an empty tail, like bench_decode."""
-    layout = ops.PageLayout.of(cfg, hkv, d)
+    layout = PageLayout.of(cfg, hkv, d)
     n_pages = context // PAGE
     pool = layout.alloc_pool(max(1, batch * n_pages))
     seed = min(8, pool.shape[0])
@@ -71,7 +73,8 @@ def packed(cfg: OscarConfig, hkv: int, d: int, batch: int, context: int):
     tail = torch.zeros(batch, PAGE, hkv, d)
     tail_len = torch.full((batch,), context % PAGE, **i32)
     nbytes = batch * n_pages * layout.page_bytes
-    return (pool, pt, torch.full((batch,), n_pages, **i32), tail, tail.clone(), tail_len), nbytes
+    num_pages = torch.full((batch,), n_pages, **i32)
+    return PagedKV.single_layer(layout, pool, tail, tail.clone(), pt, num_pages, tail_len), nbytes
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -89,7 +92,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 impls = {}
                 for backend in ("cpu", "torch"):
                     impls[f"oscar-{backend}"] = (
-                        lambda b=backend, q=q, c=cache: ops.decode_attention(q, *c, cfg, backend=b),
+                        lambda b=backend, q=q, c=cache: ops.decode_attention(q, c, backend=b),
                         nbytes,
                     )
                 k = torch.randn(batch, hkv, context, d)

@@ -54,18 +54,24 @@ def oscar_impls(shape: Shape, case: Case, new: int, device: torch.device,
     nbytes = packed_bytes(layout, case)
     cu = torch.arange(case.batch + 1, dtype=torch.int32, device=device) * new
     scale = shape.head_dim**-0.5
-    common = (q, kv_new[0], kv_new[1], cu, inp["pool"], layout, inp["page_table"],
-              inp["num_pages"], inp["k_tail"], inp["v_tail"], inp["tail_index"],
-              inp["tail_len"], scale)  # fmt: skip
+    kv = inp["kv"]
+    # The fused kernel's work list, planned once from the host-known chunk lengths (as the
+    # serving path does once per forward): no device-to-host read of cu_seqlens per call.
+    planned = ops.plan_extend(kv, [new] * case.batch, q.shape[1])
     from oscar_kv import triton as tri
 
-    lens = [new] * case.batch
+    def fused():
+        return tri.extend_attention(q, kv_new[0], kv_new[1], cu, planned, 0, scale)
+
+    def workspace(which: str) -> Callable[[], object]:
+        return lambda: ops._extend_via_workspace(which, q, kv_new[0], kv_new[1], cu, kv, scale)
+
     out = {
-        "oscar-triton-fused": (lambda: tri.extend_attention(*common, new_lens=lens), nbytes),
-        "oscar-triton-workspace": (lambda: ops._extend_via_workspace("triton", *common), nbytes),
+        "oscar-triton-fused": (fused, nbytes),
+        "oscar-triton-workspace": (workspace("triton"), nbytes),
     }
     if device.type == "cuda" and ops._cuda_ops() is not None:
-        out["oscar-cuda-workspace"] = (lambda: ops._extend_via_workspace("cuda", *common), nbytes)
+        out["oscar-cuda-workspace"] = (workspace("cuda"), nbytes)
     return out
 
 

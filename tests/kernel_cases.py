@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from oscar_kv import OscarConfig
-from oscar_kv.ops import PageLayout
+from oscar_kv.layout import PageLayout
+from oscar_kv.paged import PagedKV
 from oscar_kv.ref import quantize_kv
 from oscar_kv.ref.quant import QuantizedKV
 
@@ -73,8 +74,24 @@ class Cache:
     tail_len: torch.Tensor
     qkvs: list[QuantizedKV]
 
-    def decode_args(self) -> tuple[torch.Tensor, ...]:
-        return (self.pool, self.page_table, self.num_pages, self.k_tail, self.v_tail)
+    def paged_kv(
+        self,
+        device: torch.device | None = None,
+        num_splits: int | None = None,
+        **fields: torch.Tensor | None,
+    ) -> PagedKV:
+        """This cache as a one-layer `PagedKV` (on ``device``, default where it lives).
+
+        ``fields`` replace any of pool, k_tail, v_tail, page_table, num_pages, tail_len,
+        tail_index (``tail_index=None``: the default, request b's tail at row b)."""
+        names = ("pool", "k_tail", "v_tail", "page_table", "num_pages", "tail_len", "tail_index")
+        unknown = set(fields) - set(names)
+        if unknown:
+            raise TypeError(f"unknown cache fields {sorted(unknown)}")
+        args = {name: fields.get(name, getattr(self, name)) for name in names}
+        if device is not None:
+            args = {n: None if t is None else t.to(device) for n, t in args.items()}
+        return PagedKV.single_layer(self.layout, **args, num_splits=num_splits)
 
 
 def build_cache(

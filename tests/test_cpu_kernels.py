@@ -7,6 +7,7 @@ import torch
 
 from kernel_cases import DECODE_CONFIGS, build_cache, config_id
 from oscar_kv import OscarConfig, cpu_kernels, ops
+from oscar_kv.layout import PageLayout
 from oscar_kv.ref import attention
 
 CPU = torch.device("cpu")
@@ -26,8 +27,7 @@ def check(cfg, lens, h, group, d, kind="random", dtype=torch.float32, seed=0, to
     want = torch.cat([attention(q[b : b + 1].float(), qkv) for b, qkv in enumerate(cache.qkvs)])
     # q of any dtype must not be rounded to the tails' dtype (bf16-valued, exact in all).
     k_tail, v_tail = cache.k_tail.to(tail_dtype), cache.v_tail.to(tail_dtype)
-    got = ops.decode_attention(q, cache.pool, cache.page_table, cache.num_pages, k_tail, v_tail,
-                               cache.tail_len, cfg, tail_index=cache.tail_index, backend="cpu")  # fmt: skip
+    got = ops.decode_attention(q, cache.paged_kv(k_tail=k_tail, v_tail=v_tail), backend="cpu")
     assert got.dtype == dtype and got.shape == q.shape
     big = max(1.0, float(want.abs().max()))
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * big)
@@ -71,16 +71,17 @@ def test_bad_inputs_are_named():
     cfg = OscarConfig()
     cache = build_cache(cfg, [300], 2, 64, device=CPU)
     q = torch.randn(1, 4, 64)
-    args = (cache.pool, cache.page_table, cache.num_pages, cache.k_tail, cache.v_tail)
     bad_pt = cache.page_table.clone()
     bad_pt[0, 1] = cache.pool.shape[0] + 5
-    with pytest.raises(ValueError, match=r"page_table\[0, 1\] = .* is not a pool row"):
-        ops.decode_attention(q, cache.pool, bad_pt, *args[2:], cache.tail_len, cfg, backend="cpu")
-    with pytest.raises(ValueError, match=r"tail_len\[0\] = 200 is outside"):
-        ops.decode_attention(q, *args, torch.tensor([200]), cfg, backend="cpu")
-    with pytest.raises(ValueError, match=r"tail_index\[0\] = 9 is not a tail slot"):
-        ops.decode_attention(q, *args, cache.tail_len, cfg, tail_index=torch.tensor([9]),
-                             backend="cpu")  # fmt: skip
+    cases = [
+        (r"page_table\[0, 1\] = .* is not a pool row", {"page_table": bad_pt, "tail_index": None}),
+        (r"tail_len\[0\] = 200 is outside", {"tail_len": torch.tensor([200]), "tail_index": None}),
+        (r"tail_index\[0\] = 9 is not a tail slot", {"tail_index": torch.tensor([9])}),
+    ]
+    for message, fields in cases:
+        kv = cache.paged_kv(**fields)  # valid shapes: only the kernel can tell
+        with pytest.raises(ValueError, match=message):
+            ops.decode_attention(q, kv, backend="cpu")
 
 
 @pytest.mark.parametrize("tail_dtype", [torch.float32, torch.float16])
@@ -121,9 +122,9 @@ def test_opcheck_schema_and_fake_kernel():
     cfg = OscarConfig()
     cache = build_cache(cfg, [300, 5], 2, 64, device=CPU)
     q = torch.randn(2, 4, 64)
-    layout = ops.PageLayout.of(cfg, 2, 64)
+    layout = PageLayout.of(cfg, 2, 64)
     args = (q, cache.pool, cache.page_table, cache.num_pages, cache.k_tail, cache.v_tail,
-            cache.tail_index, cache.tail_len, 0.125, *ops._native_layout_args(layout))  # fmt: skip
+            cache.tail_index, cache.tail_len, 0.125, *layout.native_args)  # fmt: skip
     op = cpu_kernels.load().decode_attention.default
     results = torch.library.opcheck(op, args)
     assert all(v == "SUCCESS" for v in results.values()), results

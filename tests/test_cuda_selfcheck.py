@@ -26,13 +26,13 @@ def config_of(la: tuple[int, ...]) -> OscarConfig:
 class TorchBackedOps:
     """`jit.CudaOps`' methods over CPU tensors, computed by the batched torch ops."""
 
-    def quantize_pages(self, k, v, src_index, page_ids, pool, *la):
-        ops.quantize_page(k, v, pool, page_ids, config_of(la), src_index=src_index,
+    def quantize_pages(self, k, v, src_index, page_ids, pool, layout):
+        ops.quantize_page(k, v, pool, page_ids, layout.config, src_index=src_index,
                           backend="torch")  # fmt: skip
 
-    def decode_attention(self, q, pool, pt, npages, kt, vt, tidx, tlen, scale, splits, *la):
-        return ops.decode_attention(q, pool, pt, npages, kt, vt, tlen, config_of(la),
-                                    tail_index=tidx, scale=scale, backend="torch")  # fmt: skip
+    def decode_attention(self, q, kv, layer, scale, num_splits):
+        return ops.decode_attention(q, kv, layer=layer, scale=scale, num_splits=num_splits,
+                                    backend="torch")  # fmt: skip
 
     def rotate_q(self, q):
         return ops.rotate_q(q, backend="ref")
@@ -43,22 +43,32 @@ def test_layout_args_round_trip():
         assert config_of(selfcheck._layout_args(cfg, h, d)) == cfg
 
 
+def test_stand_ins_have_the_cuda_ops_face():
+    import inspect
+
+    from oscar_kv.cuda import jit
+
+    for name in ("quantize_pages", "decode_attention", "rotate_q"):
+        want = list(inspect.signature(getattr(jit.CudaOps, name)).parameters)
+        assert list(inspect.signature(getattr(TorchBackedOps, name)).parameters) == want, name
+
+
 def test_faithful_ops_pass():
     assert selfcheck.disagreement(TorchBackedOps(), torch.device("cpu")) is None
 
 
 class FlipsOneByte(TorchBackedOps):
-    def quantize_pages(self, k, v, src_index, page_ids, pool, *la):
-        super().quantize_pages(k, v, src_index, page_ids, pool, *la)
+    def quantize_pages(self, k, v, src_index, page_ids, pool, layout):
+        super().quantize_pages(k, v, src_index, page_ids, pool, layout)
         pool[page_ids[-1].long(), 100] ^= 1
 
 
 class SkipsTheTail(TorchBackedOps):
-    def decode_attention(self, q, pool, pt, npages, kt, vt, tidx, tlen, scale, splits, *la):
-        tlen = tlen.clone()
+    def decode_attention(self, q, kv, layer, scale, num_splits):
+        tlen = kv.tail_len.clone()
         tlen[0] = 0  # request 0 has pages: forgetting its tail is a quiet wrong answer
-        return super().decode_attention(q, pool, pt, npages, kt, vt, tidx, tlen, scale, splits,
-                                         *la)  # fmt: skip
+        return super().decode_attention(q, kv.with_batch(tail_len=tlen), layer, scale,
+                                         num_splits)  # fmt: skip
 
 
 class ReturnsNaN(TorchBackedOps):

@@ -5,15 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernel_cases import build_cache, make_kv
+from kernel_cases import DEVICE, build_cache, make_kv
 from oscar_kv import OscarConfig, ops
 from oscar_kv import _native as native
+from oscar_kv.layout import PageLayout
 from oscar_kv.ref import attention, dequantize_kv, quantize_kv
 
 
 def test_layout_matches_native_sections():
     for cfg, h, d in [(OscarConfig(), 8, 128), (OscarConfig(bits=4, norm="head"), 3, 64)]:
-        lay = ops.PageLayout.of(cfg, h, d)
+        lay = PageLayout.of(cfg, h, d)
         secs = native.page_sections(h, d, cfg.bits, cfg.k_group, cfg.v_group, cfg.norm)
         assert [(n, o) for n, o, _ in secs] == list(lay.offsets.items())
         assert lay.page_bytes == native.page_bytes(h, d, cfg.bits, cfg.k_group, cfg.v_group,
@@ -25,7 +26,7 @@ def test_pool_rows_are_reference_pages_and_round_trip():
     cfg = OscarConfig(norm="head")
     k, v = make_kv(3 * 128 + 7, 3, 64, "outlier", torch.Generator().manual_seed(0))
     qkv = quantize_kv(k, v, cfg)
-    lay = ops.PageLayout.of(cfg, 3, 64)
+    lay = PageLayout.of(cfg, 3, 64)
     pool = lay.alloc_pool(5)
     ids = torch.tensor([4, 0, 2])
     pool[ids] = qkv.packed_pages()
@@ -39,7 +40,7 @@ def test_pool_rows_are_reference_pages_and_round_trip():
 def test_cpu_backend_quantize_page_writes_reference_bytes(backend):
     cfg = OscarConfig()
     k, v = make_kv(2 * 128, 2, 64, "random", torch.Generator().manual_seed(1))
-    lay = ops.PageLayout.of(cfg, 2, 64)
+    lay = PageLayout.of(cfg, 2, 64)
     pool = lay.alloc_pool(3)
     ops.quantize_page(k.view(2, 128, 2, 64), v.view(2, 128, 2, 64), pool, torch.tensor([2, 0]),
                       cfg, backend=backend)  # fmt: skip
@@ -52,8 +53,7 @@ def test_cpu_backend_decode_equals_reference_attention(backend):
     cfg = OscarConfig()
     cache = build_cache(cfg, [300, 1, 128], 2, 64, device=torch.device("cpu"))
     q = torch.randn(3, 4, 64, generator=torch.Generator().manual_seed(2))
-    got = ops.decode_attention(q, *cache.decode_args(), cache.tail_len, cfg,
-                               tail_index=cache.tail_index, backend=backend)  # fmt: skip
+    got = ops.decode_attention(q, cache.paged_kv(), backend=backend)
     want = torch.cat([attention(q[b : b + 1], qkv) for b, qkv in enumerate(cache.qkvs)])
     if backend == "ref":  # the same computation, request by request
         assert torch.equal(got, want)
@@ -88,7 +88,7 @@ def test_rotate_q_cpu_backends(backend):
 
 def test_input_checks_name_the_argument():
     cfg = OscarConfig()
-    lay = ops.PageLayout.of(cfg, 2, 64)
+    lay = PageLayout.of(cfg, 2, 64)
     pool = lay.alloc_pool(2)
     k = torch.randn(1, 128, 2, 64)
     with pytest.raises(ValueError, match="pool"):
@@ -100,10 +100,44 @@ def test_input_checks_name_the_argument():
     cache = build_cache(cfg, [130], 2, 64, device=torch.device("cpu"))
     q = torch.randn(1, 3, 64)
     with pytest.raises(ValueError, match="kv_heads"):
-        ops.decode_attention(q, *cache.decode_args(), cache.tail_len, cfg)
-    with pytest.raises(ValueError, match="tail_len"):
-        ops.decode_attention(torch.randn(1, 4, 64), *cache.decode_args(), cache.tail_len[:0],
-                             cfg)  # fmt: skip
-    with pytest.raises(ValueError, match="tail_index"):
-        ops.decode_attention(torch.randn(1, 4, 64), *cache.decode_args(), cache.tail_len, cfg,
-                             tail_index=torch.tensor([0.5]))  # fmt: skip
+        ops.decode_attention(q, cache.paged_kv(tail_index=None))
+    # The cache's own checks (PagedKV.check, run when the cache is built) name the field.
+    with pytest.raises(ValueError, match=r"tail_len must be 1-D of length 1, got \(0,\)"):
+        cache.paged_kv(tail_len=cache.tail_len[:0], tail_index=None)
+    with pytest.raises(ValueError, match=r"tail_index must be int32, got torch.float32"):
+        cache.paged_kv().with_batch(tail_index=torch.tensor([0.5])).check()
+    with pytest.raises(ValueError, match="index tensors must be int32 or int64, got torch.float32"):
+        cache.paged_kv(tail_index=torch.tensor([0.5]))
+    with pytest.raises(ValueError, match=r"k_tail must be \[slots, 128, 2, 64\]"):
+        cache.paged_kv(k_tail=cache.k_tail[..., :32])
+    with pytest.raises(ValueError, match="q holds 2 queries for a batch of 1"):
+        ops.decode_attention(torch.randn(2, 4, 64), cache.paged_kv())
+
+
+@pytest.mark.parametrize("backend", ["torch", "ref", "triton"])
+def test_quantize_page_skips_negative_page_ids(backend):
+    """page_ids[i] < 0 writes nothing (a fixed grid over requests, only the completed pages
+    named); the other entries are written exactly as in a call without it."""
+    cfg = OscarConfig()
+    dev = DEVICE if backend == "triton" else torch.device("cpu")
+    k, v = make_kv(3 * 128, 2, 64, "outlier", torch.Generator().manual_seed(5))
+    k, v = k.view(3, 128, 2, 64).to(dev), v.view(3, 128, 2, 64).to(dev)
+    lay = PageLayout.of(cfg, 2, 64)
+    # Garbage, not zeros, so a stray write of anything shows; row 4 is where -1 would wrap.
+    base = torch.randint(0, 256, (5, lay.page_bytes), dtype=torch.uint8,
+                         generator=torch.Generator().manual_seed(6)).to(dev)  # fmt: skip
+
+    def quantize(kk, vv, ids, src=None):
+        pool = base.clone()
+        ids = torch.tensor(ids, dtype=torch.int32, device=dev)
+        src = None if src is None else torch.tensor(src, dtype=torch.int32, device=dev)
+        ops.quantize_page(kk, vv, pool, ids, cfg, src_index=src, backend=backend)
+        return pool
+
+    want = quantize(k[[0, 2]], v[[0, 2]], [3, 1])
+    assert torch.equal(want[[0, 2, 4]], base[[0, 2, 4]])
+    ref = quantize_kv(k[[0, 2]].flatten(0, 1).cpu(), v[[0, 2]].flatten(0, 1).cpu(), cfg)
+    assert torch.equal(want[[3, 1]].cpu(), ref.packed_pages())
+    assert torch.equal(quantize(k, v, [3, -1, 1]), want)
+    assert torch.equal(quantize(k, v, [-1, 3, -1, 1], src=[1, 0, 0, 2]), want)
+    assert torch.equal(quantize(k, v, [-1, -1, -1]), base)

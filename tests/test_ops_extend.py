@@ -44,22 +44,28 @@ def close(got, want, tol):
 
 def check_fused(cfg, lens, new, h=2, group=2, d=64, kind="outlier", bt=32, fp16=True):
     cache, q, k_new, v_new, cu, want = inputs(cfg, lens, new, h, group, d, kind)
-    got = tri.extend_attention(
-        q, k_new, v_new, cu, cache.pool, cache.layout, cache.page_table, cache.num_pages,
-        cache.k_tail, cache.v_tail, cache.tail_index, cache.tail_len, d**-0.5, True, bt,
-    )  # fmt: skip
+    kv = cache.paged_kv()
+    got = tri.extend_attention(q, k_new, v_new, cu, kv, 0, d**-0.5, True, bt)
     close(got, want, 1e-4)
     if fp16:
-        got = ops.extend_attention(
-            q, k_new, v_new, cu, *cache.decode_args(), cache.tail_len, cfg,
-            tail_index=cache.tail_index, backend="triton",
-        )  # fmt: skip
+        got = ops.extend_attention(q, k_new, v_new, cu, kv, backend="triton")
         close(got, want, 5e-3)
 
 
 def test_extend_fused_mixed_requests():
     # Pages + tail, exactly two pages (empty tail), brand new, idle, tail only.
     check_fused(OscarConfig(), [300, 256, 0, 40, 5], [5, 130, 3, 0, 1])
+
+
+def test_extend_fused_planned_work_list():
+    """The work list planned on the host from new-token counts (`ops.plan_extend`, once per
+    forward; no read-back of cu_seqlens) gives what the per-call one gives."""
+    new = [5, 130, 3, 0, 1]
+    cache, q, k_new, v_new, cu, want = inputs(OscarConfig(), [300, 256, 0, 40, 5], new, 2, 2, 64)
+    kv = ops.plan_extend(cache.paged_kv(), new, q.shape[1])
+    assert kv.extend_work.dtype == torch.int32 and kv.extend_work.device == kv.device
+    close(tri.extend_attention(q, k_new, v_new, cu, kv, 0, 64**-0.5, True), want, 1e-4)
+    close(ops.extend_attention(q, k_new, v_new, cu, kv, backend="triton"), want, 5e-3)
 
 
 @pytest.mark.parametrize("group", [1, 4, 8])
@@ -103,10 +109,7 @@ def test_extend_workspace_path(which):
     """The dequantize-then-SDPA route (CUDA's extend, the benchmark's baseline)."""
     cfg = OscarConfig()
     cache, q, k_new, v_new, cu, want = inputs(cfg, [300, 0, 40], [5, 3, 0], 2, 2, 64)
-    got = _extend_via_workspace(
-        which, q, k_new, v_new, cu, cache.pool, cache.layout, cache.page_table,
-        cache.num_pages, cache.k_tail, cache.v_tail, cache.tail_index, cache.tail_len, 64**-0.5,
-    )  # fmt: skip
+    got = _extend_via_workspace(which, q, k_new, v_new, cu, cache.paged_kv(), 64**-0.5)
     close(got, want, 1e-4)
 
 
@@ -115,8 +118,8 @@ def test_extend_cpu_backends(backend):
     cfg = OscarConfig()
     cache, q, k_new, v_new, cu, want = inputs(cfg, [130, 7], [3, 4], 2, 2, 64)
     got = ops.extend_attention(
-        q.cpu(), k_new.cpu(), v_new.cpu(), cu.cpu(), *(t.cpu() for t in cache.decode_args()),
-        cache.tail_len.cpu(), cfg, tail_index=cache.tail_index.cpu(), backend=backend,
+        q.cpu(), k_new.cpu(), v_new.cpu(), cu.cpu(), cache.paged_kv(torch.device("cpu")),
+        backend=backend,
     )  # fmt: skip
     close(got, want, 1e-4)
 
@@ -124,10 +127,10 @@ def test_extend_cpu_backends(backend):
 def test_extend_fused_no_new_tokens():
     cfg = OscarConfig()
     cache, q, k_new, v_new, cu, _ = inputs(cfg, [130], [0], 2, 2, 64)
-    got = ops.extend_attention(
-        q, k_new, v_new, cu, *cache.decode_args(), cache.tail_len, cfg,
-        tail_index=cache.tail_index, backend="triton",
-    )  # fmt: skip
+    got = ops.extend_attention(q, k_new, v_new, cu, cache.paged_kv(), backend="triton")
+    assert got.shape == (0, 4, 64)
+    planned = ops.plan_extend(cache.paged_kv(), [0], 4)
+    got = ops.extend_attention(q, k_new, v_new, cu, planned, backend="triton")
     assert got.shape == (0, 4, 64)
 
 
@@ -135,9 +138,6 @@ def test_extend_fused_bf16_tensors():
     """What a GPU server hands over: bf16 q, k_new, v_new; the output comes back in bf16."""
     cfg = OscarConfig()
     cache, q, k_new, v_new, cu, want = inputs(cfg, [300, 3], [20, 9], 2, 4, 64)
-    got = ops.extend_attention(
-        q.bfloat16(), k_new, v_new, cu, *cache.decode_args(), cache.tail_len, cfg,
-        tail_index=cache.tail_index, backend="triton",
-    )  # fmt: skip
+    got = ops.extend_attention(q.bfloat16(), k_new, v_new, cu, cache.paged_kv(), backend="triton")
     assert got.dtype == torch.bfloat16
     close(got, want, 1e-2)

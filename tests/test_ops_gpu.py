@@ -12,6 +12,7 @@ import torch
 
 from kernel_cases import build_cache, make_kv
 from oscar_kv import OscarConfig, ops
+from oscar_kv.layout import PageLayout
 from oscar_kv.ref import attention, fwht
 from test_triton_quant import assert_same_pages, reference_pages
 
@@ -43,11 +44,26 @@ def _build_cuda_ext():
 def test_quantize_page_byte_identical_on_gpu(backend, h, d, cfg, kind):
     k, v = make_kv(3 * 128, h, d, kind, torch.Generator().manual_seed(h + d))
     k, v = k.view(3, 128, h, d), v.view(3, 128, h, d)
-    layout = ops.PageLayout.of(cfg, h, d)
+    layout = PageLayout.of(cfg, h, d)
     pool = layout.alloc_pool(5, CUDA)
     ids = torch.tensor([4, 0, 2], device=CUDA)
     ops.quantize_page(k.to(CUDA), v.to(CUDA), pool, ids, cfg, backend=backend)
     assert_same_pages(pool[ids].cpu(), reference_pages(k, v, cfg), cfg, h, d)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quantize_page_skips_negative_page_ids_on_gpu(backend):
+    """The fixed per-request grid: entries with page id -1 write nothing, the rest as usual."""
+    cfg = OscarConfig()
+    k, v = make_kv(3 * 128, 8, 128, "outlier", torch.Generator().manual_seed(9))
+    k, v = k.view(3, 128, 8, 128).to(CUDA), v.view(3, 128, 8, 128).to(CUDA)
+    base = torch.randint(0, 256, (5, PageLayout.of(cfg, 8, 128).page_bytes), dtype=torch.uint8,
+                         device=CUDA)  # fmt: skip
+    pool = base.clone()
+    ops.quantize_page(k, v, pool, torch.tensor([3, -1, 1], device=CUDA), cfg, backend=backend)
+    assert torch.equal(pool[[0, 2, 4]], base[[0, 2, 4]])  # row 4: where -1 would wrap to
+    assert_same_pages(pool[[3, 1]].cpu(), reference_pages(k[[0, 2]].cpu(), v[[0, 2]].cpu(), cfg),
+                      cfg, 8, 128)  # fmt: skip
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -68,8 +84,7 @@ def test_decode_matches_reference_on_gpu(backend, h, group, d, cfg):
     q = q.bfloat16().float()
     want = torch.cat([attention(q[b : b + 1], qkv) for b, qkv in enumerate(cache.qkvs)])
     for splits in (None, 1, 3):
-        got = ops.decode_attention(q.to(CUDA).bfloat16(), *cache.decode_args(), cache.tail_len,
-                                   cfg, tail_index=cache.tail_index, num_splits=splits,
+        got = ops.decode_attention(q.to(CUDA).bfloat16(), cache.paged_kv(), num_splits=splits,
                                    backend=backend)  # fmt: skip
         big = max(1.0, float(want.abs().max()))
         torch.testing.assert_close(got.float().cpu(), want, rtol=2e-2, atol=1e-2 * big)
@@ -83,11 +98,8 @@ def test_extend_matches_reference_on_gpu(backend):
     q = torch.randn(270, 32, 128, generator=torch.Generator().manual_seed(7)).bfloat16().float()
     cu = torch.tensor([0, 30, 70, 270], dtype=torch.int32)
     got = ops.extend_attention(q.to(CUDA), k_new.to(CUDA), v_new.to(CUDA), cu,
-                               *cache.decode_args(), cache.tail_len, cfg,
-                               tail_index=cache.tail_index, backend=backend)  # fmt: skip
-    want = ops.extend_attention(q, k_new, v_new, cu, cache.pool.cpu(), cache.page_table.cpu(),
-                                cache.num_pages.cpu(), cache.k_tail.cpu(), cache.v_tail.cpu(),
-                                cache.tail_len.cpu(), cfg, tail_index=cache.tail_index.cpu(),
+                               cache.paged_kv(), backend=backend)  # fmt: skip
+    want = ops.extend_attention(q, k_new, v_new, cu, cache.paged_kv(torch.device("cpu")),
                                 backend="ref")  # fmt: skip
     # Triton's fused kernel feeds fp16 operands to the tensor cores, as decode does.
     big = max(1.0, float(want.abs().max()))
@@ -118,7 +130,8 @@ def test_opcheck_cuda_ops():
     pool), Meta/fake kernels that agree with the real ones, and aot-dispatch tracing."""
     cfg = OscarConfig()
     cache = build_cache(cfg, [300, 5], 8, 128, seed=3, device=CUDA)
-    la = ops._native_layout_args(ops.PageLayout.of(cfg, 8, 128))
+    layout = PageLayout.of(cfg, 8, 128)
+    la = layout.native_args
     q = torch.randn(2, 32, 128, device=CUDA).bfloat16()
     k, v = make_kv(256, 8, 128, "random", torch.Generator().manual_seed(4))
     blocks = [t.view(2, 128, 8, 128).to(CUDA) for t in (k, v)]
@@ -126,9 +139,10 @@ def test_opcheck_cuda_ops():
     lib = torch.ops.oscar_kv
     checks = {
         "quantize_pages": (lib.quantize_pages.default, (*blocks, torch.arange(2, **i32),
-                           torch.arange(2, **i32), ops.PageLayout.of(cfg, 8, 128).alloc_pool(2, CUDA), *la)),
-        "decode_attention": (lib.decode_attention.default, (q, *cache.decode_args(),
-                             cache.tail_index, cache.tail_len, 128**-0.5, 0, *la)),
+                           torch.arange(2, **i32), layout.alloc_pool(2, CUDA), *la)),
+        "decode_attention": (lib.decode_attention.default, (q, cache.pool, cache.page_table,
+                             cache.num_pages, cache.k_tail, cache.v_tail, cache.tail_index,
+                             cache.tail_len, 128**-0.5, 0, *la)),
         "dequantize_pages": (lib.dequantize_pages.default,
                              (cache.pool, cache.page_table[0, :2].contiguous(), *la)),
         "rotate_q": (lib.rotate_q.default, (q.float(),)),

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oscar_kv import OscarConfig, ops
+from oscar_kv import OscarConfig
 from oscar_kv.cache import OscarLayer
+from oscar_kv.layout import PageLayout
 from oscar_kv.ref import dequantize_kv, quantize_kv
 
 
@@ -30,7 +31,7 @@ def test_uniform_page_holders_refuse_sink_configs():
     with pytest.raises(ValueError, match="quantize_kv holds pages of one width"):
         quantize_kv(x, x, cfg)
     with pytest.raises(ValueError, match="the paged pool holds pages of one width"):
-        ops.PageLayout.of(cfg, 2, 64)
+        PageLayout.of(cfg, 2, 64)
 
 
 @pytest.mark.parametrize("sink_bits", [4, 16])

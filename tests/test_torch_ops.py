@@ -13,6 +13,7 @@ import torch
 
 from kernel_cases import KINDS, build_cache, make_kv
 from oscar_kv import OscarConfig, ops, torchops
+from oscar_kv.layout import PageLayout
 from oscar_kv.ref import attention, quantize_kv
 from oscar_kv.ref.quant import QuantizedKV
 
@@ -45,7 +46,7 @@ def test_quantize_pages_are_reference_bytes(cfg):
     i = CONFIGS.index(cfg)
     k, v = make_kv(4 * 128, heads, dim, KINDS[i % 3], torch.Generator().manual_seed(i))
     blocks_k, blocks_v = k.view(4, 128, heads, dim), v.view(4, 128, heads, dim)
-    lay = ops.PageLayout.of(cfg, heads, dim)
+    lay = PageLayout.of(cfg, heads, dim)
     # One layer of a [layers, pages, bytes] allocation: rows strided past page_bytes.
     layers = torch.zeros(2, 6, lay.page_bytes + 32, dtype=torch.uint8)
     pool = layers[1, :, : lay.page_bytes]
@@ -62,7 +63,7 @@ def test_quantize_pages_are_reference_bytes(cfg):
 def test_quantize_single_block_default_backend_and_empty_call():
     cfg = OscarConfig()
     k, v = make_kv(128, 2, 128, "outlier", torch.Generator().manual_seed(1))
-    lay = ops.PageLayout.of(cfg, 2, 128)
+    lay = PageLayout.of(cfg, 2, 128)
     pool = lay.alloc_pool(2)
     ops.quantize_page(k, v, pool, torch.tensor([1]), cfg)  # [128, H, D], default backend
     assert torch.equal(pool[1], quantize_kv(k, v, cfg).packed_pages()[0])
@@ -73,7 +74,7 @@ def test_quantize_single_block_default_backend_and_empty_call():
 
 def test_quantize_bad_input_errors_match_reference():
     cfg = OscarConfig()
-    lay = ops.PageLayout.of(cfg, 2, 64)
+    lay = PageLayout.of(cfg, 2, 64)
     k = torch.randn(1, 128, 2, 64)
     bad = k.clone()
     bad[0, 5, 1, 3] = float("nan")
@@ -121,13 +122,11 @@ def test_decode_matches_reference(case):
     q = torch.randn(len(lens), heads * group, dim, generator=torch.Generator().manual_seed(7))
     q[:, :, 1] *= 30.0  # a query outlier channel, which the rotation spreads
     want = reference_decode(q, cache.qkvs)
-    got = ops.decode_attention(q, *cache.decode_args(), cache.tail_len, cfg,
-                               tail_index=cache.tail_index, backend="torch")  # fmt: skip
+    got = ops.decode_attention(q, cache.paged_kv(), backend="torch")
     assert got.dtype == torch.float32 and got.shape == q.shape
     close(got, want)
     scale = 0.3 / math.sqrt(dim)
-    got = ops.decode_attention(q.bfloat16(), *cache.decode_args(), cache.tail_len, cfg,
-                               tail_index=cache.tail_index, scale=scale)  # fmt: skip
+    got = ops.decode_attention(q.bfloat16(), cache.paged_kv(), scale=scale)
     assert got.dtype == torch.bfloat16
     want = torch.cat([attention(q[b : b + 1].bfloat16(), x, scale=scale)
                       for b, x in enumerate(cache.qkvs)])  # fmt: skip
@@ -153,29 +152,31 @@ def test_decode_mixed_batch_with_a_pageless_request_and_garbage_padding():
         v_tail[cache.tail_index[b], n % 128 :] = float("nan")
     # q as SGLang hands it over: a strided view into a fused projection output.
     q_view = torch.cat((q.flatten(1), torch.randn(4, 100)), dim=1)[:, :512].view(4, 8, 64)
-    got = ops.decode_attention(q_view, pool, table, cache.num_pages, k_tail, v_tail,
-                               cache.tail_len, cfg, tail_index=cache.tail_index)  # fmt: skip
+    kv = cache.paged_kv(pool=pool, page_table=table, k_tail=k_tail, v_tail=v_tail)
+    got = ops.decode_attention(q_view, kv)
     close(got, want)
 
 
 def test_decode_bad_inputs():
     cfg = OscarConfig()
     cache = build_cache(cfg, [130, 3], 2, 64, device=CPU)
-    args = (*cache.decode_args(), cache.tail_len, cfg)
+    kv = cache.paged_kv()
     q = torch.randn(2, 4, 64)
     for backend in ("torch", "ref", "cpu"):
         bad = q.clone()
         bad[1, 0, 0] = float("inf")
         with pytest.raises(ValueError, match="q contains NaN or inf"):
-            ops.decode_attention(bad, *args, tail_index=cache.tail_index, backend=backend)
+            ops.decode_attention(bad, kv, backend=backend)
         with pytest.raises(ValueError, match="cannot exceed the cached tokens"):
-            ops.decode_attention(q, *cache.decode_args(), torch.tensor([2, 0]), cfg,
-                                 tail_index=cache.tail_index, backend=backend)  # fmt: skip
+            ops.decode_attention(q, cache.paged_kv(tail_len=torch.tensor([2, 0])),
+                                 backend=backend)  # fmt: skip
         with pytest.raises(ValueError, match="kv_heads"):
-            ops.decode_attention(torch.randn(2, 3, 64), *args, backend=backend)
+            ops.decode_attention(torch.randn(2, 3, 64), cache.paged_kv(tail_index=None),
+                                 backend=backend)  # fmt: skip
+    narrow = cache.paged_kv(page_table=cache.page_table[:, :1], num_pages=torch.tensor([2, 0]),
+                            tail_index=None)  # fmt: skip
     with pytest.raises(ValueError, match="page_table"):
-        ops.decode_attention(q, cache.pool, cache.page_table[:, :1], torch.tensor([2, 0]),
-                             cache.k_tail, cache.v_tail, cache.tail_len, cfg)  # fmt: skip
+        ops.decode_attention(q, narrow)
 
 
 # ---------------------------------------------------------------------------- extend
@@ -199,8 +200,7 @@ def run_extend(cfg, lens, new, heads=2, group=2, dim=64, kind="outlier"):
     qkv = torch.cat((q.flatten(1), k_new.float().flatten(1), v_new.float().flatten(1)), dim=1)
     qv, kv, vv = qkv.split([q[0].numel(), k_new[0].numel(), v_new[0].numel()], dim=1)
     got = ops.extend_attention(qv.view(q.shape), kv.view(k_new.shape), vv.view(v_new.shape), cu,
-                               *cache.decode_args(), cache.tail_len, cfg,
-                               tail_index=cache.tail_index, backend="torch")  # fmt: skip
+                               cache.paged_kv(), backend="torch")  # fmt: skip
     assert got.shape == q.shape and got.dtype == q.dtype
     close(got, want)
 
@@ -226,16 +226,16 @@ def test_extend_matches_reference(case, padding_limit, monkeypatch):
 def test_extend_all_idle_and_bad_query():
     cfg = OscarConfig()
     cache = build_cache(cfg, [130], 2, 64, device=CPU)
-    args = (*cache.decode_args(), cache.tail_len, cfg)
+    cached = cache.paged_kv(tail_index=None)
     empty = torch.zeros(0, 2, 64)
-    out = ops.extend_attention(torch.zeros(0, 4, 64), empty, empty, torch.tensor([0, 0]), *args)
+    out = ops.extend_attention(torch.zeros(0, 4, 64), empty, empty, torch.tensor([0, 0]), cached)
     assert out.shape == (0, 4, 64)
     q = torch.randn(2, 4, 64)
     q[0, 0, 0] = float("nan")
     kv = torch.randn(2, 2, 64)
     for backend in ("torch", "ref"):
         with pytest.raises(ValueError, match="q contains NaN or inf"):
-            ops.extend_attention(q, kv, kv, torch.tensor([0, 2]), *args, backend=backend)
+            ops.extend_attention(q, kv, kv, torch.tensor([0, 2]), cached, backend=backend)
 
 
 # ---------------------------------------------------------------------------- dispatch

@@ -28,16 +28,13 @@ def check(cfg, lens, h, group, d, kind="random", splits=(1, 2), seed=0, fp16=Tru
     want = reference(cache, q)
     big = max(1.0, float(want.abs().max()))
     for ns in splits:
-        got = tri.decode_attention(
-            q.to(DEVICE), cache.pool, cache.layout, cache.page_table, cache.num_pages,
-            cache.k_tail, cache.v_tail, cache.tail_index, cache.tail_len, d**-0.5, ns, True, bt,
-        )  # fmt: skip
+        kv = cache.paged_kv(num_splits=ns)
+        got = tri.decode_attention(q.to(DEVICE), kv, 0, d**-0.5, True, bt)
         torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4 * big)
     if fp16:
         got = ops.decode_attention(
-            q.to(DEVICE), *cache.decode_args(), cache.tail_len, cfg,
-            tail_index=cache.tail_index, num_splits=splits[-1], backend="triton",
-        )  # fmt: skip
+            q.to(DEVICE), cache.paged_kv(), num_splits=splits[-1], backend="triton"
+        )
         torch.testing.assert_close(got.cpu(), want, rtol=5e-3, atol=5e-3 * big)
 
 
@@ -125,10 +122,7 @@ def test_decode_bf16_query_and_output():
     cache = build_cache(cfg, [300, 5], 2, 64, kind="outlier", seed=2)
     q = torch.randn(2, 8, 64, generator=torch.Generator().manual_seed(3)).bfloat16()
     want = reference(cache, q.float())
-    got = ops.decode_attention(
-        q.to(DEVICE), *cache.decode_args(), cache.tail_len, cfg,
-        tail_index=cache.tail_index, backend="triton",
-    )  # fmt: skip
+    got = ops.decode_attention(q.to(DEVICE), cache.paged_kv(), backend="triton")
     assert got.dtype == torch.bfloat16
     big = max(1.0, float(want.abs().max()))
     torch.testing.assert_close(got.float().cpu(), want, rtol=1e-2, atol=1e-2 * big)

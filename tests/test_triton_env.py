@@ -20,11 +20,12 @@ import triton.language as tl  # first, with the interpreter off
 from triton.runtime.jit import JITFunction
 assert type(tl.zeros) is JITFunction, type(tl.zeros)
 from oscar_kv import OscarConfig, ops
+from oscar_kv.layout import PageLayout
 from oscar_kv.ref import quantize_kv
 cfg = OscarConfig(bits=2)
 k = torch.randn(2, 128, 2, 64)
 v = torch.randn_like(k)
-layout = ops.PageLayout.of(cfg, 2, 64)
+layout = PageLayout.of(cfg, 2, 64)
 pool = layout.alloc_pool(3)
 ops.quantize_page(k, v, pool, torch.tensor([1, 2], dtype=torch.int32), cfg, backend="triton")
 want = quantize_kv(k.reshape(256, 2, 64), v.reshape(256, 2, 64), cfg).packed_pages()

@@ -13,6 +13,7 @@ import torch
 
 from kernel_cases import DEVICE, KINDS, make_kv
 from oscar_kv import OscarConfig, ops
+from oscar_kv.layout import PageLayout
 from oscar_kv.ref import fwht, quantize_kv
 
 SECTIONS = ("k_codes", "v_codes", "k_scale", "k_zero", "v_scale", "v_zero", "norms")
@@ -29,7 +30,7 @@ def triton_pages(
 ) -> torch.Tensor:
     """Quantize through ops (Triton) into shuffled pool rows; return them in block order."""
     n, _, h, d = k.shape
-    layout = ops.PageLayout.of(cfg, h, d)
+    layout = PageLayout.of(cfg, h, d)
     pool = layout.alloc_pool(n + 2, DEVICE)
     ids = torch.randperm(n + 2)[:n] if shuffle else torch.arange(n)
     ops.quantize_page(k.to(DEVICE), v.to(DEVICE), pool, ids.to(DEVICE), cfg, backend="triton")
@@ -39,7 +40,7 @@ def triton_pages(
 def assert_same_pages(got: torch.Tensor, want: torch.Tensor, cfg: OscarConfig, h: int, d: int):
     if torch.equal(got, want):
         return
-    layout = ops.PageLayout.of(cfg, h, d)
+    layout = PageLayout.of(cfg, h, d)
     bad = []
     for name in SECTIONS:
         off, size = layout.offsets[name], layout.nbytes[name]
@@ -94,7 +95,7 @@ def test_quantize_page_src_index_and_strided_input():
     kb = torch.zeros(4, 128, 2, 128, dtype=torch.bfloat16)
     kb[..., :64] = k.view(4, 128, 2, 64)
     kbuf, vbuf = kb[..., :64], v.view(4, 128, 2, 64)
-    layout = ops.PageLayout.of(cfg, 2, 64)
+    layout = PageLayout.of(cfg, 2, 64)
     pool = layout.alloc_pool(5, DEVICE)
     src = torch.tensor([2, 0], dtype=torch.int32)
     ids = torch.tensor([4, 1])

@@ -75,6 +75,8 @@ class PagedKV:
             tail_index = torch.arange(page_table.shape[0], dtype=torch.int32, device=dev)
 
         def i32(t: torch.Tensor) -> torch.Tensor:
+            if t.dtype not in (torch.int32, torch.int64):
+                raise ValueError(f"index tensors must be int32 or int64, got {t.dtype}")
             return t.to(device=dev, dtype=torch.int32).contiguous()
 
         kv = PagedKV(

@@ -5,16 +5,22 @@ Called by scripts/gpu_check.sh. Two offline ``sglang.Engine`` runs through
 first gives the GPU back before the second starts, and each log stays apart):
 
 - ``graphs``: SGLang's default CUDA-graph settings (decode graphs; prefill graphs where
-  SGLang's defaults turn them on), passed as ``disable_cuda_graph=False`` because
-  `engine` defaults it to True under ``kv_quant="oscar"``;
+  SGLang's defaults turn them on), with ``disable_cuda_graph=False`` passed explicitly (the
+  run also checks that decode graphs were captured and replayed, so a plugin or SGLang
+  default that turned them off would not pass as "the same tokens");
 - ``eager``: ``disable_cuda_graph=True``.
 
 The model is a small Llama with random (seeded) weights written to a temporary directory as
 config.json + safetensors (no model hub needed); no tokenizer either: ``skip_tokenizer_init``,
-the prompts are token ids. A batch of prompts of different lengths (default 17, 100, 127, 250
-tokens: a batch size SGLang captures, so the graph run is not padded), greedy, EOS ignored,
---new-tokens each (default 160), so every request crosses a 128-token page boundary while it
-decodes (the decode step quantizes the completed page). Each run generates the batch twice
+the prompts are token ids. The weights' std is 0.05, not transformers' 0.02: at 0.02 (tied
+embeddings) the greedy output is one token repeated, whatever the context; at 0.05 it is 40
+different tokens in 40 and changing the prompt's first token changes them (measured with
+transformers on CPU), so the answer depends on the whole cache, first page included.
+
+A batch of prompts of different lengths (default 17, 100, 127, 250 tokens: 4, a batch size
+SGLang captures, so the graph run is not padded), greedy, EOS ignored, --new-tokens each
+(default 160), so every request crosses a 128-token page boundary while it decodes (the
+decode step quantizes the completed page). Each run generates the batch twice
 (a warm-up that also compiles the Triton kernels, then the compared run, prefix cache flushed
 before each) and once with one new token, for the timing: decode tokens/s =
 batch * (new_tokens - 1) / (time of the full batch - time of the one-token batch).
@@ -71,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=4, help="model layers (default: %(default)s)")
     p.add_argument("--vocab", type=int, default=4096, help="vocabulary (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="weights and prompts (default: 0)")
+    p.add_argument("--init-std", type=float, default=0.05,
+                   help="std of the random weights (default: %(default)s)")  # fmt: skip
     p.add_argument(
         "--max-total-tokens", type=int, default=16384, help="KV pool tokens (default: %(default)s)"
     )
@@ -114,7 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- the model
 
 
-def write_model(path: Path, layers: int, vocab: int, seed: int) -> None:
+def write_model(path: Path, layers: int, vocab: int, seed: int, init_std: float) -> None:
     """A Llama (8 query heads, 2 KV heads, head_dim 128) with seeded random weights, bf16."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -129,6 +137,7 @@ def write_model(path: Path, layers: int, vocab: int, seed: int) -> None:
         head_dim=128,
         max_position_embeddings=4096,
         tie_word_embeddings=True,
+        initializer_range=init_std,
         bos_token_id=1,
         eos_token_id=2,
     )
@@ -186,9 +195,14 @@ def run_worker(args: argparse.Namespace) -> None:
     finally:
         eng.shutdown()
     startup = info.get("startup_time") or {}
+    graph_cfg = info.get("cuda_graph_config")
+    if isinstance(graph_cfg, dict):  # the resolved per-phase backends
+        graph_cfg = {
+            k: v.get("backend") if isinstance(v, dict) else v for k, v in graph_cfg.items()
+        }
     result = {
         "run": args.worker,
-        "disable_cuda_graph": RUNS[args.worker],
+        "disable_cuda_graph": bool(kwargs["disable_cuda_graph"]),
         "tokens": tokens,
         "warmup_tokens": warm,
         "t_one_s": t_one,
@@ -196,7 +210,7 @@ def run_worker(args: argparse.Namespace) -> None:
         "decode_tok_s": batch * (args.new_tokens - 1) / max(t_full - t_one, 1e-9),
         "e2e_tok_s": batch * args.new_tokens / t_full,
         "decode_graph_capture_s": float((startup.get("cuda_graph") or {}).get("decode", 0.0)),
-        "cuda_graph_config": str(info.get("cuda_graph_config")),
+        "cuda_graph_config": str(graph_cfg),
     }
     args.result.write_text(json.dumps(result))
 
@@ -238,8 +252,9 @@ def launch(run: str, args: argparse.Namespace, model: Path, work: Path) -> dict 
 
 
 def graph_problems(out: dict) -> list[str]:
-    """What is wrong with the run's graphs, given what it asked for."""
-    if out["disable_cuda_graph"]:
+    """What is wrong with the run's graphs, given what the run is for (not what --extra made
+    of it: graphs switched off in the graph run is a problem, not a pass)."""
+    if RUNS[out["run"]]:
         if out["decode_graph_capture_s"] > 0 or out["graph_decode_batches"]:
             return [f"{out['run']}: CUDA graphs ran although disable_cuda_graph=True"]
         return []
@@ -251,11 +266,21 @@ def graph_problems(out: dict) -> list[str]:
     return problems
 
 
+def differences(a: list[list[int]], b: list[list[int]]) -> list[int | None]:
+    """Per prompt: the first token index where a and b differ, None where they agree."""
+    out = []
+    for x, y in zip(a, b, strict=True):
+        j = next((j for j, (s, t) in enumerate(zip(x, y)) if s != t), None)
+        if j is None and len(x) != len(y):
+            j = min(len(x), len(y))
+        out.append(j)
+    return out
+
+
 def first_difference(a: list[list[int]], b: list[list[int]]) -> str:
     """'' if equal, else 'prompt i token j'."""
-    for i, (x, y) in enumerate(zip(a, b, strict=True)):
-        if x != y:
-            j = next((j for j, (s, t) in enumerate(zip(x, y)) if s != t), min(len(x), len(y)))
+    for i, j in enumerate(differences(a, b)):
+        if j is not None:
             return f"prompt {i} token {j}"
     return ""
 
@@ -289,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         model = work / "tiny-llama"
-        write_model(model, args.layers, args.vocab, args.seed)
+        write_model(model, args.layers, args.vocab, args.seed, args.init_std)
         outs = {run: launch(run, args, model, work) for run in RUNS}
     if any(o is None for o in outs.values()):
         return 2
@@ -317,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
     for p in problems:
         print(f"PROBLEM: {p}")
     if diff:
-        print(f"FAIL: CUDA graphs on vs off give different tokens (first at {diff})")
+        per_prompt = dict(zip(args.prompt_lens, differences(graphs["tokens"], eager["tokens"])))
+        print(f"FAIL: CUDA graphs on vs off give different tokens (first at {diff}); first "
+              f"differing token per prompt length (None: same): {per_prompt}")  # fmt: skip
         return 1
     if problems:
         return 2

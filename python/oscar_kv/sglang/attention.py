@@ -29,6 +29,7 @@ pool's config says V was folded into the weights (`oscar_kv.sglang.weights`). GQ
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,7 @@ from oscar_kv.sglang import forward_plan
 from oscar_kv.sglang.forward_plan import BatchPages, DecodePlan, ExtendPlan
 
 GRAPH_SEQ_LEN_FILL = 1
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,11 @@ class OscarAttnBackend(AttentionBackend):
         self.forward_metadata: OscarForwardMetadata | None = None
         self._graph: GraphBuffers | None = None
         self._graph_metadata: dict[int, OscarForwardMetadata] = {}
+        dev = self.pool.pages.device
+        if dev.type != "meta":
+            which = ops.resolve_backend(None, dev)
+            interp = " (Triton interpreter)" if which == "triton" and dev.type != "cuda" else ""
+            logger.info("oscar-kv attention: ops backend %s on %s%s", which, dev, interp)
 
     # -- metadata --------------------------------------------------------------------
     def _kv(self, pages: BatchPages) -> PagedKV:

@@ -176,12 +176,106 @@ def check_server_args(args: Any, *, radix_backend_available: bool = True) -> dic
     return settings
 
 
+# What every kernel takes (CUDA: csrc/include/oscar/common.cuh kMaxGroup and the head_dim
+# instantiations; Triton and the CPU kernels take any group, the same head_dims).
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+MAX_GQA_GROUP = 16
+
+
+def _text_config(hf_config: Any) -> Any:
+    """The language model's part of a config that nests it (``text_config`` of a VLM)."""
+    if _get(hf_config, "num_attention_heads") is None:
+        text = _get(hf_config, "text_config")
+        if text is not None:
+            return text
+    return hf_config
+
+
+# GGUF metadata value types (gguf.GGUFValueType) with a fixed size: struct format.
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+                 10: "<Q", 11: "<q", 12: "<d"}  # fmt: skip
+# GGUF key (after "{architecture}.") -> the HF config field check_model reads.
+_GGUF_FIELDS = {
+    "attention.head_count": "num_attention_heads",
+    "attention.head_count_kv": "num_key_value_heads",
+    "attention.key_length": "head_dim",
+    "attention.sliding_window": "sliding_window",
+    "attention.kv_lora_rank": "kv_lora_rank",
+    "embedding_length": "hidden_size",
+    "block_count": "num_hidden_layers",
+}
+
+
+def gguf_model_config(path: str) -> dict[str, Any] | None:
+    """The fields `check_model` reads, from a GGUF file's metadata header only.
+
+    Loading the config the way SGLang does (``gguf.GGUFReader`` and transformers) parses the
+    whole file: seconds to a minute for a small model, which the launching process would add
+    before every start. The metadata precedes the tensor index (GGUF v2/v3: magic, version,
+    tensor count, kv count, then key/type/value records), so this reads up to the keys it
+    needs. None if the file is not GGUF v2+ or lacks the architecture or a head count (or
+    stores it per layer)."""
+    import struct
+
+    found: dict[str, Any] = {}
+    with open(path, "rb") as f:
+
+        def read(fmt: str) -> Any:
+            size = struct.calcsize(fmt)
+            data = f.read(size)
+            if len(data) != size:
+                raise ValueError(f"{path}: GGUF header ends early")
+            return struct.unpack(fmt, data)[0]
+
+        def read_str() -> str:
+            return f.read(read("<Q")).decode("utf-8", "replace")
+
+        def skip(vtype: int) -> None:
+            if vtype == 8:
+                f.seek(read("<Q"), 1)
+            elif vtype == 9:
+                etype, count = read("<I"), read("<Q")
+                if etype in _GGUF_SCALARS:
+                    f.seek(struct.calcsize(_GGUF_SCALARS[etype]) * count, 1)
+                else:
+                    for _ in range(count):
+                        skip(etype)
+            elif vtype in _GGUF_SCALARS:
+                f.seek(struct.calcsize(_GGUF_SCALARS[vtype]), 1)
+            else:
+                raise ValueError(f"{path}: unknown GGUF value type {vtype}")
+
+        if f.read(4) != b"GGUF" or read("<I") < 2:
+            return None
+        read("<Q")  # tensor count
+        arch = None
+        for _ in range(read("<Q")):
+            key, vtype = read_str(), read("<I")
+            if key == "general.architecture" and vtype == 8:
+                arch = read_str()
+            elif arch and key.startswith(arch + ".") and vtype in _GGUF_SCALARS:
+                field = _GGUF_FIELDS.get(key[len(arch) + 1 :])
+                value = read(_GGUF_SCALARS[vtype])
+                if field:
+                    found[field] = value
+            else:
+                skip(vtype)
+            if key.startswith("tokenizer.") and "num_attention_heads" in found:
+                break  # the vocabulary follows: nothing more to read
+    if not arch or not found.get("num_attention_heads"):
+        return None
+    return {"model_type": arch, **found}
+
+
 def check_model(hf_config: Any, *, tp_size: int = 1) -> tuple[int, int, int]:
     """Checks a model (HF config object or dict) for --kv-quant oscar.
 
-    Returns (num_layers, kv_heads per rank, head_dim); raises KVQuantError for MLA,
-    sliding-window, head_dim not a power of two, or KV heads not divisible by tp_size.
+    Returns (num_layers, kv_heads per rank, head_dim); raises KVQuantError naming the config
+    field for MLA, sliding-window, head_dim not in SUPPORTED_HEAD_DIMS, a query-heads /
+    KV-heads ratio that is not an integer or exceeds MAX_GQA_GROUP on a TP rank, or KV heads
+    not divisible by tp_size.
     """
+    hf_config = _text_config(hf_config)
     name = _get(hf_config, "model_type", "?")
     if _get(hf_config, "kv_lora_rank") or _get(hf_config, "q_lora_rank"):
         raise KVQuantError(
@@ -197,12 +291,29 @@ def check_model(hf_config: Any, *, tp_size: int = 1) -> tuple[int, int, int]:
             f"sliding_window={window}); serve it without --kv-quant"
         )
     heads = _get(hf_config, "num_attention_heads")
-    kv_heads = _get(hf_config, "num_key_value_heads") or heads
-    head_dim = _get(hf_config, "head_dim") or (_get(hf_config, "hidden_size") // heads)
-    if head_dim < 2 or head_dim & (head_dim - 1) or head_dim % 32:
+    if not heads:
         raise KVQuantError(
-            f"--kv-quant oscar needs head_dim a power of two >= 32 (the Hadamard rotation and "
-            f"32-channel V groups); {name} has head_dim={head_dim}: serve it without --kv-quant"
+            f"--kv-quant oscar cannot read num_attention_heads from the {name} config; "
+            "serve it without --kv-quant"
+        )
+    kv_heads = _get(hf_config, "num_key_value_heads") or heads
+    head_dim = _get(hf_config, "head_dim")
+    where = f"head_dim={head_dim}"
+    if not head_dim:
+        hidden = _get(hf_config, "hidden_size")
+        head_dim = hidden // heads
+        where = f"head_dim={head_dim} (hidden_size={hidden} / num_attention_heads={heads})"
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        dims = ", ".join(map(str, SUPPORTED_HEAD_DIMS[:-1])) + f" or {SUPPORTED_HEAD_DIMS[-1]}"
+        raise KVQuantError(
+            f"--kv-quant oscar supports head_dim {dims} (the sizes its attention kernels are "
+            f"built for); {name} has {where}: serve it without --kv-quant"
+        )
+    ratio = f"num_attention_heads={heads} / num_key_value_heads={kv_heads}"
+    if heads % kv_heads:
+        raise KVQuantError(
+            f"--kv-quant oscar needs a whole number of query heads per KV head; {name} has "
+            f"{ratio} = group {heads / kv_heads:.3g}: serve it without --kv-quant"
         )
     if kv_heads % tp_size and tp_size % kv_heads:
         raise KVQuantError(
@@ -210,5 +321,25 @@ def check_model(hf_config: Any, *, tp_size: int = 1) -> tuple[int, int, int]:
             "divides the KV heads (or a multiple of them)"
         )
     per_rank = max(1, kv_heads // tp_size)
+    group = heads // kv_heads
+    # --tp above the KV heads replicates them: each rank keeps one KV head and fewer queries.
+    replicas = max(1, tp_size // kv_heads)
+    rank_group = -(-group // replicas)
+    if rank_group > MAX_GQA_GROUP:
+        at_tp = f" ({rank_group} per rank at --tp {tp_size})" if replicas > 1 else ""
+        tp_hint = next(
+            (kv_heads * r for r in range(-(-group // MAX_GQA_GROUP), group + 1) if group % r == 0),
+            None,
+        )
+        raise KVQuantError(
+            f"--kv-quant oscar serves at most {MAX_GQA_GROUP} query heads per KV head (GQA "
+            f"group); {name} has {ratio} = group {group}{at_tp}: serve it without --kv-quant"
+            + (
+                f" (or with --tp {tp_hint}: each rank then holds one KV head and "
+                f"{group * kv_heads // tp_hint} query heads)"
+                if tp_hint is not None and tp_hint > tp_size
+                else ""
+            )
+        )
     layers = _get(hf_config, "num_hidden_layers")
     return int(layers), int(per_rank), int(head_dim)

@@ -33,7 +33,16 @@ Private internals hooked (may move between SGLang releases; each hook checks the
 exists and logs a warning if not):
 - ``ServerArgs.add_cli_args`` (staticmethod) and ``ServerArgs.from_cli_args`` (classmethod):
   add the flags; validate and apply them (page_size, attention_backend,
-  radix_cache_backend, disable_cuda_graph) to the constructed ServerArgs;
+  radix_cache_backend) to the constructed ServerArgs; check the model (`check_launch_model`,
+  also run by `engine`) in the launching process, before SGLang starts a scheduler. The
+  config is read the way ``ModelConfig`` does: ``utils.hf_transformers.config.get_config``
+  with the fields ``arg_groups.model_override_base.resolving_view`` resolves (or the
+  ``_model_config`` SGLang memoized on the record); TP width from
+  ``runtime_context.attn_tp_size_of``. Exceptions: a .gguf file without a config.json beside
+  it is read from its header (`args.gguf_model_config`; SGLang's parse of the whole file
+  takes up to a minute), a hub id only from the local HF cache (no network while parsing
+  arguments), and a config that does not load is left to SGLang to report (the scheduler's
+  cell-size hook still checks the model);
 - ``model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size(kvc,
   num_layers)``: returns packed bytes per token (reads ``kvc.model_config.hf_config``,
   ``kvc.kv_cache_dtype`` and ``get_parallel().attn_tp_size``) and logs the cell line;
@@ -55,7 +64,9 @@ exists and logs a warning if not):
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from typing import Any
 
 import torch
@@ -68,6 +79,7 @@ from oscar_kv.sglang.args import (
     add_arguments,
     check_model,
     check_server_args,
+    gguf_model_config,
 )
 from oscar_kv.sglang.budget import (
     DEFAULT_RESIDUAL_SHARE,
@@ -129,12 +141,6 @@ def apply_to_server_args(server_args: Any, s: KVQuantSpec) -> Any:
     settings = check_server_args(server_args, radix_backend_available=_radix_available)
     for name, value in settings.items():
         setattr(server_args, name, value)
-    if not getattr(server_args, "disable_cuda_graph", False):
-        logger.warning(
-            "oscar-kv: CUDA graphs are disabled under --kv-quant oscar (the 'oscar' attention "
-            "backend has no graph hooks yet)"
-        )
-        server_args.disable_cuda_graph = True
     if not _radix_available:
         logger.warning(
             "oscar-kv: radix cache backend 'oscar' is not available; SGLang's default prefix "
@@ -150,8 +156,111 @@ def _hook_from_cli_args(orig, *args, **kwargs):
         check_server_args(ns, radix_backend_available=_radix_available)
     _apply_gguf_rope_fix(ns)
     server_args = orig(*args, **kwargs)
+    if s.enabled:
+        check_launch_model(server_args)
     s.publish()
     return apply_to_server_args(server_args, s)
+
+
+def _resolved(server_args: Any) -> Any:
+    """SGLang's view of the fields as its argument handlers resolved them (a GGUF or
+    ModelScope handler may declare another model_path than the one typed)."""
+    try:
+        from sglang.srt.arg_groups.model_override_base import resolving_view
+    except ImportError:
+        return server_args
+    return resolving_view(server_args)
+
+
+def _launch_tp_size(server_args: Any) -> int:
+    """The attention-TP width each scheduler will see (``get_parallel().attn_tp_size``)."""
+    try:
+        from sglang.srt.runtime_context import attn_tp_size_of
+
+        return int(attn_tp_size_of(_resolved(server_args)))
+    except (ImportError, AttributeError, TypeError, ZeroDivisionError):
+        return int(getattr(server_args, "tp_size", 1) or 1)
+
+
+def _hub_config_cached(repo_id: str, revision: str | None) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except Exception:  # noqa: BLE001 - not a hub id (a URL, a missing path): SGLang's to report
+        return False
+    return isinstance(hit, str)
+
+
+def _launch_hf_config(server_args: Any) -> Any | None:
+    """The model's HF config as SGLang's ``ModelConfig`` loads it, or None when it cannot be
+    read here without the network or fails to load: SGLang then reports (or the scheduler's
+    cell-size hook checks) it in its own place."""
+    memo = getattr(server_args, "_model_config", None)
+    cfg = _resolved(server_args)
+    model = getattr(cfg, "model_path", None)
+    if memo is not None and getattr(server_args, "_model_config_built_from", None) in (
+        None,
+        model,
+    ):
+        return memo.hf_config
+    if not model:
+        return None
+    kwargs: dict[str, Any] = {}
+    config_file = getattr(cfg, "decrypted_config_file", None)
+    if config_file and config_file.strip():
+        kwargs["_configuration_file"] = config_file.strip()
+    revision = getattr(cfg, "revision", None)
+    try:
+        overrides = json.loads(getattr(cfg, "json_model_override_args", None) or "{}")
+    except json.JSONDecodeError:
+        return None  # SGLang refuses it in its own words
+    if (
+        str(model).endswith(".gguf")
+        and os.path.isfile(model)
+        and not os.path.isfile(os.path.join(os.path.dirname(model), "config.json"))
+    ):
+        # SGLang derives the config from the file's metadata (a parse of the whole file,
+        # up to a minute); the header alone holds what check_model reads.
+        try:
+            fields = gguf_model_config(model)
+        except (OSError, ValueError):
+            fields = None
+        if fields is not None:
+            return {**fields, **overrides}
+    if not os.path.exists(model):
+        # A hub id: only from the local cache (no download, no network retries while the
+        # arguments are parsed); the first launch of a new model is checked by the scheduler.
+        if not _hub_config_cached(model, revision):
+            logger.info(
+                "oscar-kv: %s is neither a local path nor a hub model in the local cache; "
+                "--kv-quant oscar checks its shape when SGLang's scheduler loads its config",
+                model,
+            )
+            return None
+        kwargs["local_files_only"] = True
+    try:
+        from sglang.srt.utils.hf_transformers.config import get_config
+
+        return get_config(
+            model,
+            trust_remote_code=getattr(cfg, "trust_remote_code", False),
+            revision=revision,
+            model_override_args=overrides,
+            model_config_parser=getattr(cfg, "model_config_parser", "auto") or "auto",
+            **kwargs,
+        )
+    except Exception as e:  # noqa: BLE001 - SGLang's own error, raised where SGLang loads it
+        logger.debug("oscar-kv: model config not read at launch (%s: %s)", type(e).__name__, e)
+        return None
+
+
+def check_launch_model(server_args: Any) -> None:
+    """`check_model` in the launching process, before SGLang starts any scheduler: a model the
+    kernels cannot serve is refused with the KVQuantError message at once."""
+    hf_config = None if server_args is None else _launch_hf_config(server_args)
+    if hf_config is not None:
+        check_model(hf_config, tp_size=_launch_tp_size(server_args))
 
 
 def _apply_gguf_rope_fix(args: Any) -> None:
@@ -262,7 +371,7 @@ def _hook_max_num_reqs(orig, self, token_capacity, *args, **kwargs):
 def _hook_build_pool(orig, self, *args, **kwargs):
     if not spec().enabled:
         return orig(self, *args, **kwargs)
-    from oscar_kv.sglang.pool import oscar_pool_class
+    from oscar_kv.sglang.pool import OscarTokenToKVPool
 
     size = int(kwargs["sizes"].max_total_num_tokens)
     rtp = kwargs["req_to_token_pool"]
@@ -278,7 +387,7 @@ def _hook_build_pool(orig, self, *args, **kwargs):
             f"oscar-kv: {slots} request slots but {budget.residual_pages} residual pages; "
             f"lower --max-running-requests to {budget.residual_pages}"
         )
-    pool = oscar_pool_class().from_budget(budget, self.device, self.layer_info.start_layer)
+    pool = OscarTokenToKVPool.from_budget(budget, self.device, self.layer_info.start_layer)
     pool.attach(rtp)
     logger.info(budget.report())
     return pool
@@ -391,6 +500,20 @@ def enable(kv_quant: str = "oscar", kv_quant_bits: int = 2, kv_quant_k_group: in
     KVQuantSpec(kv_quant, kv_quant_bits, kv_quant_k_group).publish()
 
 
+def _engine_server_args(kwargs: dict[str, Any]) -> Any:
+    """The ServerArgs ``sglang.Engine(**kwargs)`` will build (plugins first, as Engine does),
+    for the model check; None if SGLang refuses the kwargs (Engine then says why)."""
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import ServerArgs
+
+    load_plugins()
+    try:
+        return ServerArgs(**{"log_level": "error", **kwargs})
+    except Exception as e:  # noqa: BLE001 - SGLang's own error, raised again by Engine
+        logger.debug("oscar-kv: Engine kwargs not checked here (%s: %s)", type(e).__name__, e)
+        return None
+
+
 def engine(**kwargs: Any) -> Any:
     """``sglang.Engine(**kwargs)`` that also takes ``kv_quant``, ``kv_quant_bits`` and
     ``kv_quant_k_group`` (ServerArgs would reject them)."""
@@ -399,8 +522,9 @@ def engine(**kwargs: Any) -> Any:
     register()  # SGLang calls it again from Engine (idempotent); needed for the checks here
     if s.enabled:
         kwargs.update(check_server_args(kwargs, radix_backend_available=_radix_available))
-        kwargs.setdefault("disable_cuda_graph", True)
     _apply_gguf_rope_fix(kwargs)
+    if s.enabled:
+        check_launch_model(kwargs.get("server_args") or _engine_server_args(kwargs))
     import sglang
 
     return sglang.Engine(**kwargs)

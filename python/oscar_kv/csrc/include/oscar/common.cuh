@@ -15,7 +15,12 @@
 
 namespace oscar {
 
-constexpr int kMaxGroup = 8;       // GQA ratio (q heads per KV head) supported by decode
+// GQA ratio (q heads per KV head) supported by decode: the per-thread dot[kMaxGroup] and
+// acc[kMaxGroup][CPT] stay in registers (ptxas -v: <= 112 registers, <= 8 bytes spilled at
+// D = 256), and decode_smem(256, 16, ngk = 4, 4-bit rows, v_group 16) is 131,520 bytes,
+// under the opt-in limit of sm_80 (166,912) and sm_90 (232,448) the launcher asks for. Not
+// under sm_86/sm_89's 101,376: there D = 256 with G > 8 needs k_group >= 64.
+constexpr int kMaxGroup = 16;
 constexpr unsigned kFullMask = 0xffffffffu;
 
 template <typename T>

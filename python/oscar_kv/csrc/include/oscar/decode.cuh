@@ -74,7 +74,7 @@ __host__ __device__ inline DecodeSmem decode_smem(int D, int G, int ngk, int v_r
 }
 
 // Softmax bookkeeping over the 128 (or n_valid) logits of each head in p[g][*]: updates
-// m, l, writes alpha and turns logits into probabilities. Warp w handles heads w, w+4.
+// m, l, writes alpha and turns logits into probabilities. Warp w handles heads w, w+4, ...
 __device__ __forceinline__ void page_softmax(float* p, float* m, float* l, float* alpha, int G,
                                              int n_valid) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;

@@ -75,6 +75,8 @@ def test_quantize_page_skips_negative_page_ids_on_gpu(backend):
         (8, 1, 128, OscarConfig(bits=4, k_group=64, norm="head")),
         (2, 8, 64, OscarConfig(fold_v=True)),
         (2, 2, 256, OscarConfig(k_group=128)),
+        (1, 16, 128, OscarConfig()),  # Llama-405B-like: 128 q heads over 8 KV heads
+        (1, 16, 256, OscarConfig(bits=4, v_group=16)),  # the largest shared-memory plan
     ],
 )
 def test_decode_matches_reference_on_gpu(backend, h, group, d, cfg):

@@ -301,6 +301,12 @@ def test_launch_accepts_a_servable_model_and_keeps_cuda_graphs(sglang_hooks, tmp
     sa = prepare_server_args(["--model-path", path, "--kv-quant", "oscar", "--device", "cpu"])
     assert sa.page_size == 128 and sa.attention_backend == "oscar"
     assert not sa.disable_cuda_graph  # no longer forced off under --kv-quant oscar
+    # Decode is captured; extend and mixed batches stay eager (prefill graphs off) ...
+    assert sa.cuda_graph_backend_prefill == "disabled"
+    # ... unless the user picks a prefill graph backend.
+    sa = prepare_server_args(["--model-path", path, "--kv-quant", "oscar", "--device", "cpu",
+                              "--cuda-graph-backend-prefill", "breakable"])  # fmt: skip
+    assert sa.cuda_graph_backend_prefill == "breakable"
 
 
 def test_launch_leaves_unreadable_models_to_sglang(sglang_hooks, tmp_path):
@@ -323,3 +329,4 @@ def test_engine_checks_the_model_before_sglang_engine(sglang_hooks, tmp_path, mo
                         kv_quant="oscar", device="cpu")  # fmt: skip
     (kw,) = calls
     assert kw["page_size"] == 128 and "disable_cuda_graph" not in kw
+    assert kw["cuda_graph_backend_prefill"] == "disabled"

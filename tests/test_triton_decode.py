@@ -47,9 +47,9 @@ def test_decode_oscar_default():
     check(OscarConfig(), LENS, 2, 2, 64, splits=(1, 2, 5))
 
 
-@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("group", [1, 4, 8, 16])
 def test_decode_gqa(group):
-    check(OscarConfig(), [260, 1], 1 if group == 8 else 2, group, 64, splits=(2,))
+    check(OscarConfig(), [260, 1], 1 if group >= 8 else 2, group, 64, splits=(2,))
 
 
 @pytest.mark.parametrize("cfg", DECODE_CONFIGS, ids=config_id)

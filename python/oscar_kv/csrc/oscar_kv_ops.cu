@@ -190,6 +190,16 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& pool,
                                                           int(oscar::kBlockTokens / k_group), rb,
                                                           int(head_dim / v_group))
                                            .total;
+  // Older parts (sm_86/sm_89: 99 KiB per block) cannot hold the largest shapes; say so
+  // instead of a bare "invalid argument" from cudaFuncSetAttribute.
+  int device = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK(smem <= size_t(optin), "oscar_kv decode needs ", smem,
+              " B of shared memory per block (head_dim ", head_dim, ", GQA group ", group, ", ",
+              bits, "-bit, k_group ", k_group, ") and this GPU allows ", optin,
+              "; use OSCAR_KV_BACKEND=triton or a model with a smaller GQA group");
   auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(unsigned(batch), unsigned(kv_heads), unsigned(ns + 1));
   dispatch(q.scalar_type(), head_dim, bits, [&]<typename T, int D, int BITS>() {

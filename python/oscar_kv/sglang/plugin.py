@@ -154,12 +154,25 @@ def _hook_from_cli_args(orig, *args, **kwargs):
     s = KVQuantSpec.from_namespace(ns)
     if s.enabled:
         check_server_args(ns, radix_backend_available=_radix_available)
+        _eager_prefill(ns)
     _apply_gguf_rope_fix(ns)
     server_args = orig(*args, **kwargs)
     if s.enabled:
         check_launch_model(server_args)
     s.publish()
     return apply_to_server_args(server_args, s)
+
+
+def _eager_prefill(args: Any) -> None:
+    """Extend and mixed batches run eagerly under --kv-quant oscar (decode is captured): the
+    prefill CUDA graph (SGLang's default on CUDA is the breakable one) is turned off unless
+    the user chose a prefill graph backend."""
+    field = "cuda_graph_backend_prefill"
+    if isinstance(args, dict):
+        if args.get(field) is None:
+            args[field] = "disabled"
+    elif getattr(args, field, None) is None:
+        setattr(args, field, "disabled")
 
 
 def _resolved(server_args: Any) -> Any:
@@ -522,6 +535,7 @@ def engine(**kwargs: Any) -> Any:
     register()  # SGLang calls it again from Engine (idempotent); needed for the checks here
     if s.enabled:
         kwargs.update(check_server_args(kwargs, radix_backend_available=_radix_available))
+        _eager_prefill(kwargs)
     _apply_gguf_rope_fix(kwargs)
     if s.enabled:
         check_launch_model(kwargs.get("server_args") or _engine_server_args(kwargs))

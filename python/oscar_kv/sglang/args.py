@@ -176,6 +176,61 @@ def check_server_args(args: Any, *, radix_backend_available: bool = True) -> dic
     return settings
 
 
+# ------------------------------------------------------------------------ serving on CPU
+# What ``--device cpu`` needs that SGLang's defaults do not give (the flags the README's CPU
+# command used to spell out); each is set only where the user left the field at its default.
+CPU_DTYPE = "float32"  # no fast bf16/fp16 matmul on a CPU without AVX-512/AMX
+CPU_GRAMMAR_BACKEND = "none"  # SGLang's default (xgrammar) has no CPU build for this setup
+# Fields whose "not given" value is also a value a user can type (``--dtype auto``): the
+# plugin records which of them were on the command line (`cpu_defaults`' ``explicit``).
+CPU_WATCHED_FIELDS = ("dtype", "grammar_backend", "cuda_graph_backend_decode")
+CPU_ENGINE_VAR = "SGLANG_USE_CPU_ENGINE"
+
+
+def cpu_defaults(args: Any, explicit: frozenset[str] | set[str] | None = None) -> dict[str, Any]:
+    """The field values ``--kv-quant oscar --device cpu`` implies, for the fields the user did
+    not set (a ServerArgs, a Namespace or Engine kwargs): ``dtype`` float32, ``grammar_backend``
+    none, ``cuda_graph_backend_decode`` disabled (SGLang captures a CPU decode graph only under
+    --enable-torch-compile; this is the README's --disable-cuda-graph, spelled the way SGLang
+    0.5.23 no longer deprecates). Empty unless ``device`` is ``cpu``.
+
+    ``explicit``: the fields given on the command line, where known; a field in it is never
+    changed. Without it, a field counts as set when it differs from SGLang's default (so an
+    explicit ``--dtype auto`` is only kept when ``explicit`` says it was typed)."""
+    if _get(args, "device") != "cpu":
+        return {}
+
+    def unset(field: str, default: Any) -> bool:
+        if explicit is not None and field in explicit:
+            return False
+        return _get(args, field, default) == default
+
+    out: dict[str, Any] = {}
+    if unset("dtype", "auto"):
+        out["dtype"] = CPU_DTYPE
+    if unset("grammar_backend", None):
+        out["grammar_backend"] = CPU_GRAMMAR_BACKEND
+    if unset("cuda_graph_backend_decode", None):
+        out["cuda_graph_backend_decode"] = "disabled"
+    return out
+
+
+def cpu_engine_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What the environment needs for SGLang to serve on CPU: ``SGLANG_USE_CPU_ENGINE=1``
+    (SGLang's switch; scheduler processes inherit it) when unset. A value other than ``1`` is
+    the user's and conflicts with ``--device cpu``: KVQuantError naming the variable."""
+    env = os.environ if environ is None else environ
+    value = env.get(CPU_ENGINE_VAR)
+    if value is None:
+        return {CPU_ENGINE_VAR: "1"}
+    if value != "1":
+        raise KVQuantError(
+            f"--device cpu needs {CPU_ENGINE_VAR}=1 (SGLang's CPU engine switch), but it is set "
+            f"to {value!r} in this environment: unset it or set {CPU_ENGINE_VAR}=1"
+        )
+    return {}
+
+
 # What every kernel takes (CUDA: csrc/include/oscar/common.cuh kMaxGroup and the head_dim
 # instantiations; Triton and the CPU kernels take any group, the same head_dims).
 SUPPORTED_HEAD_DIMS = (64, 128, 256)

@@ -42,7 +42,14 @@ exists and logs a warning if not):
   it is read from its header (`args.gguf_model_config`; SGLang's parse of the whole file
   takes up to a minute), a hub id only from the local HF cache (no network while parsing
   arguments), and a config that does not load is left to SGLang to report (the scheduler's
-  cell-size hook still checks the model);
+  cell-size hook still checks the model). Under ``--device cpu`` the same hook applies what
+  serving on CPU needs (`serve_on_cpu`, then `start_on_cpu` once the model passed;
+  docs/cpu-serving.md): float32, no grammar backend, no decode graph, a tokenizer directory
+  derived from a GGUF model, for the fields the user left unset (the ``add_cli_args`` hook
+  records which ones the command line gave), and ``SGLANG_USE_CPU_ENGINE=1`` for the
+  processes SGLang spawns. Without --kv-quant the
+  argument hooks change nothing (the Llama GGUF rotary fix runs only with --kv-quant or with
+  the CPU kit the user switched on, ``SGLANG_USE_CPU_ENGINE=1``);
 - ``model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size(kvc,
   num_layers)``: returns packed bytes per token (reads ``kvc.model_config.hf_config``,
   ``kvc.kv_cache_dtype`` and ``get_parallel().attn_tp_size``) and logs the cell line;
@@ -64,6 +71,7 @@ exists and logs a warning if not):
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -74,11 +82,14 @@ import torch
 from oscar_kv.config import BLOCK_TOKENS
 from oscar_kv.sglang.args import (
     BACKEND_NAME,
+    CPU_WATCHED_FIELDS,
     KVQuantError,
     KVQuantSpec,
     add_arguments,
     check_model,
     check_server_args,
+    cpu_defaults,
+    cpu_engine_env,
     gguf_model_config,
 )
 from oscar_kv.sglang.budget import (
@@ -131,7 +142,44 @@ def _hook_add_cli_args(orig, *args, **kwargs):
     parser = args[-1] if args else kwargs["parser"]
     if not any("--kv-quant" in a.option_strings for a in parser._actions):
         add_arguments(parser)
+    _record_explicit_fields(parser)
     return out
+
+
+# Set on the Namespace a --kv-quant oscar --device cpu command line parses to: which of
+# CPU_WATCHED_FIELDS it gave (ServerArgs.from_cli_args copies only its own fields).
+EXPLICIT_ATTR = "_oscar_kv_explicit"
+_UNSET = object()
+
+
+def _record_explicit_fields(parser: argparse.ArgumentParser) -> None:
+    """Lets `_hook_from_cli_args` tell a typed ``--dtype auto`` from no ``--dtype``.
+
+    Wraps this parser's ``parse_known_args``: a parse without ``--kv-quant oscar --device cpu``
+    is returned exactly as argparse made it. Under them the same arguments are parsed a second
+    time into a Namespace whose watched fields start as a sentinel, and the fields that lost it
+    are recorded as explicit (deprecation warnings of that second parse are not repeated)."""
+    if getattr(parser, "_oscar_kv_explicit_wrapped", False):
+        return
+    parse = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        args = None if args is None else list(args)
+        ns, rest = parse(args, namespace)
+        if getattr(ns, "kv_quant", None) == BACKEND_NAME and getattr(ns, "device", None) == "cpu":
+            probe = argparse.Namespace(**dict.fromkeys(CPU_WATCHED_FIELDS, _UNSET))
+            previous = logging.root.manager.disable
+            logging.disable(logging.WARNING)
+            try:
+                parse(args, probe)
+            finally:
+                logging.disable(previous)
+            given = {f for f in CPU_WATCHED_FIELDS if getattr(probe, f, _UNSET) is not _UNSET}
+            setattr(ns, EXPLICIT_ATTR, frozenset(given))
+        return ns, rest
+
+    parser.parse_known_args = parse_known_args
+    parser._oscar_kv_explicit_wrapped = True
 
 
 def apply_to_server_args(server_args: Any, s: KVQuantSpec) -> Any:
@@ -152,15 +200,111 @@ def apply_to_server_args(server_args: Any, s: KVQuantSpec) -> Any:
 def _hook_from_cli_args(orig, *args, **kwargs):
     ns = args[-1] if args else kwargs["args"]
     s = KVQuantSpec.from_namespace(ns)
+    cpu = None
     if s.enabled:
         check_server_args(ns, radix_backend_available=_radix_available)
+        cpu = serve_on_cpu(ns, getattr(ns, EXPLICIT_ATTR, None))
         _eager_prefill(ns)
-    _apply_gguf_rope_fix(ns)
+    if s.enabled or _cpu_kit_on():
+        _apply_gguf_rope_fix(ns)
     server_args = orig(*args, **kwargs)
     if s.enabled:
         check_launch_model(server_args)
+        if cpu is not None:
+            start_on_cpu(server_args, cpu)
     s.publish()
     return apply_to_server_args(server_args, s)
+
+
+def _get(args: Any, name: str) -> Any:
+    return args.get(name) if isinstance(args, dict) else getattr(args, name, None)
+
+
+def _set(args: Any, name: str, value: Any) -> None:
+    if isinstance(args, dict):
+        args[name] = value
+    else:
+        setattr(args, name, value)
+
+
+def _cpu_kit_on() -> bool:
+    """The user switched on oscar-kv's CPU serving kit without --kv-quant
+    (``SGLANG_USE_CPU_ENGINE=1`` at start: the stand-ins and GGUF hooks of `oscar_kv.sglang.cpu`);
+    the Llama GGUF rotary fix belongs to it. Without --kv-quant and without that variable the
+    plugin's argument hooks change nothing."""
+    from oscar_kv.sglang.cpu import boot
+
+    return boot.wanted()
+
+
+def serve_on_cpu(args: Any, explicit: frozenset[str] | set[str] | None = None) -> dict | None:
+    """The settings ``--kv-quant oscar --device cpu`` implies, set on ``args`` (a Namespace or
+    Engine kwargs) for the fields the user left unset (`args.cpu_defaults`: ``dtype``
+    float32, ``grammar_backend`` none, decode graph disabled); None unless ``device`` is
+    ``cpu``. Changes nothing else: `start_on_cpu` does the rest once the model is checked.
+    Raises KVQuantError, naming the variable, when ``SGLANG_USE_CPU_ENGINE`` is set to
+    another value than 1."""
+    if _get(args, "device") != "cpu":
+        return None
+    cpu_engine_env()
+    settings = cpu_defaults(args, explicit)
+    for name, value in settings.items():
+        _set(args, name, value)
+    return settings
+
+
+def start_on_cpu(args: Any, settings: dict[str, Any]) -> None:
+    """The rest of serving on CPU, in the launching process before SGLang starts a scheduler
+    (``args``: the ServerArgs SGLang built, or Engine kwargs; ``settings``: what
+    `serve_on_cpu` set, for the log line):
+
+    - ``tokenizer_path``: for a local ``.gguf`` model without a tokenizer beside it, a directory
+      built from the file's metadata and cached (`oscar_kv.sglang.cpu.tokenizer`);
+    - ``SGLANG_USE_CPU_ENGINE=1`` in this process's environment (every process SGLang spawns
+      inherits it, and the package's ``.pth`` hook then installs the CPU stand-ins there before
+      SGLang's modules load), and the stand-ins in this process too (`cpu.boot.activate`,
+      unless ``OSCAR_KV_CPU_BOOT=0``).
+    """
+    env = cpu_engine_env()
+    settings = dict(settings)
+    tokenizer = _gguf_tokenizer(args)
+    if tokenizer is not None:
+        _set(args, "tokenizer_path", tokenizer)
+        settings["tokenizer_path"] = tokenizer
+    os.environ.update(env)
+    from oscar_kv.sglang.cpu import boot
+
+    stood_in = boot.activate() if boot.wanted() else []
+    done = []
+    if settings:
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.items())
+        done.append(f"{flags} (not given: pass the flag to choose another value)")
+    done += [f"{k}={v} for every SGLang process" for k, v in env.items()]
+    if stood_in:
+        done.append(f"CPU stand-ins for {', '.join(stood_in)}")
+    if done:
+        logger.info("oscar-kv: --device cpu: %s", "; ".join(done))
+
+
+def _gguf_tokenizer(args: Any) -> str | None:
+    """A tokenizer directory for a local GGUF model given without --tokenizer-path."""
+    from oscar_kv.sglang.cpu import tokenizer
+
+    model = _get(args, "model_path")
+    if _get(args, "tokenizer_path") or not isinstance(model, str | os.PathLike):
+        return None
+    model = os.fspath(model)
+    if not (model.endswith(".gguf") and os.path.isfile(model)):
+        return None
+    if tokenizer.has_sidecar_tokenizer(model):
+        return None
+    try:
+        return str(tokenizer.gguf_tokenizer_dir(model))
+    except Exception as e:  # transformers fails in many ways on odd files
+        raise KVQuantError(
+            f"--kv-quant oscar could not build a tokenizer from {model} ({type(e).__name__}: "
+            f"{e}); pass --tokenizer-path with a directory holding the model's tokenizer"
+        ) from e
 
 
 def _eager_prefill(args: Any) -> None:
@@ -533,12 +677,17 @@ def engine(**kwargs: Any) -> Any:
     s = KVQuantSpec.pop_kwargs(kwargs)
     s.publish()
     register()  # SGLang calls it again from Engine (idempotent); needed for the checks here
+    cpu = None
     if s.enabled:
         kwargs.update(check_server_args(kwargs, radix_backend_available=_radix_available))
+        cpu = serve_on_cpu(kwargs, explicit=set(kwargs))
         _eager_prefill(kwargs)
-    _apply_gguf_rope_fix(kwargs)
+    if s.enabled or _cpu_kit_on():
+        _apply_gguf_rope_fix(kwargs)
     if s.enabled:
         check_launch_model(kwargs.get("server_args") or _engine_server_args(kwargs))
+        if cpu is not None:
+            start_on_cpu(kwargs, cpu)
     import sglang
 
     return sglang.Engine(**kwargs)

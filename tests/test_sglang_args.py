@@ -330,3 +330,18 @@ def test_engine_checks_the_model_before_sglang_engine(sglang_hooks, tmp_path, mo
     (kw,) = calls
     assert kw["page_size"] == 128 and "disable_cuda_graph" not in kw
     assert kw["cuda_graph_backend_prefill"] == "disabled"
+
+
+def test_a_moved_hook_target_stops_start_up(sglang_hooks, monkeypatch):
+    """A hooked SGLang function that a newer release moved stops --kv-quant oscar at argument
+    time with a message naming it (not a logged exception and a bf16-sized pool)."""
+    from sglang.srt.server_args import prepare_server_args
+
+    from oscar_kv.sglang import plugin
+
+    assert plugin.missing_hook_targets() == []  # all present in the pinned SGLang
+    moved = dict(plugin.HOOK_TARGETS)
+    moved["cell_size"] = "sglang.srt.model_executor.pool_configurator.Gone._compute_cell_size"
+    monkeypatch.setattr(plugin, "HOOK_TARGETS", moved)
+    with pytest.raises(KVQuantError, match=r"Gone\._compute_cell_size not found"):
+        prepare_server_args(["--model-path", "m", "--kv-quant", "oscar"])

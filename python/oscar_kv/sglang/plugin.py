@@ -29,8 +29,8 @@ Public registries / extension points:
   RadixAttention fields ``layer_id, tp_q_head_num, tp_k_head_num, head_dim, scaling``.
 - ``oscar_kv.sglang.cpu.standins``' torchvision stand-in (installed through
   ``oscar_kv.sglang._testing``) on machines whose torchvision does not match torch.
-Private internals hooked (may move between SGLang releases; each hook checks the target
-exists and logs a warning if not):
+Private internals hooked (may move between SGLang releases; under --kv-quant oscar start-up
+stops with a message naming any that is missing, `check_hook_targets`):
 - ``ServerArgs.add_cli_args`` (staticmethod) and ``ServerArgs.from_cli_args`` (classmethod):
   add the flags; validate and apply them (page_size, attention_backend,
   radix_cache_backend) to the constructed ServerArgs; check the model (`check_launch_model`,
@@ -197,11 +197,48 @@ def apply_to_server_args(server_args: Any, s: KVQuantSpec) -> Any:
     return server_args
 
 
+def missing_hook_targets() -> list[str]:
+    """The hooked SGLang functions this SGLang does not have (a newer release moved them)."""
+    import importlib
+
+    missing = []
+    for target in HOOK_TARGETS.values():
+        parts = target.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            try:
+                obj: Any = importlib.import_module(".".join(parts[:cut]))
+            except ImportError:
+                continue
+            try:
+                for attr in parts[cut:]:
+                    obj = getattr(obj, attr)
+            except AttributeError:
+                missing.append(target)
+            break
+        else:
+            missing.append(target)
+    return missing
+
+
+def check_hook_targets() -> None:
+    """Stops start-up under --kv-quant oscar when a hook target moved: without it the pool
+    would be sized or built as SGLang's own (bf16), or requests left unchecked, silently."""
+    missing = missing_hook_targets()
+    if missing:
+        raise KVQuantError(
+            "--kv-quant oscar cannot hook this SGLang: "
+            + ", ".join(missing)
+            + " not found (oscar-kv supports SGLang 0.5.23; install that version or an "
+            "oscar-kv release for yours)"
+        )
+
+
 def _hook_from_cli_args(orig, *args, **kwargs):
     ns = args[-1] if args else kwargs["args"]
     s = KVQuantSpec.from_namespace(ns)
     cpu = None
     if s.enabled:
+        check_hook_targets()
         check_server_args(ns, radix_backend_available=_radix_available)
         cpu = serve_on_cpu(ns, getattr(ns, EXPLICIT_ATTR, None))
         _eager_prefill(ns)
@@ -679,6 +716,7 @@ def engine(**kwargs: Any) -> Any:
     register()  # SGLang calls it again from Engine (idempotent); needed for the checks here
     cpu = None
     if s.enabled:
+        check_hook_targets()
         kwargs.update(check_server_args(kwargs, radix_backend_available=_radix_available))
         cpu = serve_on_cpu(kwargs, explicit=set(kwargs))
         _eager_prefill(kwargs)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 BLOCK_TOKENS = 128
-"""Tokens per page. A page is one residual block and one unit of quantization (DESIGN.md)."""
+"""Tokens per page. A page is one residual block and one unit of quantization (docs/design.md)."""
 
 SUPPORTED_BITS = (2, 4)
 SUPPORTED_K_GROUPS = (32, 64, 128)

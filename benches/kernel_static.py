@@ -551,7 +551,7 @@ def rows_for(spec: Spec, comp: Compiled, verbose: bool = False) -> list[dict]:
 
 
 KV_HEADS = 8  # Qwen3-8B / Llama-3.1-8B shape; the page's shared token norms split over them
-BT = 32  # tokens per Triton inner step (decode_attention / extend_attention default)
+BT = 32  # tokens per Triton inner step (extend_attention default; decode: decode_block_tokens)
 
 
 def triton_page_kernels(op: str, bits: int, group: int, d: int):
@@ -560,18 +560,25 @@ def triton_page_kernels(op: str, bits: int, group: int, d: int):
 
     from oscar_kv import OscarConfig
     from oscar_kv.layout import PageLayout
-    from oscar_kv.triton.api import EXTEND_WARPS, _layout_args, extend_block_tokens
+    from oscar_kv.triton.api import (
+        EXTEND_WARPS,
+        _layout_args,
+        decode_block_tokens,
+        extend_block_tokens,
+    )
 
     cfg = OscarConfig(bits=bits)
     layout = PageLayout.of(cfg, KV_HEADS, d)
     la = _layout_args(layout)
-    kv_bytes = layout.page_bytes / KV_HEADS * BT / 128
+    # The decode runs the block size its launcher picks by default (api.decode_block_tokens).
+    bt = decode_block_tokens(d, group) if op == "decode" else BT
+    kv_bytes = layout.page_bytes / KV_HEADS * bt / 128
     gp = triton.next_power_of_2(group)
     if op == "decode":
         from oscar_kv.triton.decode import decode_split_kernel as fn
 
         ce = {**la, "HKV": KV_HEADS, "G": group, "GP": max(16, gp), "PRECISE": False,
-              "ROT_Q": True, "BT": BT}  # fmt: skip
+              "ROT_Q": True, "BT": bt}  # fmt: skip
         warps, loop, note = 4, ("decode.py", r"for it in range\(start \* NSUB"), ""
     else:
         from oscar_kv.triton.extend import extend_kernel as fn
@@ -581,7 +588,7 @@ def triton_page_kernels(op: str, bits: int, group: int, d: int):
               "ROT_V": True, "BT": BT}  # fmt: skip
         warps, loop = EXTEND_WARPS, ("extend.py", r"for it in range\(n_pages \* NSUB")
         note = f"per program of {bm} new tokens x {gp} heads; each work item re-reads the prefix"
-    spec = Spec(op, "triton", bits, group, d, loop, warps, BT, kv_bytes, extra_note=note)
+    spec = Spec(op, "triton", bits, group, d, loop, warps, bt, kv_bytes, extra_note=note)
     return spec, lambda: compile_triton(fn, ce, warps)
 
 
@@ -674,7 +681,8 @@ def summary(rows: list[dict]) -> str:
         "'issue GB/s' is the uncapped bytes/s the instruction stream allows.",
         "",
         "Main loop: the backward branch on the per-page loop header (Triton: the flattened",
-        "(page, 32-token block) loop; CUDA: the page loop, its inner loops weighted by their",
+        "(page, block) loop, in the block size the launcher runs by default: 64 tokens for the",
+        "decode at D <= 128, else 32; CUDA: the page loop, its inner loops weighted by their",
         "trip counts). Counts include predicated-off instructions (they take issue slots).",
         "The CUDA decode's SASS is the same for every GQA <= 16: its per-head work is",
         "unrolled to 16 heads and predicated. Extend rows are per program (BM new tokens),",
@@ -690,6 +698,12 @@ def summary(rows: list[dict]) -> str:
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
+    if any(r["impl"] == "triton-v1" for r in rows):
+        lines[-4:-4] = [
+            "Rows 'triton-v1': the Triton decode before issue 15 (fp32 dequantization, stride-4",
+            "scale loads, 32-token blocks), carried over from the previous run for comparison.",
+            "",
+        ]
     by_key: dict[tuple, dict[str, dict]] = {}
     for r in rows:
         by_key.setdefault((r["op"], r["impl"], r["bits"], r["gqa"], r["head_dim"]), {})[

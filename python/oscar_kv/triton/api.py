@@ -136,6 +136,14 @@ def decode_splits(
     return (max(1, triton.cdiv(max_pages, pps)) if max_pages else 1), pps
 
 
+def decode_block_tokens(head_dim: int, group: int = 1, precise: bool = False) -> int:
+    """Default tokens per inner step of the decode: 64 on the fp16 path up to head_dim 128
+    and 16 query heads per KV head (sm_90a, 4 warps: ~180 registers, no spills; it halves
+    the per-step softmax and bookkeeping per token), else 32 (at 64, head_dim 256 or 32
+    heads spill, and so does the fp32 ``precise`` path)."""
+    return 64 if not precise and head_dim <= 128 and group <= 16 else 32
+
+
 @in_scope
 def decode_attention(
     q: torch.Tensor,
@@ -143,18 +151,20 @@ def decode_attention(
     layer: int,
     scale: float,
     precise: bool = False,
-    block_tokens: int = 32,
+    block_tokens: int | None = None,
 ) -> torch.Tensor:
     """Split-KV decode over packed pages + residual pages; out [B, Hq, D] in q's dtype.
 
     The split count is ``kv.num_splits`` (fixed for a captured CUDA graph) or the default
     for this batch; the partial results go to ``kv.scratch`` when the caller allocated it
     once for the forward, else to buffers allocated here. ``precise`` runs the dots in fp32
-    (IEEE) instead of fp16 operands with fp32 accumulation; tests use it to compare with the
-    reference tightly. ``block_tokens`` (32, 64 or 128): tokens per inner step; a page is
-    walked in 128 / block_tokens steps. 32 with 4 warps compiles for sm_90a to ~165
-    registers without spills (64: 255 and spills).
+    (IEEE) on fp32-dequantized codes instead of fp16 operands (codes unpacked by bit tricks,
+    fp16 dequantization) with fp32 accumulation; tests use it to compare with the reference
+    tightly. ``block_tokens`` (32, 64 or 128): tokens per inner step; a page is walked in
+    128 / block_tokens steps; None: `decode_block_tokens`.
     """
+    if block_tokens is None:
+        block_tokens = decode_block_tokens(q.shape[-1], q.shape[1] // kv.layout.kv_heads, precise)
     layout = kv.layout
     pool, k_tail, v_tail = kv.layer(layer)
     page_table, num_pages, tail_len, tail_index = (

@@ -5,8 +5,10 @@ through the page table; the last split (s == NS) takes the bf16 tail. Every prog
 all G query heads of its KV head, so each page is read once per KV head (GQA sharing).
 Partials (m, l, acc) go to a workspace and `merge_kernel` combines them by log-sum-exp.
 
-The per-block work is `oscar_kv.triton.paged`'s; the merge un-rotates the page part when V
-was rotated online, before adding the tail part, which is already in the model's basis.
+The per-block work is `oscar_kv.triton.paged`'s: `page_step_f16` (fp16 tensor-core operands,
+codes turned into fp16 by bit tricks instead of int-to-float converts) or, with PRECISE,
+`page_step` (fp32 dequantization, IEEE dots). The merge un-rotates the page part when V was
+rotated online, before adding the tail part, which is already in the model's basis.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import triton
 import triton.language as tl
 
 from oscar_kv.triton.common import fwht_rows
-from oscar_kv.triton.paged import bf16_step, from_planes, page_step, planes_of
+from oscar_kv.triton.paged import bf16_step, from_planes, page_step, page_step_f16, planes_of
 
 
 @triton.jit
@@ -109,15 +111,29 @@ def decode_split_kernel(
         a1 = tl.zeros([GP, NB], dtype=tl.float32)
         a2 = tl.zeros([GP, NB], dtype=tl.float32)
         a3 = tl.zeros([GP, NB], dtype=tl.float32)
-        # Flattened (page, block) loop: BT tokens per step keeps the code tiles small.
-        for it in range(start * NSUB, end * NSUB):
-            page = tl.load(pt_ptr + b.to(tl.int64) * pt_stride + it // NSUB).to(tl.int64)
-            m, l_sum, a0, a1, a2, a3 = page_step(
-                q0, q1, q2, q3, pool_ptr + page * page_stride, hk, (it % NSUB) * BT,
-                m, l_sum, a0, a1, a2, a3, qk_scale,
-                OFF_KC, OFF_VC, OFF_KS, OFF_KZ, OFF_VS, OFF_VZ, OFF_N,
-                D, BITS, KG, VG, NORM, PRECISE, BT,
-            )  # fmt: skip
+        if PRECISE:
+            # fp32 dequantization and IEEE dots (tests compare it with the reference tightly).
+            for it in range(start * NSUB, end * NSUB):
+                page = tl.load(pt_ptr + b.to(tl.int64) * pt_stride + it // NSUB).to(tl.int64)
+                m, l_sum, a0, a1, a2, a3 = page_step(
+                    q0, q1, q2, q3, pool_ptr + page * page_stride, hk, (it % NSUB) * BT,
+                    m, l_sum, a0, a1, a2, a3, qk_scale,
+                    OFF_KC, OFF_VC, OFF_KS, OFF_KZ, OFF_VS, OFF_VZ, OFF_N,
+                    D, BITS, KG, VG, NORM, PRECISE, BT,
+                )  # fmt: skip
+        else:
+            # fp16 operands, codes unpacked by bit tricks and dequantized in fp16.
+            h0, h1 = q0.to(tl.float16), q1.to(tl.float16)
+            h2, h3 = q2.to(tl.float16), q3.to(tl.float16)
+            # Flattened (page, block) loop: BT tokens per step keeps the code tiles small.
+            for it in range(start * NSUB, end * NSUB):
+                page = tl.load(pt_ptr + b.to(tl.int64) * pt_stride + it // NSUB).to(tl.int64)
+                m, l_sum, a0, a1, a2, a3 = page_step_f16(
+                    h0, h1, h2, h3, pool_ptr + page * page_stride, hk, (it % NSUB) * BT,
+                    m, l_sum, a0, a1, a2, a3, qk_scale,
+                    OFF_KC, OFF_VC, OFF_KS, OFF_KZ, OFF_VS, OFF_VZ, OFF_N,
+                    D, BITS, KG, VG, NORM, BT,
+                )  # fmt: skip
         acc = from_planes(a0, a1, a2, a3, GP, D, BITS)
 
     tl.store(mid_m_ptr + mid, m, mask=qmask)

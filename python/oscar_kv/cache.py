@@ -22,9 +22,12 @@ from functools import partial
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
 
+from oscar_kv import _needs_extra
 from oscar_kv.config import BLOCK_TOKENS, OscarConfig
+
+with _needs_extra("hf", "oscar_kv.cache (the transformers KV caches)"):
+    from transformers.cache_utils import Cache, DynamicLayer
 
 TAIL_DTYPE = torch.bfloat16
 

@@ -17,12 +17,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from oscar_kv import _native as native
+from oscar_kv import _needs_extra
 from oscar_kv.baselines import BF16, method_configs
 from oscar_kv.config import OscarConfig
+from oscar_kv.eval import pyplot
 from oscar_kv.ref import attention, dequantize_kv, fwht, quantize_kv
+
+with _needs_extra("eval", "oscar_kv.eval.fidelity (`python -m oscar_kv fidelity`)"):
+    from tqdm import tqdm
 
 LayerQKV = dict[str, torch.Tensor]  # "q" [T, Hq, D], "k"/"v" [T, H, D], fp32, post-RoPE
 
@@ -212,10 +216,7 @@ def stage_views(k: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def write_plots(rows: list[Row], layers: dict[str, list[LayerQKV]], out_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     paths = []
     for source, src_layers in layers.items():

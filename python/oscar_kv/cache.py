@@ -1,6 +1,6 @@
 """transformers KV caches backed by the oscar-kv reference: `OscarCache` and the `Bf16Cache` baseline.
 
-`OscarCache` behaves like the SGLang integration described in DESIGN.md, one sequence per batch
+`OscarCache` behaves like the SGLang integration described in docs/design.md, one sequence per batch
 row: per layer, new K/V tokens accumulate in a bf16 tail; as soon as the tail holds >= 128
 tokens, its first whole multiple of 128 tokens is quantized with `oscar_kv.ref.quantize_kv` into
 pages and dropped from the tail, so after every update the tail holds < 128 tokens. Attention

@@ -30,7 +30,7 @@ pool's config says V was folded into the weights (`oscar_kv.sglang.weights`). GQ
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -56,16 +56,22 @@ class OscarForwardMetadata:
 
 @dataclass(frozen=True)
 class GraphBuffers:
-    """Persistent decode metadata for CUDA graphs: [max_bs, width] / [max_bs]."""
+    """Persistent decode metadata for CUDA graphs, rows [max_bs] (page table [max_bs, width]):
+    what `forward_plan.decode` returns, kept at fixed addresses."""
 
     width: int
-    page_table: torch.Tensor
-    num_pages: torch.Tensor
-    tail_len: torch.Tensor
-    tail_index: torch.Tensor
-    residual: torch.Tensor
-    pos: torch.Tensor
-    done_pages: torch.Tensor
+    pages: BatchPages
+    plan: DecodePlan
+
+
+def _rows(d: Any, n: int) -> Any:
+    """The dataclass ``d`` with each tensor field cut to its first ``n`` rows (views)."""
+    return type(d)(*(getattr(d, f.name)[:n] for f in fields(d)))
+
+
+def _copy_into(dst: Any, src: Any) -> None:
+    for f in fields(dst):
+        getattr(dst, f.name).copy_(getattr(src, f.name))
 
 
 def _q_heads(model_runner: Any) -> int | None:
@@ -103,8 +109,10 @@ class OscarAttnBackend(AttentionBackend):
         self._graph: GraphBuffers | None = None
         self._graph_metadata: dict[int, OscarForwardMetadata] = {}
         dev = self.pool.pages.device
-        if dev.type != "meta":
-            which = ops.resolve_backend(None, dev)
+        # The ops backend of this process (None on meta: only the fake kernels run there).
+        self.ops_backend = None if dev.type == "meta" else ops.resolve_backend(None, dev)
+        if self.ops_backend is not None:
+            which = self.ops_backend
             interp = " (Triton interpreter)" if which == "triton" and dev.type != "cuda" else ""
             logger.info("oscar-kv attention: ops backend %s on %s%s", which, dev, interp)
 
@@ -119,7 +127,7 @@ class OscarAttnBackend(AttentionBackend):
     def _with_scratch(self, kv: PagedKV, splits: int | None = None) -> PagedKV:
         """Split-KV scratch for the Triton decode, allocated once per forward (graph: once
         per captured batch size, with ``splits`` fixed)."""
-        if self.q_heads is None or ops.resolve_backend(None, kv.device) != "triton":
+        if self.q_heads is None or self.ops_backend != "triton":
             return kv if splits is None else kv.with_batch(num_splits=splits)
         from oscar_kv.triton import decode_splits
 
@@ -167,7 +175,7 @@ class OscarAttnBackend(AttentionBackend):
             forward_batch.seq_lens, new_dev, new_host, seq_host, width,
         )  # fmt: skip
         kv = self._kv(pages)
-        if self.q_heads is not None and ops.resolve_backend(None, kv.device) in ("cuda", "triton"):
+        if self.q_heads is not None and self.ops_backend in ("cuda", "triton"):
             kv = ops.plan_extend(kv, new_host, self.q_heads)
         self.forward_metadata = OscarForwardMetadata(kv=kv, cu_seqlens=cu, extend_plan=plan)
 
@@ -184,13 +192,12 @@ class OscarAttnBackend(AttentionBackend):
 
         self._graph = GraphBuffers(
             width=width,
-            page_table=i32(max_bs, width),
-            num_pages=i32(max_bs),
-            tail_len=i32(max_bs),
-            tail_index=i32(max_bs),
-            residual=torch.zeros(max_bs, dtype=torch.long, device=dev),
-            pos=torch.zeros(max_bs, dtype=torch.long, device=dev),
-            done_pages=torch.full((max_bs,), -1, dtype=torch.int32, device=dev),
+            pages=BatchPages(i32(max_bs, width), i32(max_bs), i32(max_bs), i32(max_bs)),
+            plan=DecodePlan(
+                residual=torch.zeros(max_bs, dtype=torch.long, device=dev),
+                pos=torch.zeros(max_bs, dtype=torch.long, device=dev),
+                done_pages=torch.full((max_bs,), -1, dtype=torch.int32, device=dev),
+            ),
         )
         self._graph_metadata = {}
 
@@ -210,12 +217,8 @@ class OscarAttnBackend(AttentionBackend):
         bs = int(forward_batch.req_pool_indices.shape[0])
         md = self._graph_metadata.get(bs)
         if md is None:
-            pages = BatchPages(
-                g.page_table[:bs], g.num_pages[:bs], g.tail_len[:bs], g.tail_index[:bs]
-            )
-            kv = self._with_scratch(self._kv(pages), self._graph_splits(bs, g.width))
-            plan = DecodePlan(g.residual[:bs], g.pos[:bs], g.done_pages[:bs])
-            md = OscarForwardMetadata(kv=kv, decode_plan=plan, graph=True)
+            kv = self._with_scratch(self._kv(_rows(g.pages, bs)), self._graph_splits(bs, g.width))
+            md = OscarForwardMetadata(kv=kv, decode_plan=_rows(g.plan, bs), graph=True)
             self._graph_metadata[bs] = md
         self.forward_metadata = md
 
@@ -238,14 +241,8 @@ class OscarAttnBackend(AttentionBackend):
             self.req_to_token_pool.req_to_token, self.pool.residual_of_slot,
             forward_batch.req_pool_indices, forward_batch.seq_lens, self._graph.width,
         )  # fmt: skip
-        kv, dp = md.kv, md.decode_plan
-        kv.page_table.copy_(pages.page_table)
-        kv.num_pages.copy_(pages.num_pages)
-        kv.tail_len.copy_(pages.tail_len)
-        kv.tail_index.copy_(pages.tail_index)
-        dp.residual.copy_(plan.residual)
-        dp.pos.copy_(plan.pos)
-        dp.done_pages.copy_(plan.done_pages)
+        _copy_into(_rows(self._graph.pages, md.kv.batch), pages)  # the views md.kv reads
+        _copy_into(md.decode_plan, plan)
 
     # -- forward ---------------------------------------------------------------------
     def _shapes(self, layer: Any, q, k, v):

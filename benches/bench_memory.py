@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import write_results
 from bench_decode_cpu import cpu_name
 
-from oscar_kv.eval.smollm2 import english_text
+from oscar_kv.eval.texts import english_text
 from oscar_kv.plan import bf16_bytes_per_token
 from oscar_kv.sglang.server import SGLangServer, smollm2_model
 

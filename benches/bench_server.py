@@ -37,7 +37,7 @@ from pathlib import Path
 import requests
 
 from oscar_kv.cache_demo import SYSTEM_PROMPT, TURNS
-from oscar_kv.eval.smollm2 import english_text
+from oscar_kv.eval.texts import english_text
 from oscar_kv.server_demo import agreement_of_texts
 from oscar_kv.sglang.server import SGLangServer, cuda_available, smollm2_model
 

@@ -157,7 +157,7 @@ def test_core_imports_without_the_optional_packages():
     ("module", "extra"),
     [
         ("oscar_kv.cache", "hf"),
-        ("oscar_kv.eval.quality", "eval"),
+        ("oscar_kv.eval.cli", "eval"),
         ("oscar_kv.eval.fidelity", "eval"),
     ],
 )

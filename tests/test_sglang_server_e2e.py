@@ -86,7 +86,8 @@ def test_short_prompt_matches_transformers_exactly(server):
     rotary fix for llama.cpp's Q/K order and the attention backend's exact path together."""
     import torch
 
-    from oscar_kv.eval.smollm2 import chat_ids, load_model
+    from oscar_kv.eval.smollm2 import load_model
+    from oscar_kv.eval.texts import chat_ids
 
     model, tok = load_model(progress=False)
     ids = chat_ids(tok, [{"role": "user", "content": "What is the capital of France? Why?"}])

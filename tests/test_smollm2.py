@@ -35,7 +35,8 @@ def test_gguf_path_and_cached_load(smollm2):
 def test_capture_shapes_and_post_rope(smollm2):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from oscar_kv.eval.smollm2 import capture_qkv, english_text
+    from oscar_kv.eval.smollm2 import capture_qkv
+    from oscar_kv.eval.texts import english_text
 
     model, tokenizer = smollm2
     text = english_text(2000)
@@ -76,7 +77,7 @@ def test_greedy_answer_is_paris(smollm2):
 def test_oscar_cache_generates_with_the_real_model(smollm2):
     from oscar_kv import OscarConfig
     from oscar_kv.cache import OscarCache
-    from oscar_kv.eval.smollm2 import chat_ids
+    from oscar_kv.eval.texts import chat_ids
 
     model, tokenizer = smollm2
     cache = OscarCache(OscarConfig(bits=4), model.config)

@@ -25,7 +25,7 @@ def command(name: str) -> Callable[[list[str]], int] | None:
     elif name == "fidelity":
         from oscar_kv.eval.fidelity import main
     elif name == "eval":
-        from oscar_kv.eval.quality import main
+        from oscar_kv.eval.cli import main
     elif name == "plan":
         from oscar_kv.plan import main
     else:

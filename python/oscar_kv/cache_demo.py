@@ -98,7 +98,7 @@ def _chat_turn(
     """One user turn of `run`: extend its own conversation, generate greedily with its cache."""
     from transformers import LogitsProcessorList
 
-    from oscar_kv.eval.smollm2 import chat_ids
+    from oscar_kv.eval.texts import chat_ids
 
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     if run.final_ids is None:

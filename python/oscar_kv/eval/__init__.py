@@ -1,4 +1,5 @@
-"""Evaluation helpers: a real model (SmolLM2 from a GGUF file), KV capture, fidelity harnesses.
+"""Evaluation: a real model (SmolLM2 from a GGUF file), KV capture, the fidelity harness and
+the model-level eval (`python -m oscar_kv eval`, one module per concern: docs/evaluation.md).
 
 These need the ``eval`` extra (``pip install "oscar-kv[eval]"``: transformers, gguf, accelerate,
 tqdm, matplotlib, optimum-quanto); a missing one raises `oscar_kv.MissingExtraError` naming it.

@@ -662,7 +662,7 @@ def test_residual_pages_follow_request_slots():
     assert padding == 2 and pool.residual_of_slot.tolist() == [padding] * 3
     for _ in range(5):
         slots = rtp.alloc_rows(2)
-        assert pool.residual_state() == {"total": 2, "free": 0, "held": 2}
+        assert pool.residual_state() == {"total": 2, "free": 0, "held": 2, "cached": 0}
         pages = pool.assign_residual(slots)  # already held: the same pages
         assert sorted(pages) == [0, 1] and pool.residual_of_slot[slots].tolist() == pages
         assert int(pool.residual_of_slot[0]) == padding
@@ -670,7 +670,7 @@ def test_residual_pages_follow_request_slots():
         assert pool.residual_state()["free"] == 1
         assert int(pool.residual_of_slot[slots[0]]) == padding
         rtp.clear()
-        assert pool.residual_state() == {"total": 2, "free": 2, "held": 0}
+        assert pool.residual_state() == {"total": 2, "free": 2, "held": 0, "cached": 0}
     with pytest.raises(ValueError, match="padding row"):
         pool.assign_residual([0])
     with pytest.raises(RuntimeError, match="no free residual page"):

@@ -13,6 +13,11 @@ A request slot (``req_pool_idx``) takes a residual page when SGLang allocates th
 ``ReqToTokenPool`` alloc hook, on the host, outside any forward) and gives it back when SGLang
 frees the slot (`attach`). ``residual_of_slot`` (int32, on the pool's device) maps slots to
 residual pages; a forward only gathers from it, so no forward reads ownership on the host.
+A finished request's residual page may instead pass to the prefix cache
+(`detach_residual`), which keeps it as the bf16 tail of that history and gives it back
+(`release_cached_residual`) when it evicts the tail; a residual page is therefore free,
+held by a request slot, or cached, and ``residual_state`` counts all three. When no page is
+free, the pool asks the prefix cache to give cached pages back (``reclaim_residual``).
 
 Both kinds come out of one budget (`oscar_kv.sglang.budget.KVBudget`): the pool allocates
 exactly ``budget.nbytes`` of pages and nothing else (plus the slot map, one int32 per request
@@ -28,6 +33,7 @@ the rest goes into the request's residual page.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -94,6 +100,9 @@ class OscarTokenToKVPool(KVCache):
         )
         self._owner: dict[int, int] = {}  # slot -> residual page (host bookkeeping)
         self._free_residual = list(range(residual_pages - 1, -1, -1))
+        self._cached: set[int] = set()  # pages the prefix cache holds as tails
+        # Set by the prefix cache: gives back up to n cached pages, returns how many it did.
+        self.reclaim_residual: Callable[[int], int] | None = None
         self.mem_usage = self.get_kv_size_bytes() / 2**30
         logger.info(
             "oscar-kv pool: %s, %d tokens (%d pages) x %d layers, %.3f GiB packed + "
@@ -155,6 +164,21 @@ class OscarTokenToKVPool(KVCache):
         req_to_token_pool.free_rows = free_rows_and_residual
         req_to_token_pool.clear = clear_and_residual
 
+    def free_residual_count(self) -> int:
+        return len(self._free_residual)
+
+    def _take_residual(self, slot: int) -> int:
+        if not self._free_residual and self.reclaim_residual is not None:
+            self.reclaim_residual(1)
+        if not self._free_residual:
+            raise RuntimeError(
+                f"oscar-kv: no free residual page for request slot {slot} "
+                f"({self.residual_pages} pages: {len(self._owner)} held by running requests, "
+                f"{len(self._cached)} cached and in use); --max-running-requests must not "
+                "exceed the residual pages"
+            )
+        return self._free_residual.pop()
+
     def assign_residual(self, slots: list[int]) -> list[int]:
         """Each slot's residual page, taking a free one for a slot that has none."""
         if self.residual_of_slot.numel() == 0:
@@ -166,38 +190,80 @@ class OscarTokenToKVPool(KVCache):
             if page is None:
                 if slot == 0:
                     raise ValueError("request slot 0 is SGLang's padding row; it has no page")
-                if not self._free_residual:
-                    raise RuntimeError(
-                        f"oscar-kv: no free residual page for request slot {slot} "
-                        f"({self.residual_pages} pages, all held by running requests); "
-                        "--max-running-requests must not exceed the residual pages"
-                    )
-                page = self._free_residual.pop()
+                page = self._take_residual(slot)
                 self._owner[slot] = page
                 fresh.append((slot, page))
             out.append(page)
-        if fresh:
-            dev = self.pages.device
-            idx = torch.tensor([f[0] for f in fresh], dtype=torch.long).to(dev)
-            self.residual_of_slot[idx] = torch.tensor([f[1] for f in fresh], dtype=torch.int32).to(
-                dev
-            )
+        self._write_slot_map(fresh)
         return out
+
+    def _write_slot_map(self, pairs: list[tuple[int, int]]) -> None:
+        if not pairs:
+            return
+        dev = self.pages.device
+        idx = torch.tensor([p[0] for p in pairs], dtype=torch.long).to(dev)
+        pages = torch.tensor([p[1] for p in pairs], dtype=torch.int32).to(dev)
+        self.residual_of_slot[idx] = pages
 
     def release_residual(self, slots: list[int]) -> None:
         gone = [s for s in slots if s in self._owner]
         for slot in gone:
             self._free_residual.append(self._owner.pop(slot))
-        if gone:
-            idx = torch.tensor(gone, dtype=torch.long).to(self.pages.device)
-            self.residual_of_slot[idx] = self.padding_residual
+        self._write_slot_map([(s, self.padding_residual) for s in gone])
+
+    def detach_residual(self, slot: int) -> int | None:
+        """Hands slot's residual page to the prefix cache (the slot keeps none); None if
+        the slot holds no page."""
+        page = self._owner.pop(slot, None)
+        if page is None:
+            return None
+        self._cached.add(page)
+        self._write_slot_map([(slot, self.padding_residual)])
+        return page
+
+    def release_cached_residual(self, pages: list[int]) -> None:
+        """The prefix cache gives cached pages back (a tail evicted or adopted whole)."""
+        for page in pages:
+            if page not in self._cached:
+                raise ValueError(f"residual page {page} is not cached")
+        for page in pages:
+            self._cached.discard(page)
+            self._free_residual.append(page)
+
+    def give_page(self, slot: int, page: int) -> None:
+        """Slot takes ``page`` in place of its own page: a tail's page, given back by the
+        prefix cache in the same allocation, that is now free or another new slot's (no
+        token written in either yet), so the tail moves to slot with no copy."""
+        own = self._owner[slot]
+        if own == page:
+            return
+        other = next((s for s, p in self._owner.items() if p == page), None)
+        pairs = [(slot, page)]
+        if other is not None:
+            self._owner[other] = own
+            pairs.append((other, own))
+        else:
+            self._free_residual.remove(page)
+            self._free_residual.append(own)
+        self._owner[slot] = page
+        self._write_slot_map(pairs)
+
+    def copy_residual(self, src_page: int, slot: int) -> None:
+        """Copies a cached page into slot's own page, every layer (the copy-on-write of a
+        shared tail before the request extends it)."""
+        dst = self._owner[slot]
+        self.k_res[:, dst] = self.k_res[:, src_page]
+        self.v_res[:, dst] = self.v_res[:, src_page]
 
     def residual_state(self) -> dict[str, int]:
-        """total / free / held residual pages (the leak line's second kind)."""
+        """total / free / held (by request slots) / cached (tails in the prefix cache): the
+        leak line's second kind; after all requests finished, held = 0 and
+        free + cached = total."""
         return {
             "total": self.residual_pages,
             "free": len(self._free_residual),
             "held": len(self._owner),
+            "cached": len(self._cached),
         }
 
     # -- the KVCache interface ---------------------------------------------------------

@@ -20,7 +20,17 @@ bookkeeping and lock counting in Rust:
   ``sanity_check``, ``pretty_print``.
 
 The allocator stays SGLang's (the tree holds page ids, ``kv_index // page_size``); the
-tree takes one page per whole page of the key. Namespaces: ``RadixKey.extra_key`` and
+tree takes one page per whole page of the key.
+
+Whole histories: over an ``OscarTokenToKVPool`` a finished request's partial last page (its
+bf16 residual page) stays cached as a tail of the node where its whole pages end
+(`oscar_kv.sglang.tails`), so ``match_prefix`` can return a prefix that ends inside a page
+(the next turn of a chat hits everything the previous turn held). Copy-on-write: the
+adopting request gets a fresh allocator page for its copy of that partial page
+(``prefix_device_indices``; SGLang's admission reserves one page per request for this
+alignment) and, once SGLang gives it a request slot (``ReqToTokenPool.alloc``), a copy of the
+tail's residual page; when residual pages run out, least recently used tails are given back,
+and a tail whose page is needed moves to the request that continues it. Namespaces: ``RadixKey.extra_key`` and
 ``cache_salt`` together, so different LoRA adapters or salts never share pages.
 Unsupported (rejected at construction with a clear message): EAGLE bigram keys, eviction
 policies other than LRU, hybrid SWA/Mamba models, HiCache, KV events.
@@ -33,6 +43,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +63,7 @@ from sglang.srt.mem_cache.base_prefix_cache import (
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
 from oscar_kv import _native
+from oscar_kv.sglang.tails import Tail, TailStore
 
 if TYPE_CHECKING:
     from sglang.srt.managers.schedule_batch import Req
@@ -108,6 +120,23 @@ class OscarRadixCache(BasePrefixCache):
         num_pages = (size // self.page_size + 2) if size else (1 << 20)
         self.tree = _native.RadixTree(num_pages, page_size=self.page_size)
         self._free_page_ids = getattr(allocator, "free_page_ids", None) if allocator else None
+        self.tails = TailStore()
+        kvcache = getattr(allocator, "get_kvcache", lambda: None)() if allocator else None
+        self._residual = (
+            kvcache
+            if not self.disable and self.page_size > 1 and hasattr(kvcache, "detach_residual")
+            else None
+        )
+        # Requests whose match ended in a tail, until their prefix is allocated; then until
+        # SGLang gives them a request slot. Weak: a request dropped while waiting leaves.
+        self._matched_tail: weakref.WeakKeyDictionary[Req, tuple[Tail, int]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._pending_tail: weakref.WeakKeyDictionary[Req, Tail] = weakref.WeakKeyDictionary()
+        self._protect: set[int] = set()
+        if self._residual is not None:
+            self._residual.reclaim_residual = self._reclaim_residual
+            self._wrap_slot_alloc()
         self.reset()
 
     # ----- helpers --------------------------------------------------------------------------
@@ -171,6 +200,7 @@ class OscarRadixCache(BasePrefixCache):
         # Like RadixCache.reset: drop the tree; the scheduler clears the allocator itself.
         self._log_pool_state("flush" if getattr(self, "root_node", None) is not None else "start")
         self.tree.reset()
+        self._release_tail_pages(self.tails.clear())
         self.root_node = ROOT
         self._empty_device_indices = torch.empty((0,), dtype=torch.int64, device=self.device)
         self._empty_match_result = MatchResult(
@@ -185,13 +215,22 @@ class OscarRadixCache(BasePrefixCache):
         if self.disable or key.is_bigram:
             return self._empty_match_result
         n = len(key)
-        if n < self.page_size:
-            return self._empty_match_result
-        matched, node = self.tree.match_len(key.token_ids, _namespace(key), n)
-        if matched == 0:
+        ns = _namespace(key)
+        matched, node = 0, ROOT
+        if n >= self.page_size:
+            matched, node = self.tree.match_len(key.token_ids, ns, n)
+        tail_len = 0
+        req = params.req
+        if self._residual is not None and req is not None:
+            self._matched_tail.pop(req, None)
+            if matched < n and len(self.tails):
+                tail, tail_len = self.tails.match((node, ns), key.token_ids[matched:n])
+                if tail is not None:
+                    self._matched_tail[req] = (tail, tail_len)
+        if matched + tail_len == 0:
             return self._empty_match_result
         return MatchResult(
-            device_prefix_len=matched,
+            device_prefix_len=matched + tail_len,
             last_device_node=node,
             last_host_node=node,
             best_match_node=node,
@@ -259,11 +298,15 @@ class OscarRadixCache(BasePrefixCache):
             self.req_to_token_pool.write(
                 (req.kv.req_pool_idx, slice(protected, n)), new_indices[protected:]
             )
-        # The partial last page stays in the request's row, not in the tree.
+        # The partial last page stays in the request's row, not in the tree; a finished
+        # request's residual page (that partial page's KV) becomes a tail of node.
         req.kv.cache_protected_len = n
         self.unlock(req.lock)
         req.lock = self.lock(node)
         req.last_node = node
+        finished = self._residual is not None and req.finished() and key_limit is None
+        if finished and len(token_ids) > n:
+            self._cache_tail(req, (node, _namespace(radix_key)), token_ids[n:])
 
     def cache_unfinished_req(self, req: Req, chunked: bool = False) -> None:
         """Pre-0.5.23 name: publish what a running request computed so far."""
@@ -281,6 +324,8 @@ class OscarRadixCache(BasePrefixCache):
         start = time.perf_counter()
         freed = self.tree.evict(-(-params.num_tokens // self.page_size))
         self._free_pages(freed)
+        if len(freed) and len(self.tails):
+            self._drop_orphan_tails()
         num_evicted = len(freed) * self.page_size
         self.update_eviction_metrics(num_evicted, start)
         return EvictResult(num_tokens_evicted=num_evicted)
@@ -299,6 +344,137 @@ class OscarRadixCache(BasePrefixCache):
         if node == ROOT:
             return self._empty_device_indices
         return self._indices(self.tree.path_token_indices(node))
+
+    def prefix_device_indices(self, req: Req) -> torch.Tensor:
+        """The matched prefix's KV indices (what ``alloc_for_extend`` writes into the row).
+        A prefix ending in a tail gets a fresh page for its partial page, and the tail's
+        residual page is copied for the request once it holds a slot."""
+        path = self.path_device_indices(req.last_node)
+        k = req.prefix_len - len(path)
+        entry = self._matched_tail.pop(req, None)
+        if k <= 0:
+            return path[: req.prefix_len]
+        if entry is None or not entry[0].alive or entry[1] < k:
+            raise RuntimeError(
+                f"oscar-kv: request {req.rid} matched {k} tokens of a cached tail that is no "
+                "longer cached when its prefix is allocated"
+            )
+        locs = self._alloc_one_page()
+        if req.kv.req_pool_idx is not None:
+            self._bind_tails([(req, entry[0])], moves=[])
+        else:
+            self._pending_tail[req] = entry[0]
+        return torch.cat((path, locs[:k].to(path.dtype)))
+
+    def on_release(self, req: Req, *, checkpointed: bool) -> None:
+        self._matched_tail.pop(req, None)
+        self._pending_tail.pop(req, None)
+
+    # ----- tails ----------------------------------------------------------------------------
+
+    def _alloc_one_page(self) -> torch.Tensor:
+        alloc = self.token_to_kv_pool_allocator
+        locs = alloc.alloc(self.page_size)
+        if locs is None:
+            self.evict(EvictParams(num_tokens=self.page_size))
+            locs = alloc.alloc(self.page_size)
+        if locs is None:
+            raise RuntimeError(
+                "oscar-kv: no free page for a request's copy of a cached partial page "
+                f"({alloc.available_size()} tokens free, nothing evictable)"
+            )
+        return locs.to(self.device)
+
+    def _wrap_slot_alloc(self) -> None:
+        """Wraps this ReqToTokenPool's ``alloc(reqs)`` (the one SGLang calls in
+        ``alloc_req_slots``): the slots' residual pages are taken inside it (the pool's
+        alloc hook); the requests that continue a tail get the tail's page copied after."""
+        rtp = self.req_to_token_pool
+        alloc = rtp.alloc
+
+        def alloc_continuing_tails(reqs: list[Req]) -> list[int] | None:
+            adopters = [(r, t) for r in reqs if (t := self._pending_tail.pop(r, None))]
+            for r, t in adopters:
+                if not t.alive:
+                    raise RuntimeError(
+                        f"oscar-kv: the cached tail request {r.rid} continues was evicted "
+                        "before the request got its slot"
+                    )
+            self._protect = {id(t) for _, t in adopters}
+            try:
+                new = sum(1 for r in reqs if not r.kv.holds_kv)
+                moves = self._make_residual_room(new, adopters)
+                out = alloc(reqs)
+            finally:
+                self._protect = set()
+            if out is not None:
+                self._bind_tails(adopters, moves)
+            return out
+
+        rtp.alloc = alloc_continuing_tails
+
+    def _make_residual_room(
+        self, new: int, adopters: list[tuple[Req, Tail]]
+    ) -> list[tuple[Req, Tail]]:
+        """Frees residual pages for ``new`` slots: least recently used tails no request of
+        this allocation continues; if that is not enough, a continued tail hands its page
+        to (the last of) the requests continuing it, instead of a copy."""
+        pool = self._residual
+        short = new - pool.free_residual_count()
+        if short > 0:
+            short -= self._reclaim_residual(short)
+        moves: list[tuple[Req, Tail]] = []
+        if short > 0:
+            last: dict[int, tuple[Req, Tail]] = {id(t): (r, t) for r, t in adopters}
+            for r, t in reversed(list(last.values())):
+                if short <= 0:
+                    break
+                self.tails.remove(t)
+                pool.release_cached_residual([t.page])
+                moves.append((r, t))
+                short -= 1
+        return moves
+
+    def _bind_tails(self, adopters: list[tuple[Req, Tail]], moves: list[tuple[Req, Tail]]) -> None:
+        # Moves first: a moved page is still unwritten wherever the slot alloc put it,
+        # and the copies below read it; no copy writes into a moved page.
+        pool = self._residual
+        moved = {id(r) for r, _ in moves}
+        for r, t in moves:
+            pool.give_page(r.kv.req_pool_idx, t.page)
+        for r, t in adopters:
+            if id(r) not in moved:
+                pool.copy_residual(t.page, r.kv.req_pool_idx)
+
+    def _cache_tail(self, req: Req, group: tuple[int, str | None], tokens: Any) -> None:
+        page = self._residual.detach_residual(req.kv.req_pool_idx)
+        if page is not None:
+            self._release_tail_pages(self.tails.add(group, tokens, page))
+
+    def _reclaim_residual(self, n: int) -> int:
+        """Gives up to n least recently used tails' pages back to the pool (the pool's
+        ``reclaim_residual``); tails a request of the running allocation continues stay."""
+        victims = self.tails.lru(n, self._protect)
+        for tail in victims:
+            self.tails.remove(tail)
+        self._release_tail_pages([t.page for t in victims])
+        return len(victims)
+
+    def _drop_orphan_tails(self) -> None:
+        """Tails of nodes the tree evicted can no longer be matched: give their pages back."""
+        dead = [g for g in self.tails.groups() if g[0] != ROOT and not self._node_alive(g[0])]
+        self._release_tail_pages(self.tails.drop_groups(dead))
+
+    def _node_alive(self, node: int) -> bool:
+        try:
+            self.tree.lock_ref(node)
+        except ValueError:  # InvalidNode: the handle's node was evicted
+            return False
+        return True
+
+    def _release_tail_pages(self, pages: list[int]) -> None:
+        if pages and self._residual is not None:
+            self._residual.release_cached_residual(pages)
 
     def supports_prefix_sharing(self) -> bool:
         return not self.disable

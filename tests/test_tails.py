@@ -1,0 +1,328 @@
+"""Whole-history prefix sharing: a finished request's residual page cached as a bf16 tail.
+
+Real SGLang objects (``ReqToTokenPool``, ``PagedTokenToKVPoolAllocator`` over the oscar pool,
+``Req``, ``match_kv_cache``, ``release_kv_cache``, ``ForwardBatch``, ``RadixAttention``) with
+``OscarRadixCache`` and ``OscarAttnBackend``, driven in the order SGLang's scheduler uses:
+match, lock, ``prefix_device_indices`` (``alloc_for_extend``), ``ReqToTokenPool.alloc``
+(``alloc_req_slots``), ``alloc_extend`` with the prefix's last location, forward, release.
+The reference attends to dequantized whole pages, the bf16 tail as stored, and the new tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from oscar_kv import OscarConfig
+from oscar_kv.ref import dequantize_kv, quantize_kv
+from oscar_kv.sglang.tails import TailStore
+
+sg = pytest.importorskip("oscar_kv.sglang._testing")
+try:
+    sg.import_sglang_cache()
+except ImportError as e:  # pragma: no cover - depends on the machine
+    pytest.skip(f"sglang not installed: {e}", allow_module_level=True)
+
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+
+from oscar_kv.sglang.attention import OscarAttnBackend
+from oscar_kv.sglang.pool import OscarTokenToKVPool
+from oscar_kv.sglang.radix import OscarRadixCache
+
+HQ, HK, D = 4, 2, 64
+PAGE = 128
+
+
+# ------------------------------------------------------------------------------ TailStore
+def test_tail_store_match_add_and_lru():
+    s = TailStore()
+    g = (5, None)
+    assert s.add(g, [1, 2, 3], page=0) == []
+    assert s.add(g, [1, 2], page=1) == [1]  # a prefix of a cached tail: redundant
+    assert s.add(g, [1, 2, 3, 4], page=2) == [0]  # extends tail 0: it goes
+    assert s.add(g, [7, 8], page=3) == []
+    tail, k = s.match(g, [1, 2, 3, 9])
+    assert (tail.page, k) == (2, 3)
+    assert s.match((5, "ns"), [1, 2, 3]) == (None, 0)  # namespaces never share
+    assert s.match(g, [9]) == (None, 0)
+    # tail 2 was just used: tail 3 is the least recently used
+    assert [t.page for t in s.lru(1, protect=set())] == [3]
+    assert [t.page for t in s.lru(2, protect={id(tail)})] == [3]
+    s.remove(tail)
+    assert not tail.alive and len(s) == 1
+    with pytest.raises(ValueError, match="not cached"):
+        s.remove(tail)
+    assert s.drop_groups([g]) == [3] and len(s) == 0
+
+
+# ------------------------------------------------------------------------------ the flow
+def _bf16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.bfloat16).float()
+
+
+def _exact_causal(q, k, v, scale):
+    g = q.shape[1] // k.shape[1]
+    n, t = q.shape[0], k.shape[0]
+    mask = torch.arange(t)[None, :] <= torch.arange(t - n, t)[:, None]
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        k.transpose(0, 1).repeat_interleave(g, 0),
+        v.transpose(0, 1).repeat_interleave(g, 0),
+        attn_mask=mask,
+        scale=scale,
+    )
+    return o.transpose(0, 1)
+
+
+class Flow:
+    """One layer served as SGLang's scheduler drives it (see the module docstring)."""
+
+    def __init__(self, num_tokens: int = 16 * PAGE, slots: int = 4, residual_pages: int = 4):
+        from sglang.srt.layers.radix_attention import RadixAttention
+        from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+        from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+        from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+        from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
+
+        set_global_server_args_for_scheduler(ServerArgs(model_path="dummy", page_size=PAGE))
+        self.cfg = OscarConfig()
+        self.rtp = ReqToTokenPool(
+            size=slots, max_context_len=8 * PAGE, device="cpu", enable_memory_saver=False
+        )
+        self.pool = OscarTokenToKVPool(
+            num_tokens, PAGE, torch.bfloat16, HK, D, 1, "cpu", config=self.cfg,
+            residual_pages=residual_pages,
+        )  # fmt: skip
+        self.pool.attach(self.rtp)
+        self.allocator = PagedTokenToKVPoolAllocator(
+            num_tokens, PAGE, torch.bfloat16, "cpu", self.pool, need_sort=False
+        )
+        self.cache = OscarRadixCache(
+            CacheInitParams(
+                disable=False,
+                req_to_token_pool=self.rtp,
+                token_to_kv_pool_allocator=self.allocator,
+                page_size=PAGE,
+            )
+        )
+        runner = SimpleNamespace(
+            device="cpu", req_to_token_pool=self.rtp, token_to_kv_pool=self.pool,
+            model_config=SimpleNamespace(num_attention_heads=HQ),
+        )  # fmt: skip
+        self.backend = OscarAttnBackend(runner)
+        self.layer = RadixAttention(HQ, D, 1 / math.sqrt(D), HK, layer_id=0)
+        self._rid = 0
+
+    def request(self, tokens: list[int]):
+        from sglang.srt.managers.schedule_batch import Req
+        from sglang.srt.mem_cache.common import match_kv_cache
+        from sglang.srt.sampling.sampling_params import SamplingParams
+
+        req = Req(
+            rid=str(self._rid), origin_input_text="", origin_input_ids=array("q", tokens),
+            sampling_params=SamplingParams(temperature=0, max_new_tokens=1),
+        )  # fmt: skip
+        self._rid += 1
+        req.output_ids = array("q")
+        req.full_untruncated_fill_ids = array("q", tokens)
+        # SGLang matches all but the last prompt token (one must be computed).
+        match_kv_cache(
+            req, self.cache, token_ids=req.origin_input_ids, max_prefix_len=len(tokens) - 1
+        )
+        req.lock = self.cache.lock(req.last_node)
+        return req
+
+    def prefill(self, reqs, q, k, v):
+        """One extend batch over ``reqs`` (admitted by `request`): q/k/v rows of the new
+        tokens in batch order. Returns the attention output [N, HQ, D]."""
+        from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+
+        empty = torch.empty(0, dtype=torch.int64)
+        prefix = [self.cache.prefix_device_indices(r) if r.prefix_len else empty for r in reqs]
+        for r in reqs:
+            r.kv.cache_protected_len = r.prefix_len
+        slots = self.rtp.alloc(reqs)
+        assert slots is not None
+        pre = [r.prefix_len for r in reqs]
+        seq = [len(r.origin_input_ids) for r in reqs]
+        new = [s - p for s, p in zip(seq, pre, strict=True)]
+        last = torch.tensor([int(t[-1]) if len(t) else -1 for t in prefix], dtype=torch.int64)
+        pre_t, seq_t = torch.tensor(pre), torch.tensor(seq)
+        out_loc = self.allocator.alloc_extend(pre_t, pre_t, seq_t, seq_t, last, sum(new))
+        assert out_loc is not None
+        off = 0
+        for r, p, s, n, pr in zip(reqs, pre, seq, new, prefix, strict=True):
+            row = self.rtp.req_to_token[r.kv.req_pool_idx]
+            row[:p] = pr.to(row.dtype)
+            row[p:s] = out_loc[off : off + n].to(row.dtype)
+            off += n
+            r.kv.kv_committed_len = r.kv.kv_allocated_len = s
+        fb = ForwardBatch(
+            forward_mode=ForwardMode.EXTEND, batch_size=len(reqs),
+            input_ids=torch.zeros(sum(new), dtype=torch.int64),
+            req_pool_indices=torch.tensor(slots, dtype=torch.int64),
+            seq_lens=seq_t, seq_lens_cpu=seq_t, out_cache_loc=out_loc, seq_lens_sum=sum(seq),
+            extend_seq_lens=torch.tensor(new, dtype=torch.int32), extend_seq_lens_cpu=new,
+            extend_prefix_lens_cpu=pre,
+        )  # fmt: skip
+        self.backend.init_forward_metadata(fb)
+        out = self.backend.forward(
+            q.reshape(len(q), HQ * D), k.reshape(len(k), HK * D), v.reshape(len(v), HK * D),
+            self.layer, fb,
+        )  # fmt: skip
+        return out.view(-1, HQ, D)
+
+    def finish(self, req) -> None:
+        from sglang.srt.managers.schedule_batch import FINISH_LENGTH
+        from sglang.srt.mem_cache.common import release_kv_cache
+
+        req.finished_reason = FINISH_LENGTH(length=0)
+        release_kv_cache(req, self.cache, checkpoint=True)
+
+    def flush_is_clean(self) -> None:
+        assert self.cache.pool_state()["locked"] == 0
+        self.cache.reset()
+        self.allocator.clear()
+        self.rtp.clear()
+        assert self.pool.residual_state()["free"] == self.pool.residual_pages
+        assert self.allocator.available_size() == self.allocator.size
+
+
+def _data(n: int):
+    return torch.randn(n, HQ, D), _bf16(torch.randn(n, HK, D)), _bf16(torch.randn(n, HK, D))
+
+
+def _reference(q, k_hist, v_hist, k_new, v_new, cfg, cached: int):
+    """Attention of the new tokens over the history's first `cached` tokens as the pool holds
+    them (whole pages quantized, the rest bf16 as stored) and the new tokens exact."""
+    whole = cached // PAGE * PAGE
+    kp, vp = dequantize_kv(quantize_kv(k_hist[:whole], v_hist[:whole], cfg))
+    k = torch.cat((kp.float(), k_hist[whole:cached], k_new))
+    v = torch.cat((vp.float(), v_hist[whole:cached], v_new))
+    return _exact_causal(q, k, v, 1 / math.sqrt(D))
+
+
+def test_next_turn_reuses_the_whole_history(monkeypatch):
+    """Turn 1 holds 200 tokens (a page + a 72-token tail); turn 2 (turn 1 + 50 tokens) and a
+    branch (turn 1 + 30 other tokens) in one batch both hit all 200, attend to the tail as
+    stored, and each continues its own copy: the cached tail stays as it was."""
+    monkeypatch.setenv("OSCAR_KV_BACKEND", "torch")
+    torch.manual_seed(0)
+    f = Flow()
+    t1 = list(range(1000, 1200))
+    q1, k1, v1 = _data(200)
+    r1 = f.request(t1)
+    assert r1.prefix_len == 0
+    f.prefill([r1], q1, k1, v1)
+    f.finish(r1)
+    assert f.pool.residual_state() == {"total": 4, "free": 3, "held": 0, "cached": 1}
+    (tail,) = list(f.cache.tails)
+    tail_k = f.pool.k_res[0, tail.page].clone()
+
+    q2, k2, v2 = _data(50)
+    q3, k3, v3 = _data(30)
+    r2 = f.request(t1 + list(range(5000, 5050)))
+    r3 = f.request(t1 + list(range(7000, 7030)))
+    assert (r2.prefix_len, r3.prefix_len) == (200, 200)  # the old cache stopped at 128
+    out = f.prefill([r2, r3], torch.cat((q2, q3)), torch.cat((k2, k3)), torch.cat((v2, v3)))
+    torch.testing.assert_close(
+        out[:50].float(), _reference(q2, k1, v1, k2, v2, f.cfg, 200), atol=2e-3, rtol=2e-3
+    )
+    torch.testing.assert_close(
+        out[50:].float(), _reference(q3, k1, v1, k3, v3, f.cfg, 200), atol=2e-3, rtol=2e-3
+    )
+    assert torch.equal(f.pool.k_res[0, tail.page], tail_k) and tail.alive
+    pages = [int(f.rtp.req_to_token[r.kv.req_pool_idx, PAGE]) // PAGE for r in (r2, r3)]
+    assert pages[0] != pages[1]  # each continues the partial page in a page of its own
+
+    f.finish(r2)  # 250 tokens: its 122-token tail extends turn 1's, which goes
+    f.finish(r3)
+    assert not tail.alive and len(f.cache.tails) == 2
+    assert f.pool.residual_state() == {"total": 4, "free": 2, "held": 0, "cached": 2}
+    r4 = f.request(t1 + list(range(5000, 5050)) + [9, 9, 9])
+    assert r4.prefix_len == 250
+    f.cache.unlock(r4.lock)
+    f.flush_is_clean()
+
+
+def test_short_history_under_the_root_and_eviction_drops_orphans(monkeypatch):
+    """A history shorter than a page is a tail of the root; evicting the tree node a tail
+    hangs from gives the tail's residual page back."""
+    monkeypatch.setenv("OSCAR_KV_BACKEND", "torch")
+    torch.manual_seed(1)
+    f = Flow()
+    short = list(range(60))
+    q, k, v = _data(60)
+    r = f.request(short)
+    f.prefill([r], q, k, v)
+    f.finish(r)
+    q2, k2, v2 = _data(20)
+    r2 = f.request(short + list(range(100, 120)))
+    assert r2.prefix_len == 60
+    out = f.prefill([r2], q2, k2, v2)
+    torch.testing.assert_close(
+        out.float(), _reference(q2, k, v, k2, v2, f.cfg, 60), atol=2e-3, rtol=2e-3
+    )
+    f.finish(r2)
+
+    long = list(range(300, 600))
+    r3 = f.request(long)
+    f.prefill([r3], *_data(300))
+    f.finish(r3)
+    assert f.pool.residual_state()["cached"] == 2
+    f.cache.evict(EvictParams(num_tokens=10**6))
+    # The long history's node is gone, and with it its tail; the root's tail stays.
+    assert f.pool.residual_state() == {"total": 4, "free": 3, "held": 0, "cached": 1}
+    f.flush_is_clean()
+
+
+def test_out_of_residual_pages_a_tail_moves_to_its_continuation(monkeypatch):
+    """Two residual pages: one held by a running request, one by a cached tail. The next
+    turn of that tail needs a page: nothing else is free, so the tail's page moves to it
+    (no copy) and the answer is the same as with a copy."""
+    monkeypatch.setenv("OSCAR_KV_BACKEND", "torch")
+    torch.manual_seed(2)
+    f = Flow(residual_pages=2)
+    t1 = list(range(200))
+    q1, k1, v1 = _data(200)
+    r1 = f.request(t1)
+    f.prefill([r1], q1, k1, v1)
+    f.finish(r1)
+    running = f.request(list(range(900, 910)))
+    f.prefill([running], *_data(10))
+    assert f.pool.residual_state() == {"total": 2, "free": 0, "held": 1, "cached": 1}
+    (tail,) = list(f.cache.tails)
+    q2, k2, v2 = _data(40)
+    r2 = f.request(t1 + list(range(5000, 5040)))
+    assert r2.prefix_len == 200
+    out = f.prefill([r2], q2, k2, v2)
+    torch.testing.assert_close(
+        out.float(), _reference(q2, k1, v1, k2, v2, f.cfg, 200), atol=2e-3, rtol=2e-3
+    )
+    assert not tail.alive and f.pool.residual_state()["cached"] == 0
+    assert int(f.pool.residual_of_slot[r2.kv.req_pool_idx]) == tail.page
+    f.finish(running)
+    f.finish(r2)
+    f.flush_is_clean()
+
+
+def test_unused_tails_are_reclaimed_for_new_requests(monkeypatch):
+    """Cached tails never block a new request: the least recently used gives its page."""
+    monkeypatch.setenv("OSCAR_KV_BACKEND", "torch")
+    torch.manual_seed(3)
+    f = Flow(residual_pages=2)
+    for base in (0, 1000):
+        r = f.request(list(range(base, base + 150)))
+        f.prefill([r], *_data(150))
+        f.finish(r)
+    assert f.pool.residual_state() == {"total": 2, "free": 0, "held": 0, "cached": 2}
+    a, b = f.request(list(range(3000, 3010))), f.request(list(range(4000, 4010)))
+    f.prefill([a, b], *_data(20))
+    assert f.pool.residual_state() == {"total": 2, "free": 0, "held": 2, "cached": 0}
+    f.finish(a)
+    f.finish(b)
+    f.flush_is_clean()

@@ -14,6 +14,9 @@
   with SGLang by scripts/install_sglang.sh serves one chat request with ``--kv-quant oscar``
   (on CPU without a GPU) and its start-up log shows the OScaR pool.
 
+- (slow) The wheel, built by scripts/build_wheel.sh, is one abi3 manylinux_2_28 wheel, and
+  auditwheel accepts that tag.
+
 ``OSCAR_WHEEL=/path/to/oscar_kv-*.whl`` reuses a built wheel instead of building one.
 """
 
@@ -21,12 +24,14 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
 import textwrap
 import time
 import tomllib
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -53,6 +58,9 @@ SGLANG_PINS = {
     "openai": "2.8.0",
     "xgrammar": "0.2.7",
 }
+# The release wheel's platform tag (scripts/build_wheel.sh) and the auditwheel that checks it.
+WHEEL_TAG = "manylinux_2_28"
+AUDITWHEEL = "auditwheel==6.8.2"
 # What the serving path may import at runtime.
 CORE = {"torch", "numpy", "ninja"}
 # Optional packages (extras), blocked to check the core does not import them.
@@ -226,16 +234,38 @@ def _venv(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    """This package's wheel: $OSCAR_WHEEL, else built from the tree (maturin, release)."""
+    """This package's release wheel: $OSCAR_WHEEL, else built from the tree by
+    scripts/build_wheel.sh (maturin --release --zig, manylinux_2_28)."""
     given = os.environ.get("OSCAR_WHEEL")
     if given:
         return Path(given).resolve()
     out = tmp_path_factory.mktemp("wheel")
     t0 = time.monotonic()
-    _sh([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(out), str(ROOT)], 1800)
-    (whl,) = out.glob("oscar_kv-*.whl")
+    r = _sh(["bash", str(ROOT / "scripts" / "build_wheel.sh"), str(out)], 1800, cwd=ROOT)
+    whl = Path(r.stdout.strip().splitlines()[-1])
+    assert whl.parent == out and whl.is_file(), r.stdout
     print(f"[test_install] built {whl.name} in {time.monotonic() - t0:.0f} s")
     return whl
+
+
+@pytest.mark.slow
+def test_wheel_is_manylinux_2_28(wheel, tmp_path):
+    """One abi3 wheel for CPython >= 3.10 on any glibc >= 2.28 system: the tag in its name and
+    in its WHEEL file, and auditwheel (reading the extension's glibc symbol versions) agrees."""
+    tag = f"cp310-abi3-{WHEEL_TAG}_{platform.machine()}"
+    version = PYPROJECT["project"]["version"]
+    assert wheel.name == f"oscar_kv-{version}-{tag}.whl", wheel.name
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+        meta = z.read(f"oscar_kv-{version}.dist-info/WHEEL").decode()
+    tags = [line.removeprefix("Tag: ") for line in meta.splitlines() if line.startswith("Tag: ")]
+    assert tags == [tag], meta
+    assert {"oscar_kv/_native.abi3.so", "oscar_kv/csrc/cpu/decode_cpu.cpp"} <= names
+    python = _venv(tmp_path / "venv")
+    _sh([str(python), "-m", "pip", "install", "-q", AUDITWHEEL], 600)
+    r = _sh([str(python), "-m", "auditwheel", "show", str(wheel)], 300)
+    report = " ".join((r.stdout + r.stderr).split())  # auditwheel wraps its lines
+    assert f'platform tag: "{WHEEL_TAG}_{platform.machine()}"' in report, report
 
 
 def _resolve(python: Path, *reqs: str) -> tuple[dict[str, str], dict, float]:

@@ -47,6 +47,12 @@ TRITON="triton>=3.6,<3.10"
 log "pip install ${#DEPS[@]} pinned dependencies, $TRITON"
 "$PYTHON" -m pip install -q "${DEPS[@]}" "$TRITON" "torch==$TORCH" "${SGLANG_PINS[@]}"
 
+# SGLang's router, for scale-out (docs/scale-out.md; the `router` extra): its dependencies
+# are among the pins above, so this adds the one package.
+ROUTER=sglang-router==0.3.2
+log "pip install $ROUTER"
+"$PYTHON" -m pip install -q "$ROUTER" "${DEPS[@]}" "torch==$TORCH" "${SGLANG_PINS[@]}"
+
 # Every version SGLang's metadata states holds, except torch==2.14.1 (the CPU build is kept);
 # its GPU-only packages, left out on purpose, show as "not installed" and are not checked.
 conflicts=$("$PYTHON" -m pip check 2>/dev/null | grep -E '^(sglang|oscar-kv) .* has requirement ' \

@@ -280,6 +280,34 @@ def test_short_history_under_the_root_and_eviction_drops_orphans(monkeypatch):
     f.flush_is_clean()
 
 
+def test_prefix_ending_inside_a_packed_page(monkeypatch):
+    """Request A held 300 tokens (two packed pages + a tail); B shares A's first 200 tokens
+    and then differs, inside A's second page: B hits all 200 (the 72 tokens of that page
+    dequantized into B's residual page, as SGLang's token-granular cache would hit them),
+    and A's pages are left as they were."""
+    monkeypatch.setenv("OSCAR_KV_BACKEND", "torch")
+    torch.manual_seed(4)
+    f = Flow()
+    ta = list(range(300))
+    qa, ka, va = _data(300)
+    a = f.request(ta)
+    f.prefill([a], qa, ka, va)
+    f.finish(a)
+    before = f.pool.pages[0].clone()
+    qb, kb, vb = _data(40)
+    b = f.request(ta[:200] + list(range(8000, 8040)))
+    assert b.prefix_len == 200
+    out = f.prefill([b], qb, kb, vb)
+    kp, vp = dequantize_kv(quantize_kv(ka[:256], va[:256], f.cfg))
+    want = _exact_causal(
+        qb, torch.cat((kp[:200].float(), kb)), torch.cat((vp[:200].float(), vb)), 1 / math.sqrt(D)
+    )
+    torch.testing.assert_close(out.float(), want, atol=2e-3, rtol=2e-3)
+    assert torch.equal(f.pool.pages[0], before)
+    f.finish(b)
+    f.flush_is_clean()
+
+
 def test_out_of_residual_pages_a_tail_moves_to_its_continuation(monkeypatch):
     """Two residual pages: one held by a running request, one by a cached tail. The next
     turn of that tail needs a page: nothing else is free, so the tail's page moves to it

@@ -119,6 +119,11 @@ class _TreeView:
         self, tokens: _Ints, namespace: str | None = None, limit: int | None = None
     ) -> tuple[int, int]:
         """(matched_tokens, node), without the page ids."""
+    def partial_child(
+        self, node: int, rest: _Ints, namespace: str | None = None
+    ) -> tuple[int, int] | None:
+        """(page, run): the child of node (a match's end; ROOT_NODE with namespace) whose
+        first page starts with the longest run (< page_size) of rest's leading tokens."""
     def lock(self, node: int) -> int:
         """Protects the path to node; returns the pages that became protected."""
     def unlock(self, node: int) -> int:

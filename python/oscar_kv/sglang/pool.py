@@ -255,6 +255,19 @@ class OscarTokenToKVPool(KVCache):
         self.k_res[:, dst] = self.k_res[:, src_page]
         self.v_res[:, dst] = self.v_res[:, src_page]
 
+    def dequantize_into_residual(self, page: int, slot: int) -> None:
+        """Packed page ``page`` of every layer, dequantized into slot's own residual page:
+        a prefix that ends inside a cached page continues from those tokens (as the packed
+        page holds them), and its page is quantized again when it completes."""
+        dst = self._owner[slot]
+        ids = torch.tensor([page], dtype=torch.int32, device=self.pages.device)
+        for layer in range(self.layer_num):
+            k, v = ops.dequantize_pages(
+                self.pages[layer], ids, self.config, self.head_num, self.head_dim
+            )
+            self.k_res[layer, dst] = k[0].to(self.k_res.dtype)
+            self.v_res[layer, dst] = v[0].to(self.v_res.dtype)
+
     def residual_state(self) -> dict[str, int]:
         """total / free / held (by request slots) / cached (tails in the prefix cache): the
         leak line's second kind; after all requests finished, held = 0 and

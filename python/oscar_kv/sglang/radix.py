@@ -22,15 +22,20 @@ bookkeeping and lock counting in Rust:
 The allocator stays SGLang's (the tree holds page ids, ``kv_index // page_size``); the
 tree takes one page per whole page of the key.
 
-Whole histories: over an ``OscarTokenToKVPool`` a finished request's partial last page (its
-bf16 residual page) stays cached as a tail of the node where its whole pages end
-(`oscar_kv.sglang.tails`), so ``match_prefix`` can return a prefix that ends inside a page
-(the next turn of a chat hits everything the previous turn held). Copy-on-write: the
-adopting request gets a fresh allocator page for its copy of that partial page
-(``prefix_device_indices``; SGLang's admission reserves one page per request for this
-alignment) and, once SGLang gives it a request slot (``ReqToTokenPool.alloc``), a copy of the
-tail's residual page; when residual pages run out, least recently used tails are given back,
-and a tail whose page is needed moves to the request that continues it. Namespaces: ``RadixKey.extra_key`` and
+Prefixes that end inside a page (over an ``OscarTokenToKVPool``): a finished request's
+partial last page (its bf16 residual page) stays cached as a tail of the node where its
+whole pages end (`oscar_kv.sglang.tails`), so the next turn of a chat hits everything the
+previous turn held; and a key that shares only the first tokens of a cached page (a system
+prompt that ends mid-page, shared by requests with different questions) takes those tokens
+from that packed page, dequantized, as SGLang's own token-granular cache would. The longer
+of the two wins (the tail on a tie: it is exact). Copy-on-write: the request gets a fresh
+allocator page for its own copy of the partial page (``prefix_device_indices``; SGLang's
+admission reserves one page per request for this alignment) and, once SGLang gives it a
+request slot (``ReqToTokenPool.alloc``), its residual page gets the tail's page copied or
+the packed page's tokens dequantized. When residual pages run out, least recently used
+tails are given back, and a tail whose page is needed moves to the request continuing it.
+A source page stays unwritten until the batch's forward even if the tree evicts it in the
+meantime (pages are written by forwards only), so the copy always reads what was matched. Namespaces: ``RadixKey.extra_key`` and
 ``cache_salt`` together, so different LoRA adapters or salts never share pages.
 Unsupported (rejected at construction with a clear message): EAGLE bigram keys, eviction
 policies other than LRU, hybrid SWA/Mamba models, HiCache, KV events.
@@ -45,6 +50,7 @@ import math
 import time
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -74,6 +80,16 @@ logger = logging.getLogger(__name__)
 
 BACKEND_NAME = "oscar"
 ROOT = _native.ROOT_NODE
+
+
+@dataclass(frozen=True)
+class PartialPage:
+    """Where a prefix ending inside a page gets that page's first ``length`` tokens: a
+    cached tail (its bf16 residual page, copied) or a packed page of the tree (dequantized)."""
+
+    length: int
+    tail: Tail | None = None
+    page: int = -1
 
 
 def _namespace(key: RadixKey) -> str | None:
@@ -127,12 +143,10 @@ class OscarRadixCache(BasePrefixCache):
             if not self.disable and self.page_size > 1 and hasattr(kvcache, "detach_residual")
             else None
         )
-        # Requests whose match ended in a tail, until their prefix is allocated; then until
-        # SGLang gives them a request slot. Weak: a request dropped while waiting leaves.
-        self._matched_tail: weakref.WeakKeyDictionary[Req, tuple[Tail, int]] = (
-            weakref.WeakKeyDictionary()
-        )
-        self._pending_tail: weakref.WeakKeyDictionary[Req, Tail] = weakref.WeakKeyDictionary()
+        # Requests whose match ends inside a page, until their prefix is allocated; then
+        # until SGLang gives them a request slot. Weak: a request dropped while waiting leaves.
+        self._matched: weakref.WeakKeyDictionary[Req, PartialPage] = weakref.WeakKeyDictionary()
+        self._pending: weakref.WeakKeyDictionary[Req, PartialPage] = weakref.WeakKeyDictionary()
         self._protect: set[int] = set()
         if self._residual is not None:
             self._residual.reclaim_residual = self._reclaim_residual
@@ -219,22 +233,30 @@ class OscarRadixCache(BasePrefixCache):
         matched, node = 0, ROOT
         if n >= self.page_size:
             matched, node = self.tree.match_len(key.token_ids, ns, n)
-        tail_len = 0
+        partial = 0
         req = params.req
         if self._residual is not None and req is not None:
-            self._matched_tail.pop(req, None)
-            if matched < n and len(self.tails):
-                tail, tail_len = self.tails.match((node, ns), key.token_ids[matched:n])
-                if tail is not None:
-                    self._matched_tail[req] = (tail, tail_len)
-        if matched + tail_len == 0:
+            self._matched.pop(req, None)
+            if matched < n:
+                found = self._match_partial(node, ns, key.token_ids[matched:n])
+                if found is not None:
+                    self._matched[req] = found
+                    partial = found.length
+        if matched + partial == 0:
             return self._empty_match_result
         return MatchResult(
-            device_prefix_len=matched + tail_len,
+            device_prefix_len=matched + partial,
             last_device_node=node,
             last_host_node=node,
             best_match_node=node,
         )
+
+    def _match_partial(self, node: int, ns: str | None, rest: Any) -> PartialPage | None:
+        tail, k = self.tails.match((node, ns), rest) if len(self.tails) else (None, 0)
+        packed = self.tree.partial_child(node, rest, ns)
+        if packed is not None and packed[1] > k:
+            return PartialPage(length=packed[1], page=packed[0])
+        return PartialPage(length=k, tail=tail) if tail is not None else None
 
     def touch_prefix(self, key: RadixKey) -> None:
         if self.disable or len(key) < self.page_size:
@@ -347,28 +369,33 @@ class OscarRadixCache(BasePrefixCache):
 
     def prefix_device_indices(self, req: Req) -> torch.Tensor:
         """The matched prefix's KV indices (what ``alloc_for_extend`` writes into the row).
-        A prefix ending in a tail gets a fresh page for its partial page, and the tail's
-        residual page is copied for the request once it holds a slot."""
+        A prefix ending inside a page gets a fresh page for its own copy of that page; the
+        request's residual page is filled from the source once the request holds a slot."""
         path = self.path_device_indices(req.last_node)
         k = req.prefix_len - len(path)
-        entry = self._matched_tail.pop(req, None)
+        partial = self._matched.pop(req, None)
         if k <= 0:
             return path[: req.prefix_len]
-        if entry is None or not entry[0].alive or entry[1] < k:
+        if partial is None or partial.length < k or not self._source_cached(partial):
             raise RuntimeError(
-                f"oscar-kv: request {req.rid} matched {k} tokens of a cached tail that is no "
-                "longer cached when its prefix is allocated"
+                f"oscar-kv: request {req.rid} matched {k} tokens inside a cached page that is "
+                "no longer cached when its prefix is allocated"
             )
         locs = self._alloc_one_page()
         if req.kv.req_pool_idx is not None:
-            self._bind_tails([(req, entry[0])], moves=[])
+            self._fill_residual([(req, partial)], moves=[])
         else:
-            self._pending_tail[req] = entry[0]
+            self._pending[req] = partial
         return torch.cat((path, locs[:k].to(path.dtype)))
 
+    def _source_cached(self, partial: PartialPage) -> bool:
+        if partial.tail is not None:
+            return partial.tail.alive
+        return self.tree.contains_page(partial.page)
+
     def on_release(self, req: Req, *, checkpointed: bool) -> None:
-        self._matched_tail.pop(req, None)
-        self._pending_tail.pop(req, None)
+        self._matched.pop(req, None)
+        self._pending.pop(req, None)
 
     # ----- tails ----------------------------------------------------------------------------
 
@@ -392,26 +419,27 @@ class OscarRadixCache(BasePrefixCache):
         rtp = self.req_to_token_pool
         alloc = rtp.alloc
 
-        def alloc_continuing_tails(reqs: list[Req]) -> list[int] | None:
-            adopters = [(r, t) for r in reqs if (t := self._pending_tail.pop(r, None))]
-            for r, t in adopters:
-                if not t.alive:
+        def alloc_filling_partial_pages(reqs: list[Req]) -> list[int] | None:
+            partials = [(r, p) for r in reqs if (p := self._pending.pop(r, None)) is not None]
+            continued = [(r, p.tail) for r, p in partials if p.tail is not None]
+            for r, tail in continued:
+                if not tail.alive:
                     raise RuntimeError(
                         f"oscar-kv: the cached tail request {r.rid} continues was evicted "
                         "before the request got its slot"
                     )
-            self._protect = {id(t) for _, t in adopters}
+            self._protect = {id(t) for _, t in continued}
             try:
                 new = sum(1 for r in reqs if not r.kv.holds_kv)
-                moves = self._make_residual_room(new, adopters)
+                moves = self._make_residual_room(new, continued)
                 out = alloc(reqs)
             finally:
                 self._protect = set()
             if out is not None:
-                self._bind_tails(adopters, moves)
+                self._fill_residual(partials, moves)
             return out
 
-        rtp.alloc = alloc_continuing_tails
+        rtp.alloc = alloc_filling_partial_pages
 
     def _make_residual_room(
         self, new: int, adopters: list[tuple[Req, Tail]]
@@ -435,16 +463,22 @@ class OscarRadixCache(BasePrefixCache):
                 short -= 1
         return moves
 
-    def _bind_tails(self, adopters: list[tuple[Req, Tail]], moves: list[tuple[Req, Tail]]) -> None:
+    def _fill_residual(
+        self, partials: list[tuple[Req, PartialPage]], moves: list[tuple[Req, Tail]]
+    ) -> None:
         # Moves first: a moved page is still unwritten wherever the slot alloc put it,
         # and the copies below read it; no copy writes into a moved page.
         pool = self._residual
         moved = {id(r) for r, _ in moves}
         for r, t in moves:
             pool.give_page(r.kv.req_pool_idx, t.page)
-        for r, t in adopters:
-            if id(r) not in moved:
-                pool.copy_residual(t.page, r.kv.req_pool_idx)
+        for r, p in partials:
+            if id(r) in moved:
+                continue
+            if p.tail is not None:
+                pool.copy_residual(p.tail.page, r.kv.req_pool_idx)
+            else:
+                pool.dequantize_into_residual(p.page, r.kv.req_pool_idx)
 
     def _cache_tail(self, req: Req, group: tuple[int, str | None], tokens: Any) -> None:
         page = self._residual.detach_residual(req.kv.req_pool_idx)

@@ -546,6 +546,39 @@ impl RadixTree {
         self.handle(node)
     }
 
+    /// The longest run of leading tokens of `rest` (the key past `node`, the node a match
+    /// ended on) that a child of `node` starts with, when that run is shorter than a page:
+    /// `(the child's first page id, run length)`, or `None` when no child shares a token.
+    /// A prefix may so end inside a cached page. Read-only: nothing is stamped or locked.
+    pub fn partial_child(
+        &self,
+        node: NodeHandle,
+        namespace: Option<&str>,
+        rest: &[Token],
+    ) -> Result<Option<(PageId, usize)>, CacheError> {
+        let idx = match self.resolve(node)? {
+            Some(idx) => idx,
+            None => match self.root_of(namespace) {
+                Some(root) => root,
+                None => return Ok(None),
+            },
+        };
+        let want = rest.len().min(self.page_size - 1);
+        let mut best: Option<(PageId, usize)> = None;
+        for child in self.children_of(idx) {
+            let run = self
+                .first_page(child)
+                .iter()
+                .zip(&rest[..want])
+                .take_while(|(a, b)| a == b)
+                .count();
+            if run > 0 && best.is_none_or(|(_, b)| run > b) {
+                best = Some((self.nodes[child as usize].pages[0], run));
+            }
+        }
+        Ok(best)
+    }
+
     /// Inserts the whole pages of `tokens` with their page ids `pages` (one per whole page;
     /// a trailing partial page of tokens is ignored). The tree takes ownership of the pages
     /// past the already-cached prefix; the caller's pages inside that prefix that differ from
@@ -1286,6 +1319,29 @@ mod tests {
             assert_eq!(n.parent, nodes[0].handle);
             assert_eq!(n.depth_pages, 1);
         }
+    }
+
+    #[test]
+    fn partial_child_finds_the_longest_run_inside_a_page() {
+        let mut t = RadixTree::new(64, 4).unwrap();
+        t.insert(None, &[1, 2, 3, 4, 5, 6, 7, 8], &[3, 4]).unwrap();
+        t.insert(None, &[1, 2, 3, 4, 5, 6, 9, 9], &[3, 6]).unwrap();
+        let m = t.match_prefix(None, &[1, 2, 3, 4, 5, 6, 7, 0]);
+        assert_eq!(m.pages, vec![3]);
+        assert_eq!(
+            t.partial_child(m.node, None, &[5, 6, 7, 0]).unwrap(),
+            Some((4, 3))
+        );
+        assert_eq!(t.partial_child(m.node, None, &[8]).unwrap(), None);
+        // From the root (no whole page matched); never a whole page.
+        let root = NodeHandle::ROOT;
+        assert_eq!(t.partial_child(root, None, &[1, 2]).unwrap(), Some((3, 2)));
+        assert_eq!(
+            t.partial_child(root, None, &[1, 2, 3, 4]).unwrap(),
+            Some((3, 3))
+        );
+        assert_eq!(t.partial_child(root, Some("other"), &[1]).unwrap(), None);
+        t.check_invariants().unwrap();
     }
 
     #[test]

@@ -306,6 +306,24 @@ macro_rules! tree_methods {
                 Ok((matched, node.raw()))
             }
 
+            /// `(page, run)`: the child of `node` (a match's end; ROOT_NODE with `namespace`)
+            /// whose first page starts with the longest run (< page_size) of `rest`'s
+            /// leading tokens, or None. Read-only.
+            #[args(namespace = "None")]
+            #[pyo3(text_signature = "($self, node, rest, namespace=None)")]
+            fn partial_child(
+                &self,
+                node: u64,
+                rest: &PyAny,
+                namespace: Option<&str>,
+            ) -> PyResult<Option<(u32, usize)>> {
+                let toks = crate::buffer::tokens(rest, None)?;
+                let g = read(&self.inner)?;
+                $view(&*g)
+                    .partial_child(NodeHandle::from_raw(node), namespace, &toks)
+                    .map_err(cache_error)
+            }
+
             /// Locks the path to `node` (no eviction until `unlock`); returns the pages that
             /// became protected. No-op on ROOT_NODE.
             #[pyo3(text_signature = "($self, node)")]

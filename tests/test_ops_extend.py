@@ -6,6 +6,8 @@ indexing, masking, norms, rotations) and through `ops` with its default fp16 ope
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -141,3 +143,42 @@ def test_extend_fused_bf16_tensors():
     got = ops.extend_attention(q.bfloat16(), k_new, v_new, cu, cache.paged_kv(), backend="triton")
     assert got.dtype == torch.bfloat16
     close(got, want, 1e-2)
+
+
+@pytest.mark.parametrize("group", [1, 4, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_attention_is_exact_causal_attention(group, dtype):
+    """A prefill with no cached prefix (ops.prefill_attention): each request's tokens attend
+    causally to themselves only, exactly (the reference with every token in the exact tail)."""
+    torch.manual_seed(0)
+    hk, d, lens = 2, 64, [0, 1, 130, 257]
+    n = sum(lens)
+    q = torch.randn(n, hk * group, d, dtype=dtype)
+    k, v = torch.randn(n, hk, d, dtype=dtype), torch.randn(n, hk, d, dtype=dtype)
+    cu = [0]
+    for t in lens:
+        cu.append(cu[-1] + t)
+    out = ops.prefill_attention(q, k, v, cu, scale=0.125)
+    assert out.dtype == dtype and out.shape == q.shape
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    for lo, hi in itertools.pairwise(cu):
+        if hi == lo:
+            continue
+        # Naive softmax attention, query head j on KV head j // group.
+        qq, kk, vv = q[lo:hi].double(), k[lo:hi].double(), v[lo:hi].double()
+        kk, vv = kk.repeat_interleave(group, 1), vv.repeat_interleave(group, 1)
+        logits = torch.einsum("qhd,khd->hqk", qq, kk) * 0.125
+        t = hi - lo
+        logits = logits.masked_fill(torch.ones(t, t).triu(1).bool(), float("-inf"))
+        ref = torch.einsum("hqk,khd->qhd", logits.softmax(-1), vv)
+        torch.testing.assert_close(out[lo:hi].double(), ref, atol=tol, rtol=tol)
+
+
+def test_prefill_attention_rejects_bad_shapes():
+    q, kv = torch.randn(4, 4, 64), torch.randn(4, 2, 64)
+    with pytest.raises(ValueError, match="cu_seqlens must run from 0 to 4"):
+        ops.prefill_attention(q, kv, kv, [0, 3])
+    with pytest.raises(ValueError, match="not a multiple"):
+        ops.prefill_attention(torch.randn(4, 3, 64), kv, kv, [0, 4])
+    with pytest.raises(ValueError, match="as many tokens"):
+        ops.prefill_attention(q[:3], kv, kv, [0, 3])

@@ -126,19 +126,24 @@ def test_openai_chat_stream_equals_non_stream(server):
 
 
 def test_cached_tokens_grow_across_turns(server):
-    """Packed pages written by one turn are matched by the next (whole 128-token pages)."""
+    """Each turn hits the previous turn's whole history (prompt + answer, less the last
+    answer token, whose KV is never computed, or all of it when the answer ended with the
+    end-of-turn token the template writes back), not only its whole 128-token pages, as
+    SGLang's own token-granular cache does: the packed pages and the bf16 tail."""
     messages = [{"role": "system", "content": SYSTEM * 3}]
-    cached, prompts = [], []
+    cached, prompts, answers = [], [], []
     for q in ("When does it open on Saturday?", "How many books can I borrow?", "Late fee?"):
         messages.append({"role": "user", "content": q})
         out = _chat(server, messages, max_tokens=24)
         messages.append({"role": "assistant", "content": out["choices"][0]["message"]["content"]})
         prompts.append(out["usage"]["prompt_tokens"])
+        answers.append(out["usage"]["completion_tokens"])
         cached.append(out["usage"]["prompt_tokens_details"]["cached_tokens"])
     assert prompts[0] > 256
-    assert cached[1] >= 256 and cached[2] > cached[1], (cached, prompts)
-    assert all(c % 128 == 0 for c in cached), cached  # only whole pages are shared
-    assert all(c <= p for c, p in zip(cached, prompts, strict=True))
+    for i in (1, 2):
+        history = prompts[i - 1] + answers[i - 1]
+        assert history - 1 <= cached[i] <= history, (cached, prompts, answers)
+    assert any(c % 128 for c in cached[1:]), cached  # more than whole pages
 
 
 def test_frontend_program_multi_turn_and_fork(server):
@@ -478,7 +483,9 @@ def test_tensor_parallel_2_on_cpu(tmp_path_factory):
             r = requests.post(s.url + "/generate", json=body, timeout=300)
             assert r.status_code == 200, r.text
             outs.append(r.json()["meta_info"])
-        assert outs[0]["cached_tokens"] == 0 and outs[1]["cached_tokens"] == 256, outs
+        # The second prompt shares the first's 300-odd tokens: two whole pages and the rest
+        # from the first request's bf16 tail.
+        assert outs[0]["cached_tokens"] == 0 and outs[1]["cached_tokens"] > 256, outs
         assert _post(s, "/flush_cache", {}).status_code == 200
         time.sleep(1)
         log = s.log_text()

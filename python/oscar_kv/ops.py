@@ -27,9 +27,11 @@ it is not the graph path). ``backend="triton"`` on CPU tensors runs Triton's int
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from types import ModuleType
 
 import torch
@@ -566,6 +568,40 @@ def extend_attention(
         kv.tail_index, kv.extend_work, kv.extend_rows, scale, kv.layout.native_args,
         _which(backend, q.device),
     )  # fmt: skip
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: Sequence[int],
+    *,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Causal self-attention of a prefill with no cached prefix: ``q`` [N, Hq, D], ``k``/``v``
+    [N, H_kv, D], request b owning rows cu_seqlens[b]:cu_seqlens[b+1] (host ints). Nothing
+    is read from the cache, so the dense prefill kernel serves it: one
+    ``scaled_dot_product_attention`` per request (FlashAttention / memory-efficient kernels on
+    CUDA, the flash kernel on CPU), GQA without repeating K/V, in the inputs' dtype. Exact
+    attention over the inputs: Q/K rotation would not change a logit, and V is in the basis
+    the output projection expects (folded or not)."""
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or q.shape[0] != k.shape[0]:
+        raise ValueError("q must be [N, Hq, D] and k/v [N, H_kv, D] with as many tokens")
+    if len(cu_seqlens) < 1 or cu_seqlens[0] != 0 or cu_seqlens[-1] != q.shape[0]:
+        raise ValueError(f"cu_seqlens must run from 0 to {q.shape[0]}, got {list(cu_seqlens)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads")
+    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
+    out = torch.empty_like(q)
+    for lo, hi in itertools.pairwise(cu_seqlens):
+        if hi == lo:
+            continue
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q[lo:hi].transpose(0, 1), k[lo:hi].transpose(0, 1), v[lo:hi].transpose(0, 1),
+            is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1],
+        )  # fmt: skip
+        out[lo:hi] = o.transpose(0, 1)
+    return out
 
 
 def plan_extend(kv: PagedKV, new_lens: list[int], q_heads: int) -> PagedKV:

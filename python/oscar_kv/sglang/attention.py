@@ -8,7 +8,8 @@ pool's device, the batch's `oscar_kv.paged.PagedKV` view (page table from SGLang
 
 - extend (and mixed; SGLang routes mixed batches to ``forward_extend`` off NPU): the new
   tokens attend to their request's cached pages, its residual page and themselves
-  (`ops.extend_attention`), then are stored (`OscarTokenToKVPool.store_extend`: completed
+  (`ops.extend_attention`; a batch with no cached prefix at all, the common first prefill,
+  goes straight to the dense prefill kernel, `ops.prefill_attention`), then are stored (`OscarTokenToKVPool.store_extend`: completed
   pages quantized, the rest into the residual page);
 - decode: the new token is stored first (`OscarTokenToKVPool.store_decode`, page completion
   on a fixed grid), then `ops.decode_attention` reads pages + residual page.
@@ -29,6 +30,7 @@ pool's config says V was folded into the weights (`oscar_kv.sglang.weights`). GQ
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass, fields
 from typing import Any
@@ -52,6 +54,8 @@ class OscarForwardMetadata:
     extend_plan: ExtendPlan | None = None
     decode_plan: DecodePlan | None = None
     graph: bool = False  # views of the CUDA-graph buffers
+    # extend with no cached prefix in the batch: cu_seqlens on the host, for the dense kernel
+    prefill_cu: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -177,7 +181,12 @@ class OscarAttnBackend(AttentionBackend):
         kv = self._kv(pages)
         if self.q_heads is not None and self.ops_backend in ("cuda", "triton"):
             kv = ops.plan_extend(kv, new_host, self.q_heads)
-        self.forward_metadata = OscarForwardMetadata(kv=kv, cu_seqlens=cu, extend_plan=plan)
+        prefill_cu = None
+        if seq_host == new_host:
+            prefill_cu = (0, *itertools.accumulate(new_host))
+        self.forward_metadata = OscarForwardMetadata(
+            kv=kv, cu_seqlens=cu, extend_plan=plan, prefill_cu=prefill_cu
+        )
 
     # -- CUDA graphs (decode) --------------------------------------------------------
     def init_cuda_graph_state(self, max_bs: int, max_num_tokens: int) -> None:
@@ -252,10 +261,13 @@ class OscarAttnBackend(AttentionBackend):
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kw):
         md = self.forward_metadata
         q3, k3, v3 = self._shapes(layer, q, k, v)
-        out = ops.extend_attention(
-            q3, k3, v3, md.cu_seqlens, md.kv,
-            layer=self.pool._layer(layer.layer_id), scale=layer.scaling,
-        )  # fmt: skip
+        if md.prefill_cu is not None:
+            out = ops.prefill_attention(q3, k3, v3, md.prefill_cu, scale=layer.scaling)
+        else:
+            out = ops.extend_attention(
+                q3, k3, v3, md.cu_seqlens, md.kv,
+                layer=self.pool._layer(layer.layer_id), scale=layer.scaling,
+            )  # fmt: skip
         if save_kv_cache:
             self.pool.store_extend(layer.layer_id, md.extend_plan, k3, v3)
         return out.flatten(1)  # [tokens, heads * D], also for 0 tokens

@@ -130,9 +130,11 @@ class Flow:
         req.output_ids = array("q")
         req.full_untruncated_fill_ids = array("q", tokens)
         # SGLang matches all but the last prompt token (one must be computed).
-        match_kv_cache(
+        m = match_kv_cache(
             req, self.cache, token_ids=req.origin_input_ids, max_prefix_len=len(tokens) - 1
         )
+        if m.cache_protected_len is None:  # as Req.init_next_round_input
+            req.kv.cache_protected_len = req.prefix_len
         req.lock = self.cache.lock(req.last_node)
         return req
 
@@ -143,8 +145,6 @@ class Flow:
 
         empty = torch.empty(0, dtype=torch.int64)
         prefix = [self.cache.prefix_device_indices(r) if r.prefix_len else empty for r in reqs]
-        for r in reqs:
-            r.kv.cache_protected_len = r.prefix_len
         slots = self.rtp.alloc(reqs)
         assert slots is not None
         pre = [r.prefix_len for r in reqs]
@@ -353,4 +353,58 @@ def test_unused_tails_are_reclaimed_for_new_requests(monkeypatch):
     assert f.pool.residual_state() == {"total": 2, "free": 0, "held": 2, "cached": 0}
     f.finish(a)
     f.finish(b)
+    f.flush_is_clean()
+
+
+def test_duplicate_of_a_partial_page_copy_is_repointed_whole(monkeypatch):
+    """Two requests continue one tail identically in one batch, each completing the partial
+    page in its own copy. When the second publishes, its copy duplicates the first's page in
+    the tree: it is freed and the request's row points at the tree's page from the page's
+    first token on (the prefix's part of that page included), so no page-table head is left
+    on the freed copy."""
+    monkeypatch.setenv("OSCAR_KV_BACKEND", "torch")
+    torch.manual_seed(5)
+    f = Flow()
+    t1 = list(range(200))
+    q1, k1, v1 = _data(200)
+    a = f.request(t1)
+    f.prefill([a], q1, k1, v1)
+    f.finish(a)
+    more = list(range(6000, 6060))
+    b, c = f.request(t1 + more), f.request(t1 + more)
+    q, k, v = _data(60)
+    f.prefill([b, c], torch.cat((q, q)), torch.cat((k, k)), torch.cat((v, v)))
+    copy_c = int(f.rtp.req_to_token[c.kv.req_pool_idx, PAGE]) // PAGE
+    f.finish(b)
+    c.full_untruncated_fill_ids = array("q", t1 + more)
+    f.cache.checkpoint(c, up_to=260)
+    row = f.rtp.req_to_token[c.kv.req_pool_idx]
+    tree_page = int(row[PAGE + 127]) // PAGE
+    assert tree_page != copy_c
+    assert torch.equal(row[PAGE : 2 * PAGE], torch.arange(PAGE, dtype=row.dtype) + tree_page * PAGE)
+    assert copy_c in f.allocator.free_pages.tolist()
+    f.finish(c)
+    f.flush_is_clean()
+
+
+def test_request_released_without_insert_frees_its_partial_page_copy(monkeypatch):
+    """A request that continued a tail and is released without publishing (aborted, or
+    barred from the tree) frees its own copy of the partial page and nothing of the tree:
+    the tree protects the whole pages only."""
+    from sglang.srt.mem_cache.common import release_kv_cache
+
+    monkeypatch.setenv("OSCAR_KV_BACKEND", "torch")
+    torch.manual_seed(6)
+    f = Flow()
+    t1 = list(range(200))
+    a = f.request(t1)
+    f.prefill([a], *_data(200))
+    f.finish(a)
+    free_before = f.allocator.available_size()
+    b = f.request(t1 + list(range(50)))
+    assert b.prefix_len == 200 and b.kv.cache_protected_len == PAGE
+    f.prefill([b], *_data(50))
+    release_kv_cache(b, f.cache, checkpoint=False)
+    assert f.allocator.available_size() == free_before
+    assert len(f.cache.tails) == 1 and f.cache.pool_state()["leaked"] == 0
     f.flush_is_clean()

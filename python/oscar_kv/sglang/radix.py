@@ -244,11 +244,14 @@ class OscarRadixCache(BasePrefixCache):
                     partial = found.length
         if matched + partial == 0:
             return self._empty_match_result
+        # The tree owns the whole pages only: the partial page is the request's own copy,
+        # which its release frees (SGLang would protect the whole prefix otherwise).
         return MatchResult(
             device_prefix_len=matched + partial,
             last_device_node=node,
             last_host_node=node,
             best_match_node=node,
+            cache_protected_len=matched if partial else None,
         )
 
     def _match_partial(self, node: int, ns: str | None, rest: Any) -> PartialPage | None:

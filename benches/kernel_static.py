@@ -52,6 +52,9 @@ prefix again, so per unique prefix byte multiply instr_per_kv_byte by the work i
     python benches/kernel_static.py            # writes benches/results/kernels_static.csv
                                                # and kernels_static_summary.md
     python benches/kernel_static.py --quick    # the GQA 4 / D 128 / 2-bit rows only
+
+A full run (neither --quick nor --only) also carries the rows of earlier Triton decode
+versions ('triton-v1', 'triton-v2', ...) over from the committed CSV, unchanged.
 """
 
 from __future__ import annotations
@@ -349,7 +352,16 @@ def _disasm(cubin: bytes) -> tuple[str, int]:
 # launcher marks every other pointer and integer argument tt.divisibility=16 for the shapes
 # served (torch allocations are 16-byte aligned, strides are multiples of head_dim >= 64,
 # page_bytes a multiple of 16), and that is what lets it vectorize the loads.
-NOT_DIVISIBLE = {"pt_stride", "pages_per_split", "work_q0_ptr", "qk_scale", "NSPLIT", "n_rows"}
+NOT_DIVISIBLE = {
+    "pt_stride",
+    "pages_per_split",
+    "work_q0_ptr",
+    "qk_scale",
+    "NSPLIT",
+    "n_rows",
+    "n_cols",
+    "col0",
+}
 
 
 def compile_triton(fn, constexprs: dict, num_warps: int) -> Compiled:
@@ -361,7 +373,9 @@ def compile_triton(fn, constexprs: dict, num_warps: int) -> Compiled:
     types = {"pool_ptr": "*u8", "pt_ptr": "*i32", "npages_ptr": "*i32", "tidx_ptr": "*i32",
              "tlen_ptr": "*i32", "seq_lens_ptr": "*i32", "cu_ptr": "*i32",
              "work_req_ptr": "*i32", "work_q0_ptr": "*i32", "mid_o_ptr": "*fp32",
-             "mid_m_ptr": "*fp32", "mid_l_ptr": "*fp32", "qk_scale": "fp32"}  # fmt: skip
+             "mid_m_ptr": "*fp32", "mid_l_ptr": "*fp32", "qk_scale": "fp32", "ws_k_ptr": "*fp16",
+             "ws_v_ptr": "*fp16", "st_m_ptr": "*fp32", "st_l_ptr": "*fp32",
+             "st_acc_ptr": "*fp32"}  # fmt: skip
     for p in ("q_ptr", "kt_ptr", "vt_ptr", "k_ptr", "v_ptr", "kn_ptr", "vn_ptr", "out_ptr"):
         types[p] = "*bf16"
     sig = aot._params(fn, constexprs, types)
@@ -580,15 +594,39 @@ def triton_page_kernels(op: str, bits: int, group: int, d: int):
         ce = {**la, "HKV": KV_HEADS, "G": group, "GP": max(16, gp), "PRECISE": False,
               "ROT_Q": True, "BT": bt}  # fmt: skip
         warps, loop, note = 4, ("decode.py", r"for it in range\(start \* NSUB"), ""
-    else:
+    elif op == "extend":
         from oscar_kv.triton.extend import extend_kernel as fn
 
         bm = extend_block_tokens(group, d)
         ce = {**la, "G": group, "GP": gp, "BM": bm, "PRECISE": False, "ROT_Q": True,
-              "ROT_V": True, "BT": BT}  # fmt: skip
+              "ROT_V": True, "BT": BT, "SPLIT": True}  # fmt: skip
         warps, loop = EXTEND_WARPS, ("extend.py", r"for it in range\(n_pages \* NSUB")
-        note = f"per program of {bm} new tokens x {gp} heads; each work item re-reads the prefix"
-    spec = Spec(op, "triton", bits, group, d, loop, warps, bt, kv_bytes, extra_note=note)
+        note = (f"per program of {bm} new tokens x {gp} heads; fused: serves the requests whose"
+                " new tokens fit one program (others: triton-ws)")  # fmt: skip
+    elif op == "extend-ws":
+        from oscar_kv.triton.extend import extend_ws_kernel as fn
+
+        bm = extend_block_tokens(group, d)
+        ce = {k: la[k] for k in ("D", "LOG2D", "NORM", "OFF_N")}
+        ce |= {"H": KV_HEADS, "G": group, "GP": gp, "BM": bm, "PRECISE": False, "ROT_Q": True,
+               "ROT_V": True, "BT": BT, "FIRST": True, "LAST": True}  # fmt: skip
+        warps, loop = EXTEND_WARPS, ("extend.py", r"for it in range\(cols \* NSUB")
+        kv_bytes = 2.0 * BT * d * 2  # the fp16 workspace K and V it reads
+        note = (f"per program of {bm} new tokens x {gp} heads; KV bytes = the fp16 workspace"
+                " (written once per page by triton-ws-dequant) it reads")  # fmt: skip
+    else:
+        from oscar_kv.triton.extend import dequantize_prefix_kernel as fn
+
+        ce = {k: la[k] for k in ("OFF_KC", "OFF_VC", "OFF_KS", "OFF_KZ", "OFF_VS", "OFF_VZ", "D",
+                                 "BITS", "KG", "VG")}  # fmt: skip
+        ce |= {"H": KV_HEADS, "BM": extend_block_tokens(group, d), "TC": 32}
+        warps, loop = 4, ("extend.py", r"for t0 in range\(0, T, TC\)")
+        kv_bytes = layout.page_bytes / KV_HEADS * 32 / 128
+        note = "once per prefix page and KV head; writes the fp16 workspace"
+    impl = {"extend-ws": "triton-ws", "extend-dequant": "triton-ws-dequant"}.get(op, "triton")
+    tokens = 32 if op == "extend-dequant" else bt
+    op = "extend" if op.startswith("extend") else op
+    spec = Spec(op, impl, bits, group, d, loop, warps, tokens, kv_bytes, extra_note=note)
     return spec, lambda: compile_triton(fn, ce, warps)
 
 
@@ -636,11 +674,13 @@ def cuda_decode(bits: int, group: int, d: int):
     return spec, lambda: compile_cuda_decode(d, bits)
 
 
+# Every decode shape: bits x GQA group x head_dim (the model check's ranges).
+DECODE_GRID = [(b, g, d) for b in (2, 4) for g in (1, 4, 8, 16) for d in (64, 128, 256)]
+
+
 def all_specs(quick: bool):
     """(spec, compile key, compile thunk) for every row; rows sharing a key share a compile."""
-    main = [(2, 4, 128)]
-    full = main + [(2, 1, 128), (2, 8, 128), (2, 4, 64), (2, 4, 256), (4, 4, 128)]
-    shapes = main if quick else full
+    shapes = [(2, 4, 128)] if quick else DECODE_GRID
     out = []
     for bits, g, d in shapes:
         s, c = triton_page_kernels("decode", bits, g, d)
@@ -651,17 +691,91 @@ def all_specs(quick: bool):
     for _, g, d in dict.fromkeys((1, g, d) for bits, g, d in shapes):
         s, c = triton_bf16(g, d)
         out.append((s, ("bf16", g, d), c))
-    s, c = triton_page_kernels("extend", 2, 4, 128)
-    out.append((s, ("triton-extend", 2, 4, 128), c))
+    for op in ("extend", "extend-ws", "extend-dequant"):
+        s, c = triton_page_kernels(op, 2, 4, 128)
+        out.append((s, (f"triton-{op}", 2, 4, 128), c))
     return out
 
 
+def row_key(r: dict) -> tuple:
+    return tuple(str(r[k]) for k in ("op", "impl", "device_model", "bits", "gqa", "head_dim"))
+
+
+def carried_rows(path: Path, fresh: list[dict]) -> list[dict]:
+    """Rows of earlier kernel versions (impl 'triton-v<N>') from the committed CSV, kept as
+    they are: a rerun models only today's kernels, and these keep the gain visible."""
+    if not path.exists():
+        return []
+    with path.open() as f:
+        old = [r for r in csv.DictReader(f) if re.fullmatch(r"triton-v\d+", r["impl"])]
+    have = {row_key(r) for r in fresh}
+    return [r for r in old if row_key(r) not in have]
+
+
+def order_rows(rows: list[dict]) -> list[dict]:
+    """Each op's rows by implementation in first-seen order, 'triton-v<N>' rows right after
+    'triton', newest version first."""
+    ops = list(dict.fromkeys(r["op"] for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+
+    def key(r: dict) -> tuple:
+        m = re.fullmatch(r"triton-v(\d+)", r["impl"])
+        base = "triton" if m and "triton" in impls else r["impl"]
+        return (ops.index(r["op"]), impls.index(base), -int(m.group(1)) if m else -(1 << 30))
+
+    return sorted(rows, key=key)
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
+    seen: set[tuple] = set()
+    for r in rows:
+        if row_key(r) in seen:
+            raise RuntimeError(f"duplicate row {row_key(r)}")
+        seen.add(row_key(r))
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(rows)
+
+
+# Earlier versions of the Triton decode whose rows a full run carries over.
+VERSIONS = {
+    "triton-v2": "the Triton decode of commit 22d9d2a (fp16 codes unpacked per packed plane,"
+    " per-plane dots, K scale rows split into planes by byte permutes), modeled by this"
+    " script on that commit's kernels",
+    "triton-v1": "the Triton decode before issue 15 (fp32 dequantization, stride-4 scale loads,"
+    " 32-token blocks)",
+}
+
+
+def versions_table(rows: list[dict]) -> list[str]:
+    """Today's Triton decode next to each carried version, per shape (H100 / H200)."""
+    cur = {(r["bits"], r["gqa"], r["head_dim"], r["device_model"]): r for r in rows
+           if r["op"] == "decode" and r["impl"] == "triton"}  # fmt: skip
+    versions = [v for v in VERSIONS if any(r["impl"] == v for r in rows)]
+    if not cur or not versions:
+        return []
+    old = {(r["impl"], str(r["bits"]), str(r["gqa"]), str(r["head_dim"]), r["device_model"]): r
+           for r in rows if r["impl"] in versions}  # fmt: skip
+    head = ["bits", "gqa", "D", "regs", "spill B", "instr/KV B", "est HBM H100", "est HBM H200"]
+    for v in versions:
+        head += [f"{v} instr/KV B", f"{v} H100", f"{v} H200"]
+    out = ["", "## Triton decode: today vs earlier versions (estimates)", "",
+           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    for (bits, g, d, dev), r in cur.items():
+        if dev != "H100-SXM":
+            continue
+        h2 = cur[(bits, g, d, "H200")]
+        cells = [bits, g, d, r["regs"], r["spill_bytes"], r["instr_per_kv_byte"],
+                 r["est_hbm_fraction"], h2["est_hbm_fraction"]]  # fmt: skip
+        for v in versions:
+            o1 = old.get((v, str(bits), str(g), str(d), "H100-SXM"))
+            o2 = old.get((v, str(bits), str(g), str(d), "H200"))
+            cells += ([o1["instr_per_kv_byte"], o1["est_hbm_fraction"], o2["est_hbm_fraction"]]
+                      if o1 and o2 else ["", "", ""])  # fmt: skip
+        out.append("| " + " | ".join(str(x) for x in cells) + " |")
+    return out
 
 
 def summary(rows: list[dict]) -> str:
@@ -681,9 +795,11 @@ def summary(rows: list[dict]) -> str:
         "'issue GB/s' is the uncapped bytes/s the instruction stream allows.",
         "",
         "Main loop: the backward branch on the per-page loop header (Triton: the flattened",
-        "(page, block) loop, in the block size the launcher runs by default: 64 tokens for the",
-        "decode at D <= 128, else 32; CUDA: the page loop, its inner loops weighted by their",
-        "trip counts). Counts include predicated-off instructions (they take issue slots).",
+        "(page, block) loop, in the block size the launcher runs by default",
+        "(`api.decode_block_tokens`: 128 tokens for the decode at D 64, 64 at D 128, 32 at",
+        "D 256; the 'triton-v2' rows 64 at D <= 128, else 32); CUDA: the page loop, its inner",
+        "loops weighted by their trip counts). Counts include predicated-off instructions",
+        "(they take issue slots).",
         "The CUDA decode's SASS is the same for every GQA <= 16: its per-head work is",
         "unrolled to 16 heads and predicated. Extend rows are per program (BM new tokens),",
         "each of which re-reads the prefix. See the module docstring for all assumptions.",
@@ -698,10 +814,11 @@ def summary(rows: list[dict]) -> str:
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
     ]
-    if any(r["impl"] == "triton-v1" for r in rows):
+    versions = [v for v in VERSIONS if any(r["impl"] == v for r in rows)]
+    if versions:
         lines[-4:-4] = [
-            "Rows 'triton-v1': the Triton decode before issue 15 (fp32 dequantization, stride-4",
-            "scale loads, 32-token blocks), carried over from the previous run for comparison.",
+            *(f"Rows '{v}': {VERSIONS[v]}." for v in versions),
+            "They are carried over from the committed CSV unchanged, for comparison.",
             "",
         ]
     by_key: dict[tuple, dict[str, dict]] = {}
@@ -715,6 +832,7 @@ def summary(rows: list[dict]) -> str:
             op, impl, bits, g, d, h1["regs"], h1["spill_bytes"], h1["instr_per_kv_byte"],
             h1["issue_gb_per_s"], h1["est_hbm_fraction"], h2["est_hbm_fraction"], h1["est_hbm_fraction_pipes"],
             h1["dominant"], h1["binding_pipe"])) + " |")  # fmt: skip
+    lines += versions_table(rows)
     lines += ["", "## Instruction mix of the main loop (warp-instructions per KV byte)", ""]
     shown = [c for c in CLASS_NAMES if any(float(r[f"mix_{c}"]) for r in rows)]
     lines.append("| op | impl | bits | gqa | D | " + " | ".join(shown) + " |")
@@ -782,6 +900,8 @@ def main(argv: list[str] | None = None) -> None:
               f"instr/B, est {r['est_hbm_fraction']} of H100 HBM ({r['main_loop']})",
               file=sys.stderr, flush=True)  # fmt: skip
         rows += rs
+    if not args.quick and not args.only:
+        rows = order_rows(rows + carried_rows(CSV_PATH, rows))
     write_csv(rows, csv_path)
     md_path.write_text(summary(rows))
     print(f"wrote {csv_path} and {md_path}", file=sys.stderr)

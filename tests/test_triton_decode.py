@@ -1,18 +1,33 @@
 """Triton split-KV decode attention over packed pages matches `oscar_kv.ref.attention`.
 
 ``precise`` runs the kernel's dots in fp32 (tight tolerance: checks indexing, norms,
-rotation, LSE merge); the default path feeds fp16 operands to tensor cores (looser).
+rotation, LSE merge); the default path feeds fp16 operands to tensor cores (looser), whose
+code unpacking (`oscar_kv.triton.paged.codes_f16`) is checked exact on every byte value.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kernel_cases import DECODE_CONFIGS, DEVICE, build_cache, config_id
 from oscar_kv import OscarConfig, ops
 from oscar_kv import triton as tri
 from oscar_kv.ref import attention
+from oscar_kv.ref.quant import unpack_codes
+from oscar_kv.triton._env import scope
+from oscar_kv.triton.paged import codes_f16
+
+with scope():
+
+    @triton.jit
+    def _codes_kernel(src, dst, R: tl.constexpr, NB: tl.constexpr, BITS: tl.constexpr):
+        D: tl.constexpr = NB * 8 // BITS
+        r = tl.arange(0, R)
+        b = tl.load(src + r[:, None] * NB + tl.arange(0, NB)[None, :])
+        tl.store(dst + r[:, None] * D + tl.arange(0, D)[None, :], codes_f16(b, R, NB, BITS))
 
 
 def reference(cache, q: torch.Tensor) -> torch.Tensor:
@@ -43,6 +58,16 @@ def check(cfg, lens, h, group, d, kind="random", splits=(1, 2), seed=0, fp16=Tru
 LENS = [300, 128, 1, 127, 129]
 
 
+@pytest.mark.parametrize("bits", [2, 4])
+def test_codes_f16_unpacks_every_byte_exactly(bits):
+    """The fp16 path's bit-trick unpacking equals the reference unpacking on all 256 bytes."""
+    packed = torch.arange(256, dtype=torch.int32).to(torch.uint8).reshape(16, 16)
+    out = torch.empty(16, 16 * 8 // bits, dtype=torch.float16, device=DEVICE)
+    with scope():
+        _codes_kernel[(1,)](packed.to(DEVICE), out, R=16, NB=16, BITS=bits)
+    assert torch.equal(out.cpu(), unpack_codes(packed, bits).to(torch.float16))
+
+
 def test_decode_oscar_default():
     check(OscarConfig(), LENS, 2, 2, 64, splits=(1, 2, 5))
 
@@ -67,6 +92,18 @@ def test_decode_block_tokens(bt, k_group):
     """Sub-block walks of a page: groups inside a block and a block inside a group."""
     check(OscarConfig(k_group=k_group, norm="head"), [300], 2, 2, 64, splits=(2,), bt=bt,
           fp16=False)  # fmt: skip
+
+
+@pytest.mark.parametrize(("bt", "k_group", "bits"), [(32, 32, 2), (128, 32, 2), (64, 128, 4)])
+def test_decode_f16_block_tokens(bt, k_group, bits):
+    """The fp16 path at every block size: several K groups per block, a block in a group."""
+    cache = build_cache(OscarConfig(bits=bits, k_group=k_group), [300, 3], 2, 64, seed=bt)
+    q = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(bt))
+    want = reference(cache, q)
+    got = tri.decode_attention(q.to(DEVICE), cache.paged_kv(num_splits=2), 0, 64**-0.5,
+                               False, bt)  # fmt: skip
+    big = max(1.0, float(want.abs().max()))
+    torch.testing.assert_close(got.cpu(), want, rtol=5e-3, atol=5e-3 * big)
 
 
 @pytest.mark.parametrize("d", [128, 256])

@@ -25,7 +25,7 @@ from oscar_kv.layout import PageLayout
 from oscar_kv.triton.api import EXTEND_WARPS, _layout_args, extend_block_tokens
 from oscar_kv.triton.bf16 import bf16_split_kernel
 from oscar_kv.triton.decode import decode_split_kernel, merge_kernel
-from oscar_kv.triton.extend import extend_kernel
+from oscar_kv.triton.extend import dequantize_prefix_kernel, extend_kernel, extend_ws_kernel
 from oscar_kv.triton.quant import dequantize_pages_kernel, fwht_kernel, quantize_pages_kernel
 
 CONFIGS = [
@@ -101,7 +101,8 @@ def compile_all(cap: int, full: bool = True) -> list[tuple[str, float, int, str]
     ptr.update({"cu_ptr": "*i32", "work_req_ptr": "*i32", "work_q0_ptr": "*i32"})
     bf = {"kn_ptr": "*bf16", "vn_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "q_ptr": "*bf16", "kt_ptr": "*bf16",
           "vt_ptr": "*bf16", "out_ptr": "*bf16", "x_ptr": "*bf16", "k_out_ptr": "*fp32",
-          "v_out_ptr": "*fp32"}  # fmt: skip
+          "v_out_ptr": "*fp32", "ws_k_ptr": "*fp16", "ws_v_ptr": "*fp16", "st_m_ptr": "*fp32",
+          "st_l_ptr": "*fp32", "st_acc_ptr": "*fp32"}  # fmt: skip
     types = {**ptr, **bf}
 
     def run(label, fn, constexprs, **opts):
@@ -132,7 +133,17 @@ def compile_all(cap: int, full: bool = True) -> list[tuple[str, float, int, str]
             ext = {**la, "G": group, "GP": gp, "BM": extend_block_tokens(group, d),
                    "PRECISE": False, "ROT_Q": cfg.rotation == "hadamard",
                    "ROT_V": cfg.rotates_v_online, "BT": 32}  # fmt: skip
-            run(f"extend[{tag}-g{group}]", extend_kernel, ext, num_warps=EXTEND_WARPS)
+            run(f"extend[{tag}-g{group}]", extend_kernel, {**ext, "SPLIT": group == 4},
+                num_warps=EXTEND_WARPS)  # fmt: skip
+            ws = {k: ext[k] for k in ("G", "GP", "BM", "D", "LOG2D", "NORM", "ROT_Q", "ROT_V",
+                                      "PRECISE", "BT")}  # fmt: skip
+            run(f"extend_ws[{tag}-g{group}]", extend_ws_kernel,
+                {**ws, "OFF_N": la["OFF_N"], "H": h, "FIRST": group != 8, "LAST": group != 1},
+                num_warps=EXTEND_WARPS)  # fmt: skip
+        deq = {k: la[k] for k in ("OFF_KC", "OFF_VC", "OFF_KS", "OFF_KZ", "OFF_VS", "OFF_VZ", "D",
+                                  "BITS", "KG", "VG")}  # fmt: skip
+        run(f"dequantize_prefix[{tag}]", dequantize_prefix_kernel,
+            {**deq, "H": h, "BM": extend_block_tokens(4, d), "TC": 32}, num_warps=4)  # fmt: skip
         run(f"fwht[d{d}]", fwht_kernel, {"ROWS": max(1, min(64, 2048 // d)), "D": d,
                                           "LOG2D": int(math.log2(d))}, num_warps=4)  # fmt: skip
         run(f"bf16_decode[h{h}-d{d}]", bf16_split_kernel,

@@ -11,7 +11,7 @@ import triton
 
 from oscar_kv.triton._env import in_scope
 from oscar_kv.triton.decode import decode_split_kernel, merge_kernel
-from oscar_kv.triton.extend import extend_kernel
+from oscar_kv.triton.extend import dequantize_prefix_kernel, extend_kernel, extend_ws_kernel
 from oscar_kv.triton.quant import dequantize_pages_kernel, fwht_kernel, quantize_pages_kernel
 
 if TYPE_CHECKING:
@@ -137,11 +137,15 @@ def decode_splits(
 
 
 def decode_block_tokens(head_dim: int, group: int = 1, precise: bool = False) -> int:
-    """Default tokens per inner step of the decode: 64 on the fp16 path up to head_dim 128
-    and 16 query heads per KV head (sm_90a, 4 warps: ~180 registers, no spills; it halves
-    the per-step softmax and bookkeeping per token), else 32 (at 64, head_dim 256 or 32
-    heads spill, and so does the fp32 ``precise`` path)."""
-    return 64 if not precise and head_dim <= 128 and group <= 16 else 32
+    """Default tokens per inner step of the decode: on the fp16 path, with up to 16 query
+    heads per KV head, the largest block that stays under ~170 registers per thread without
+    spills on sm_90a with 4 warps (benches/kernel_static.py): 128 at head_dim 64 (~135),
+    64 at 128 (~165), 32 at 256 (~210; 64 would take ~240). A larger block halves the
+    per-step softmax and bookkeeping per token. The fp32 ``precise`` path and 32 heads
+    take 32."""
+    if precise or group > 16:
+        return 32
+    return 128 if head_dim <= 64 else 64 if head_dim <= 128 else 32
 
 
 @in_scope
@@ -244,6 +248,11 @@ def decode_attention(
 EXTEND_WARPS = 8
 
 
+# Bytes of the prefix workspace of one extend call (K and V of one chunk of page-table
+# columns for every request and KV head); a longer prefix is walked in several chunks.
+EXTEND_WORKSPACE_BYTES = 256 << 20
+
+
 def extend_block_tokens(group: int, head_dim: int) -> int:
     """New tokens per program: BM * next_pow2(group) query rows, 64 (32 for head_dim 256) so
     the fp32 accumulator of [rows, head_dim] stays in registers; at least 16 rows for tl.dot."""
@@ -272,9 +281,12 @@ def extend_attention(
     precise: bool = False,
     block_tokens: int = 32,
 ) -> torch.Tensor:
-    """Fused extend attention; out [N, Hq, D] in q's dtype (see `oscar_kv.ops.extend_attention`).
+    """Extend attention; out [N, Hq, D] in q's dtype (see `oscar_kv.ops.extend_attention`).
 
-    The work list of (request, first token) blocks is ``kv.extend_work`` when the caller
+    Every prefix page is dequantized once per call and KV head (`oscar_kv.triton.extend`):
+    in registers by the fused kernel when each request's new tokens fit one work item, else
+    into a workspace of at most ``EXTEND_WORKSPACE_BYTES`` (chunked over page-table columns)
+    that every work item of the request reads. The work list of (request, first token) blocks is ``kv.extend_work`` when the caller
     planned it from host-known lengths (`oscar_kv.ops.plan_extend`, once per forward);
     otherwise it is built here from cu_seqlens, which reads them back from the device.
     """
@@ -294,41 +306,53 @@ def extend_attention(
         cu = cu_seqlens.tolist()
         _, work_t = extend_work([hi - lo for lo, hi in itertools.pairwise(cu)], group, d)
         work_t = work_t.to(q.device)
-    if work_t.shape[1] == 0:
+    n_work = work_t.shape[1]
+    if n_work == 0:
         return out
     cfg = layout.config
-    extend_kernel[(work_t.shape[1], hkv)](
-        q,
-        q.stride(0),
-        q.stride(1),
-        k_new,
-        k_new.stride(0),
-        k_new.stride(1),
-        v_new,
-        v_new.stride(0),
-        v_new.stride(1),
-        out,
-        out.stride(0),
-        out.stride(1),
-        cu_seqlens.to(device=q.device, dtype=torch.int32),
-        work_t[0],
-        work_t[1],
-        pool,
-        pool.stride(0),
-        page_table,
-        page_table.stride(0),
-        num_pages,
-        k_tail,
-        k_tail.stride(0),
-        k_tail.stride(1),
-        k_tail.stride(2),
-        v_tail,
-        v_tail.stride(0),
-        v_tail.stride(1),
-        v_tail.stride(2),
-        tail_index,
-        tail_len,
+    la = _layout_args(layout)
+    cu_dev = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    common = (
+        q, q.stride(0), q.stride(1), k_new, k_new.stride(0), k_new.stride(1),
+        v_new, v_new.stride(0), v_new.stride(1), out, out.stride(0), out.stride(1),
+        cu_dev, work_t[0], work_t[1], pool, pool.stride(0), page_table, page_table.stride(0),
+        num_pages, k_tail, k_tail.stride(0), k_tail.stride(1), k_tail.stride(2),
+        v_tail, v_tail.stride(0), v_tail.stride(1), v_tail.stride(2), tail_index, tail_len,
         scale * _LOG2E,
+    )  # fmt: skip
+    max_pages = page_table.shape[1]
+    # Several work items may belong to one request: its pages then go through the workspace,
+    # dequantized once, instead of once per work item (a host decision from shapes only).
+    split = max_pages > 0 and n_work > 1
+    if split:
+        batch = page_table.shape[0]
+        ws_dtype = torch.float32 if precise else torch.float16
+        per_col = 2 * batch * hkv * 128 * d * (4 if precise else 2)
+        cols = max(1, min(max_pages, EXTEND_WORKSPACE_BYTES // per_col))
+        ws_k = torch.empty((batch, hkv, cols * 128, d), dtype=ws_dtype, device=q.device)
+        ws_v = torch.empty_like(ws_k)
+        n_chunks = triton.cdiv(max_pages, cols)
+        st_m = st_l = st_acc = out  # unused with one chunk
+        if n_chunks > 1:
+            st_m = torch.empty((n, hq), dtype=torch.float32, device=q.device)
+            st_l = torch.empty_like(st_m)
+            st_acc = torch.empty((n, hq, d), dtype=torch.float32, device=q.device)
+        for i in range(n_chunks):
+            dequantize_prefix_kernel[(batch, cols, hkv)](
+                pool, pool.stride(0), page_table, page_table.stride(0), num_pages, cu_dev, ws_k,
+                ws_v, i * cols, H=hkv, BM=bm, TC=32, num_warps=4,
+                **{k: la[k] for k in ("OFF_KC", "OFF_VC", "OFF_KS", "OFF_KZ", "OFF_VS",
+                                       "OFF_VZ", "D", "BITS", "KG", "VG")},
+            )  # fmt: skip
+            extend_ws_kernel[(n_work, hkv)](
+                *common, ws_k, ws_v, cols, i * cols, st_m, st_l, st_acc,
+                OFF_N=la["OFF_N"], H=hkv, G=group, GP=triton.next_power_of_2(group), BM=bm,
+                D=d, LOG2D=la["LOG2D"], NORM=la["NORM"], ROT_Q=cfg.rotation == "hadamard",
+                ROT_V=cfg.rotates_v_online, PRECISE=precise, BT=block_tokens,
+                FIRST=i == 0, LAST=i == n_chunks - 1, num_warps=EXTEND_WARPS,
+            )  # fmt: skip
+    extend_kernel[(n_work, hkv)](
+        *common,
         G=group,
         GP=triton.next_power_of_2(group),
         BM=bm,
@@ -336,7 +360,8 @@ def extend_attention(
         ROT_V=cfg.rotates_v_online,
         PRECISE=precise,
         BT=block_tokens,
+        SPLIT=split,
         num_warps=EXTEND_WARPS,
-        **_layout_args(layout),
+        **la,
     )
     return out

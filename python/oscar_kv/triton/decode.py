@@ -5,10 +5,11 @@ through the page table; the last split (s == NS) takes the bf16 tail. Every prog
 all G query heads of its KV head, so each page is read once per KV head (GQA sharing).
 Partials (m, l, acc) go to a workspace and `merge_kernel` combines them by log-sum-exp.
 
-The per-block work is `oscar_kv.triton.paged`'s: `page_step_f16` (fp16 tensor-core operands,
-codes turned into fp16 by bit tricks instead of int-to-float converts) or, with PRECISE,
-`page_step` (fp32 dequantization, IEEE dots). The merge un-rotates the page part when V was
-rotated online, before adding the tail part, which is already in the model's basis.
+The per-block work is `oscar_kv.triton.paged`'s: `page_step_f16` (fp16 tensor-core operands
+in channel order, codes turned into fp16 by bit tricks instead of int-to-float converts, the
+value accumulator transposed) or, with PRECISE, `page_step` (fp32 dequantization in planes,
+IEEE dots). The merge un-rotates the page part when V was rotated online, before adding the
+tail part, which is already in the model's basis.
 """
 
 from __future__ import annotations
@@ -106,13 +107,13 @@ def decode_split_kernel(
             qr = fwht_rows(q, GP, D, LOG2D)
         else:
             qr = q
-        q0, q1, q2, q3 = planes_of(qr, GP, D, BITS)
-        a0 = tl.zeros([GP, NB], dtype=tl.float32)
-        a1 = tl.zeros([GP, NB], dtype=tl.float32)
-        a2 = tl.zeros([GP, NB], dtype=tl.float32)
-        a3 = tl.zeros([GP, NB], dtype=tl.float32)
         if PRECISE:
             # fp32 dequantization and IEEE dots (tests compare it with the reference tightly).
+            q0, q1, q2, q3 = planes_of(qr, GP, D, BITS)
+            a0 = tl.zeros([GP, NB], dtype=tl.float32)
+            a1 = tl.zeros([GP, NB], dtype=tl.float32)
+            a2 = tl.zeros([GP, NB], dtype=tl.float32)
+            a3 = tl.zeros([GP, NB], dtype=tl.float32)
             for it in range(start * NSUB, end * NSUB):
                 page = tl.load(pt_ptr + b.to(tl.int64) * pt_stride + it // NSUB).to(tl.int64)
                 m, l_sum, a0, a1, a2, a3 = page_step(
@@ -121,20 +122,21 @@ def decode_split_kernel(
                     OFF_KC, OFF_VC, OFF_KS, OFF_KZ, OFF_VS, OFF_VZ, OFF_N,
                     D, BITS, KG, VG, NORM, PRECISE, BT,
                 )  # fmt: skip
+            acc = from_planes(a0, a1, a2, a3, GP, D, BITS)
         else:
-            # fp16 operands, codes unpacked by bit tricks and dequantized in fp16.
-            h0, h1 = q0.to(tl.float16), q1.to(tl.float16)
-            h2, h3 = q2.to(tl.float16), q3.to(tl.float16)
+            # fp16 operands in channel order; the value accumulator is kept transposed.
+            qh = qr.to(tl.float16)
+            acc_t = tl.zeros([D, GP], dtype=tl.float32)
             # Flattened (page, block) loop: BT tokens per step keeps the code tiles small.
             for it in range(start * NSUB, end * NSUB):
                 page = tl.load(pt_ptr + b.to(tl.int64) * pt_stride + it // NSUB).to(tl.int64)
-                m, l_sum, a0, a1, a2, a3 = page_step_f16(
-                    h0, h1, h2, h3, pool_ptr + page * page_stride, hk, (it % NSUB) * BT,
-                    m, l_sum, a0, a1, a2, a3, qk_scale,
+                m, l_sum, acc_t = page_step_f16(
+                    qh, pool_ptr + page * page_stride, hk, (it % NSUB) * BT,
+                    m, l_sum, acc_t, qk_scale,
                     OFF_KC, OFF_VC, OFF_KS, OFF_KZ, OFF_VS, OFF_VZ, OFF_N,
                     D, BITS, KG, VG, NORM, BT,
                 )  # fmt: skip
-        acc = from_planes(a0, a1, a2, a3, GP, D, BITS)
+            acc = tl.trans(acc_t)
 
     tl.store(mid_m_ptr + mid, m, mask=qmask)
     tl.store(mid_l_ptr + mid, l_sum, mask=qmask)

@@ -9,18 +9,21 @@ times the stored fp32 norm and the softmax scale (as `oscar_kv.ref.attention`). 
 are summed in the stored basis; the caller un-rotates the page part when V was rotated
 online, before bf16 keys (already in the model's basis) are folded in.
 
-Codes stay in their packed "planes" instead of being unpacked to channel order: for 2 bits,
-plane k of a [BT, D/4] byte tile holds channels 4j + k, so q is split into the same planes
-once per program and each block costs per-plane dots, without shuffling the big tiles.
+`page_step` (the decode's PRECISE path, and extend) dequantizes in fp32 and keeps the codes
+in their packed "planes" instead of unpacking them to channel order: for 2 bits, plane k of
+a [BT, D/4] byte tile holds channels 4j + k, so q is split into the same planes once per
+program and each block costs per-plane dots.
 
-`page_step` dequantizes in fp32 (the decode's PRECISE path, and extend); `page_step_f16`
-(the decode's fast path) builds the fp16 dot operands without conversion instructions:
-a field masked in place in its byte, OR 0x6400, is an fp16 1024 + (field << shift), which
-one fp16 FMA turns into the field exactly (`f16_field`); Triton keeps the byte tile in the
-dot-operand layout, so the mask works on two bytes per 32-bit register, and the fp16
-dequantization (code * scale + zero, one rounding) feeds the tensor cores directly. The K
-scale/zero rows of a group are loaded as contiguous [D] fp16 rows and split into planes in
-registers.
+`page_step_f16` (the decode's fast path) unpacks the codes to channel order as exact fp16
+integers without conversion instructions (`codes_f16`: one integer multiply copies a byte
+into both halves of a 32-bit word, shifted so that one field pair of adjacent channels sits
+at bit 0 of each half; AND plus OR 0x6400 makes each half the fp16 1024 + code, one packed
+fp16 subtract with an immediate leaves the code), so every 32-bit instruction serves two
+channels and the K scale/zero rows, contiguous [D] fp16 rows, line up with the codes without
+shuffles. The fp16 dequantization (code * scale + zero, one rounding) feeds the tensor cores.
+The value dot is taken transposed, acc^T [D, R] += V^T P^T, which puts the head dimension in
+the M slot of the MMA: at D >= 64 with 4 warps Triton issues one warpgroup MMA (sm_90a) per
+16 tokens instead of per-warp MMAs with operand register shuffles.
 """
 
 from __future__ import annotations
@@ -192,36 +195,39 @@ def page_step(
 
 
 @triton.jit
-def f16_field(w, K: tl.constexpr, BITS: tl.constexpr):
-    """Field K of code bytes as an exact fp16 integer, without an int-to-float convert.
+def codes_f16(b, R: tl.constexpr, NB: tl.constexpr, BITS: tl.constexpr):
+    """Code bytes [R, NB] -> the codes as exact fp16 integers [R, NB * 8 / BITS], channel order.
 
-    w: the bytes widened to uint16 and OR'd with 0x6400 (once for all fields). Masking with
-    (field mask | 0x6400) leaves x | 0x6400, x = field << (K * BITS) < 1024, which read as
-    fp16 is 1024 + x, so v * 2^-(K * BITS) - 2^(10 - K * BITS) (one fp16 FMA, both steps
-    exact) is the field. One AND per field and no shifts: on the packed dot-operand
-    registers each instruction serves two bytes, with a single immediate."""
-    QMAX: tl.constexpr = (1 << BITS) - 1
-    SHIFT: tl.constexpr = K * BITS
-    x = w & ((QMAX << SHIFT) | 0x6400)
-    v = x.to(tl.uint16).to(tl.float16, bitcast=True)
-    return v * (1.0 / (1 << SHIFT)) - (1024.0 / (1 << SHIFT))
+    A field's channel c sits at bit (c * BITS) % 8 of byte c * BITS / 8. The byte w goes to
+    32-bit words whose low/high halves hold adjacent channels (c, c + 1) at bits 0..BITS-1:
+    w | w << (16 - BITS) puts w in the low half and w >> BITS in the high half; for 2 bits
+    the second pair is that word >> 4. Masking the field and OR-ing 0x6400 (fp16 1024, ulp 1)
+    gives 1024 + code in each half; subtracting 1024 is exact.
+    """
+    PB: tl.constexpr = 8 // BITS
+    D: tl.constexpr = NB * PB
+    w = b.to(tl.int32)
+    if BITS == 2:
+        w2 = w | (w << 14)
+        lo_pair = (w2 & 0x30003) | 0x64006400
+        hi_pair = ((w2 >> 4) & 0x30003) | 0x64006400
+        x = tl.reshape(tl.join(lo_pair, hi_pair), [R, D // 2])
+    else:
+        x = ((w | (w << 12)) & 0xF000F) | 0x64006400
+    lo = (x & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+    hi = (x >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+    return tl.reshape(tl.join(lo, hi), [R, D]) - 1024.0
 
 
 @triton.jit
 def page_step_f16(
-    q0,
-    q1,
-    q2,
-    q3,
+    q,
     base,
     hk,
     t0,
     m,
     l_sum,
-    a0,
-    a1,
-    a2,
-    a3,
+    acc_t,
     qk_scale,
     OFF_KC: tl.constexpr,
     OFF_VC: tl.constexpr,
@@ -237,12 +243,11 @@ def page_step_f16(
     NORM: tl.constexpr,
     BT: tl.constexpr,
 ):
-    """`page_step` with fp16 operands built without conversions (the decode's fast path).
+    """`page_step` on fp16 tensor-core operands in channel order (the decode's fast path).
 
-    q planes [R, NB] are fp16. Codes become exact fp16 integers by the 0x6400 bit trick and
-    are dequantized by fp16 FMAs (code * scale + zero, one rounding: what the fp32 path
-    rounds to fp16 before its dot); the K scale/zero rows of a group are loaded as
-    contiguous [D] fp16 rows and split into planes in registers.
+    q [R, D] fp16 (rotated); acc_t [D, R] fp32 is the value accumulator transposed. Codes
+    become exact fp16 integers (`codes_f16`) and are dequantized by fp16 FMAs (code * scale
+    + zero, one rounding: what the fp32 path rounds to fp16 before its dot).
     """
     T: tl.constexpr = 128
     PB: tl.constexpr = 8 // BITS
@@ -257,17 +262,13 @@ def page_step_f16(
     gk = tl.arange(0, NGKB)
     gv = tl.arange(0, NVG)
     row = (hk * T + tt[:, None]) * NB + j[None, :]
-    kb = tl.load(base + OFF_KC + row).to(tl.uint16) | 0x6400  # see f16_field
+    kb = tl.load(base + OFF_KC + row)
     pofs = (hk * NGK + t0 // KG + gk[:, None]) * D + c[None, :]
     ks = tl.load((base + OFF_KS).to(tl.pointer_type(tl.float16)) + pofs)
     kz = tl.load((base + OFF_KZ).to(tl.pointer_type(tl.float16)) + pofs)
-    s0, s1, s2, s3 = planes_of(ks, NGKB, D, BITS)
-    z0, z1, z2, z3 = planes_of(kz, NGKB, D, BITS)
-    qk = _k_dot_f16(q0, kb, s0, z0, 0, BITS, NGKB, KGB, NB)
-    qk += _k_dot_f16(q1, kb, s1, z1, 1, BITS, NGKB, KGB, NB)
-    if BITS == 2:
-        qk += _k_dot_f16(q2, kb, s2, z2, 2, BITS, NGKB, KGB, NB)
-        qk += _k_dot_f16(q3, kb, s3, z3, 3, BITS, NGKB, KGB, NB)
+    kc = tl.reshape(codes_f16(kb, BT, NB, BITS), [NGKB, KGB, D])
+    k = tl.reshape(kc * ks[:, None, :] + kz[:, None, :], [BT, D])
+    qk = tl.dot(q, tl.trans(k))
     # The softmax scale rides on the per-token norms: one multiply per logit.
     if NORM == 1:
         nrm = tl.load((base + OFF_N).to(tl.pointer_type(tl.float32)) + tt)
@@ -278,51 +279,15 @@ def page_step_f16(
     else:
         qk = qk * qk_scale
     p, alpha, m, l_sum = softmax_step(qk, m, l_sum)
-    p16 = p.to(tl.float16)
 
-    vb = tl.load(base + OFF_VC + row).to(tl.uint16) | 0x6400
+    vb = tl.load(base + OFF_VC + row)
     vofs = (hk * T + tt[:, None]) * NVG + gv[None, :]
     vs = tl.load((base + OFF_VS).to(tl.pointer_type(tl.float16)) + vofs)
     vz = tl.load((base + OFF_VZ).to(tl.pointer_type(tl.float16)) + vofs)
-    a0 = a0 * alpha[:, None] + tl.dot(p16, _v_plane_f16(vb, vs, vz, 0, BITS, BT, NVG, NB))
-    a1 = a1 * alpha[:, None] + tl.dot(p16, _v_plane_f16(vb, vs, vz, 1, BITS, BT, NVG, NB))
-    if BITS == 2:
-        a2 = a2 * alpha[:, None] + tl.dot(p16, _v_plane_f16(vb, vs, vz, 2, BITS, BT, NVG, NB))
-        a3 = a3 * alpha[:, None] + tl.dot(p16, _v_plane_f16(vb, vs, vz, 3, BITS, BT, NVG, NB))
-    return m, l_sum, a0, a1, a2, a3
-
-
-@triton.jit
-def _k_dot_f16(
-    qp,
-    kb,
-    ks,
-    kz,
-    K: tl.constexpr,
-    BITS: tl.constexpr,
-    NGKB: tl.constexpr,
-    KGB: tl.constexpr,
-    NB: tl.constexpr,
-):
-    """fp16 q plane [R, NB] . fp16-dequantized K plane K of a code tile -> fp32 [R, BT]."""
-    code = tl.reshape(f16_field(kb, K, BITS), [NGKB, KGB, NB])
-    k = tl.reshape(code * ks[:, None, :] + kz[:, None, :], [NGKB * KGB, NB])
-    return tl.dot(qp, tl.trans(k))
-
-
-@triton.jit
-def _v_plane_f16(
-    vb,
-    vs,
-    vz,
-    K: tl.constexpr,
-    BITS: tl.constexpr,
-    BT: tl.constexpr,
-    NVG: tl.constexpr,
-    NB: tl.constexpr,
-):
-    code = tl.reshape(f16_field(vb, K, BITS), [BT, NVG, NB // NVG])
-    return tl.reshape(code * vs[:, :, None] + vz[:, :, None], [BT, NB])
+    vc = tl.reshape(codes_f16(vb, BT, NB, BITS), [BT, NVG, VG])
+    v = tl.reshape(vc * vs[:, :, None] + vz[:, :, None], [BT, D])
+    acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(v), tl.trans(p.to(tl.float16)))
+    return m, l_sum, acc_t
 
 
 @triton.jit

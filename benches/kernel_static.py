@@ -46,8 +46,11 @@ MUFU 16; shared/global load/store and shuffles 32, 64- and 128-bit shared access
 taken as ALU/FMA-pipe ops) and takes the busiest pipe (or issue, whichever is larger),
 assuming perfect overlap.
 
-For extend the bytes are per program: every work item of BM new tokens dequantizes the whole
-prefix again, so per unique prefix byte multiply instr_per_kv_byte by the work items.
+For extend the bytes are per program. The fused kernel ('triton') dequantizes the whole prefix
+in every work item of BM new tokens, so per unique prefix byte multiply its instr_per_kv_byte
+by the work items; it now serves only requests of one work item. The others' pages are
+dequantized once ('triton-ws-dequant', per packed byte) into an fp16 workspace that each work
+item reads ('triton-ws', per workspace byte).
 
     python benches/kernel_static.py            # writes benches/results/kernels_static.csv
                                                # and kernels_static_summary.md
@@ -801,8 +804,12 @@ def summary(rows: list[dict]) -> str:
         "loops weighted by their trip counts). Counts include predicated-off instructions",
         "(they take issue slots).",
         "The CUDA decode's SASS is the same for every GQA <= 16: its per-head work is",
-        "unrolled to 16 heads and predicated. Extend rows are per program (BM new tokens),",
-        "each of which re-reads the prefix. See the module docstring for all assumptions.",
+        "unrolled to 16 heads and predicated. Extend rows are per program (BM new tokens):",
+        "'triton' (fused) dequantizes the prefix pages in registers in each program and serves",
+        "the requests whose new tokens fit one program; for the others 'triton-ws-dequant'",
+        "dequantizes each prefix page once per KV head into an fp16 workspace (its KV bytes: the",
+        "packed page) and 'triton-ws' reads that workspace in each program (its KV bytes: the",
+        "fp16 workspace). See the module docstring for all assumptions.",
         "",
         "Budget: a ceiling of 70% of HBM needs at most "
         + ", ".join(

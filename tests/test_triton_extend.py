@@ -60,3 +60,30 @@ def test_extend_prefix_in_several_chunks(cfg, monkeypatch):
     kv = cache.paged_kv()
     close(tri.extend_attention(q, k_new, v_new, cu, kv, 0, 64**-0.5, True), want, 1e-4)
     close(ops.extend_attention(q, k_new, v_new, cu, kv, backend="triton"), want, 5e-3)
+
+
+def test_fused_kernel_leaves_multi_item_requests_to_the_workspace(monkeypatch):
+    """The fused kernel sees a pool whose pages of the several-work-item request are
+    garbage (NaN scales): the output still matches, so it never dequantizes them again."""
+    cache, q, k_new, v_new, cu, want = inputs(OscarConfig(), [300, 256], [70, 5], 2, 2, 64)
+    kv = cache.paged_kv()
+    pool = kv.layer(0)[0]
+    poisoned = pool.clone()
+    poisoned[cache.page_table[0, : int(cache.num_pages[0])].long()] = 0xFF
+    real = api.extend_kernel
+
+    class Poisoned:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                swap = [
+                    poisoned if isinstance(a, torch.Tensor) and a.data_ptr() == pool.data_ptr()
+                    else a
+                    for a in args
+                ]  # fmt: skip
+                assert any(a is poisoned for a in swap)
+                return real[grid](*swap, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(api, "extend_kernel", Poisoned())
+    close(tri.extend_attention(q, k_new, v_new, cu, kv, 0, 64**-0.5, True), want, 1e-4)

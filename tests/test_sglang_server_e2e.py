@@ -112,12 +112,17 @@ def test_openai_chat_stream_equals_non_stream(server):
 
     client = OpenAI(base_url=server.url + "/v1", api_key="none")
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi!"}]
+    # Both from an empty cache: the second would otherwise find the first's history in the
+    # cache, and a prompt served from 2-bit pages may answer otherwise than one prefilled
+    # from scratch (docs/prefix-sharing.md).
+    assert _post(server, "/flush_cache", {}).status_code == 200
     whole = client.chat.completions.create(
         model="default", messages=messages, max_tokens=24, temperature=0
     )
     text = whole.choices[0].message.content
     assert text and whole.usage.completion_tokens > 0
     parts = []
+    assert _post(server, "/flush_cache", {}).status_code == 200
     for chunk in client.chat.completions.create(
         model="default", messages=messages, max_tokens=24, temperature=0, stream=True
     ):

@@ -261,16 +261,24 @@ class OscarAttnBackend(AttentionBackend):
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kw):
         md = self.forward_metadata
         q3, k3, v3 = self._shapes(layer, q, k, v)
+        # The new tokens attend to themselves as the cache will hold them for every later
+        # read (the residual page's 16-bit dtype): a prompt prefilled from scratch and the
+        # same prompt continued from its cached tail then see the same K/V.
+        ka, va = self._as_stored(k3), self._as_stored(v3)
         if md.prefill_cu is not None:
-            out = ops.prefill_attention(q3, k3, v3, md.prefill_cu, scale=layer.scaling)
+            out = ops.prefill_attention(q3, ka, va, md.prefill_cu, scale=layer.scaling)
         else:
             out = ops.extend_attention(
-                q3, k3, v3, md.cu_seqlens, md.kv,
+                q3, ka, va, md.cu_seqlens, md.kv,
                 layer=self.pool._layer(layer.layer_id), scale=layer.scaling,
             )  # fmt: skip
         if save_kv_cache:
             self.pool.store_extend(layer.layer_id, md.extend_plan, k3, v3)
         return out.flatten(1)  # [tokens, heads * D], also for 0 tokens
+
+    def _as_stored(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.pool.k_res.dtype
+        return x if x.dtype == dtype else x.to(dtype).to(x.dtype)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kw):
         md = self.forward_metadata

@@ -141,3 +141,18 @@ def test_quantize_page_skips_negative_page_ids(backend):
     assert torch.equal(quantize(k, v, [3, -1, 1]), want)
     assert torch.equal(quantize(k, v, [-1, 3, -1, 1], src=[1, 0, 0, 2]), want)
     assert torch.equal(quantize(k, v, [-1, -1, -1]), base)
+
+
+def test_gpu_decode_defaults_to_triton(monkeypatch):
+    """On a GPU with the CUDA extension built, decode defaults to Triton (the static model's
+    far faster kernel), the other ops to CUDA; an explicit choice wins."""
+    monkeypatch.delenv("OSCAR_KV_BACKEND", raising=False)
+    monkeypatch.setattr(ops, "_cuda_ops", lambda: object())
+    gpu = torch.device("cuda")
+    assert ops.resolve_backend(None, gpu) == "cuda"
+    assert ops.resolve_decode_backend(None, gpu) == "triton"
+    assert ops.resolve_decode_backend("cuda", gpu) == "cuda"
+    monkeypatch.setenv("OSCAR_KV_BACKEND", "cuda")
+    assert ops.resolve_decode_backend(None, gpu) == "cuda"
+    monkeypatch.setenv("OSCAR_KV_BACKEND", "torch")
+    assert ops.resolve_decode_backend(None, torch.device("cpu")) == "torch"

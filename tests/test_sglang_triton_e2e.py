@@ -187,8 +187,10 @@ def test_triton_interpreter_server_matches_cpu_backend(tmp_path):
     for bad in ("Traceback", "InterpreterError"):
         assert bad not in log, servers["triton"].log_tail(80)
     # The backend says which ops it runs.
-    assert "oscar-kv attention: ops backend triton on cpu (Triton interpreter)" in log
-    assert "oscar-kv attention: ops backend cpu on cpu" in servers["cpu"].log_text()
+    assert (
+        "oscar-kv attention: ops backend triton (decode: triton) on cpu (Triton interpreter)" in log
+    )
+    assert "oscar-kv attention: ops backend cpu (decode: cpu) on cpu" in servers["cpu"].log_text()
 
     # The same greedy answer, all 16 tokens. The backends differ in arithmetic (Triton's dots
     # take fp16 operands with fp32 accumulation, the C++ CPU kernels and the torch extend are

@@ -122,6 +122,18 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     return "cpu" if _cpu_ops() is not None else "torch"
 
 
+def resolve_decode_backend(backend: str | None, device: torch.device) -> str:
+    """Decode's backend: `resolve_backend`'s, except that on a GPU the default is Triton, not
+    the CUDA extension: the static model puts the Triton 2-bit decode at ~77% of H100 HBM
+    bandwidth and today's CUDA decode at ~5% (benches/results/kernels_static.csv; estimates
+    from sm_90a SASS, not measurements). ``OSCAR_KV_BACKEND=cuda`` or ``backend="cuda"``
+    still picks CUDA; quantize, rotate and dequantize keep `resolve_backend`'s choice."""
+    which = resolve_backend(backend, device)
+    if which == "cuda" and backend is None and not os.environ.get("OSCAR_KV_BACKEND"):
+        return "triton"
+    return which
+
+
 def _torch_for_cpu(which: str) -> str:
     """Ops without a C++ CPU kernel run the batched torch ops under backend "cpu"."""
     return "torch" if which == "cpu" else which
@@ -508,7 +520,8 @@ def decode_attention(
     return torch.ops.oscar.decode_attention(
         q, pool, k_tail, v_tail, kv.page_table, kv.num_pages, kv.tail_len, kv.tail_index,
         None if s is None else s.mid_o, None if s is None else s.mid_ml, scale,
-        num_splits or kv.num_splits or 0, kv.layout.native_args, _which(backend, q.device),
+        num_splits or kv.num_splits or 0, kv.layout.native_args,
+        "" if q.device.type == "meta" else resolve_decode_backend(backend, q.device),
     )  # fmt: skip
 
 

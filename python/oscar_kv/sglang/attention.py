@@ -1,7 +1,7 @@
 """Attention backend "oscar": extend, decode and mixed batches over packed + residual pages.
 
-Built on `oscar_kv.ops` (CUDA > Triton on a GPU, C++ CPU kernels > batched torch on a CPU,
-chosen by tensor device and ``OSCAR_KV_BACKEND``). Once per forward the backend builds, on the
+Built on `oscar_kv.ops` (CUDA > Triton on a GPU, but Triton for decode; C++ CPU kernels >
+batched torch on a CPU; chosen by tensor device and ``OSCAR_KV_BACKEND``). Once per forward the backend builds, on the
 pool's device, the batch's `oscar_kv.paged.PagedKV` view (page table from SGLang's
 ``req_to_token``, lengths, residual page ids from the pool's slot map) and a store plan
 (`oscar_kv.sglang.forward_plan`); each layer then only launches kernels:
@@ -115,10 +115,14 @@ class OscarAttnBackend(AttentionBackend):
         dev = self.pool.pages.device
         # The ops backend of this process (None on meta: only the fake kernels run there).
         self.ops_backend = None if dev.type == "meta" else ops.resolve_backend(None, dev)
+        self.decode_backend = None if dev.type == "meta" else ops.resolve_decode_backend(None, dev)
         if self.ops_backend is not None:
             which = self.ops_backend
             interp = " (Triton interpreter)" if which == "triton" and dev.type != "cuda" else ""
-            logger.info("oscar-kv attention: ops backend %s on %s%s", which, dev, interp)
+            logger.info(
+                "oscar-kv attention: ops backend %s (decode: %s) on %s%s",
+                which, self.decode_backend, dev, interp,
+            )  # fmt: skip
 
     # -- metadata --------------------------------------------------------------------
     def _kv(self, pages: BatchPages) -> PagedKV:
@@ -131,7 +135,7 @@ class OscarAttnBackend(AttentionBackend):
     def _with_scratch(self, kv: PagedKV, splits: int | None = None) -> PagedKV:
         """Split-KV scratch for the Triton decode, allocated once per forward (graph: once
         per captured batch size, with ``splits`` fixed)."""
-        if self.q_heads is None or self.ops_backend != "triton":
+        if self.q_heads is None or self.decode_backend != "triton":
             return kv if splits is None else kv.with_batch(num_splits=splits)
         from oscar_kv.triton import decode_splits
 

@@ -25,22 +25,16 @@ import requests
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_server import sglang_gsp
 
+from oscar_kv.eval.texts import LIBRARY_SYSTEM
 from oscar_kv.sglang.server import SGLangServer, smollm2_model
 
 RESULTS = Path(__file__).parent / "results"
-SYSTEM = (
-    "You are a helpful assistant for the Harbor Street Library. The library opens at 9 am and "
-    "closes at 8 pm on weekdays; on Saturdays it opens at 10 am and closes at 4 pm; it is "
-    "closed on Sundays. Members may borrow up to 12 books at a time for three weeks. Late "
-    "returns cost 25 cents per book per day. There is a quiet reading room on the second "
-    "floor and a children's corner with picture books. Answer briefly."
-)
 TURNS = ("When does it open on Saturday?", "How many books can I borrow?", "Late fee?", "Thanks!")
 
 
 def chat_turns(server: SGLangServer) -> list[dict]:
     rows = []
-    for name, system in (("long-system", SYSTEM * 3), ("short-system", "Be brief.")):
+    for name, system in (("long-system", LIBRARY_SYSTEM * 3), ("short-system", "Be brief.")):
         messages = [{"role": "system", "content": system}]
         prev = None
         for i, q in enumerate(TURNS):

@@ -16,6 +16,28 @@ from oscar_kv.paged import PagedKV
 from oscar_kv.ref import quantize_kv
 from oscar_kv.ref.quant import QuantizedKV
 
+
+def bf16_round(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to bf16 and back to fp32 (what a 16-bit residual page holds exactly)."""
+    return x.to(torch.bfloat16).float()
+
+
+def exact_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Exact causal attention, fp32: q [n, Hq, D] are the last n of k's / v's [T, Hk, D]
+    positions; query head j reads KV head j // (Hq / Hk)."""
+    g = q.shape[1] // k.shape[1]
+    n, t = q.shape[0], k.shape[0]
+    mask = torch.arange(t)[None, :] <= torch.arange(t - n, t)[:, None]
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        k.transpose(0, 1).repeat_interleave(g, 0),
+        v.transpose(0, 1).repeat_interleave(g, 0),
+        attn_mask=mask,
+        scale=scale,
+    )
+    return o.transpose(0, 1)
+
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 KINDS = ("random", "outlier", "tiny")
 

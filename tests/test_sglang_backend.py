@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from kernel_cases import bf16_round, exact_causal
 from oscar_kv import OscarConfig
 from oscar_kv.paged import PagedKV
 from oscar_kv.ref import attention as ref_attention
@@ -103,7 +104,7 @@ def test_attention_backend_registered(hooks):
 
 
 # ------------------------------------------------------------------------------ pool
-def test_pool_capacity_vs_bf16():
+def test_pool_capacity_vsbf16_round():
     """Same bytes: >= 5.2x the tokens of SGLang's bf16 MHA pool at G=32 (8 KV heads, D=128)."""
     from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 
@@ -127,10 +128,6 @@ def test_pool_capacity_vs_bf16():
 
 
 # ------------------------------------------------------------------------------ attention
-def _bf16(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.bfloat16).float()
-
-
 class World:
     """A batch of requests over one RadixAttention layer with the oscar backend."""
 
@@ -203,21 +200,6 @@ class World:
         return out.view(-1, HQ, D)
 
 
-def _exact_causal(q, k, v, scale):
-    """q: the last len(q) of k's positions; GQA; fp32."""
-    g = q.shape[1] // k.shape[1]
-    n, t = q.shape[0], k.shape[0]
-    mask = torch.arange(t)[None, :] <= torch.arange(t - n, t)[:, None]
-    o = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(0, 1),
-        k.transpose(0, 1).repeat_interleave(g, 0),
-        v.transpose(0, 1).repeat_interleave(g, 0),
-        attn_mask=mask,
-        scale=scale,
-    )
-    return o.transpose(0, 1)
-
-
 @pytest.mark.parametrize(
     ("fold_v", "backend"),
     [(False, "torch"), (False, "triton"), pytest.param(True, "torch", marks=pytest.mark.slow)],
@@ -232,7 +214,11 @@ def test_extend_then_decode_matches_reference(fold_v, backend, monkeypatch):
     steps = 12  # the first request crosses 128 while decoding
     total = [p + steps for p in prompts]
     data = [
-        (torch.randn(t, HQ, D), _bf16(torch.randn(t, HK, D)), _bf16(torch.randn(t, HK, D)))
+        (
+            torch.randn(t, HQ, D),
+            bf16_round(torch.randn(t, HK, D)),
+            bf16_round(torch.randn(t, HK, D)),
+        )
         for t in total
     ]
     slots = [w.new_request(t) for t in total]
@@ -245,7 +231,7 @@ def test_extend_then_decode_matches_reference(fold_v, backend, monkeypatch):
     out = w.forward(slots, q, k, v, prompts, decode=False)
     off = 0
     for (qq, kk, vv), p in zip(data, prompts, strict=True):
-        ref = _exact_causal(qq[:p], kk[:p], vv[:p], scale)
+        ref = exact_causal(qq[:p], kk[:p], vv[:p], scale)
         torch.testing.assert_close(out[off : off + p].float(), ref, atol=2e-3, rtol=2e-3)
         off += p
 
@@ -277,7 +263,7 @@ def test_second_turn_reuses_prefix_pages(backend, monkeypatch):
     cfg = OscarConfig()
     w = World(cfg)
     t1 = 2 * PAGE + 40
-    k1, v1 = _bf16(torch.randn(t1, HK, D)), _bf16(torch.randn(t1, HK, D))
+    k1, v1 = bf16_round(torch.randn(t1, HK, D)), bf16_round(torch.randn(t1, HK, D))
     s1 = w.new_request(t1)
     w.forward([s1], torch.randn(t1, HQ, D), k1, v1, [t1], decode=False)
     shared = 2 * PAGE
@@ -289,14 +275,14 @@ def test_second_turn_reuses_prefix_pages(backend, monkeypatch):
     n2 = 50
     s2 = w.new_request(shared + n2, shared_from=(s1, shared))
     q2 = torch.randn(n2, HQ, D)
-    k2, v2 = _bf16(torch.randn(n2, HK, D)), _bf16(torch.randn(n2, HK, D))
+    k2, v2 = bf16_round(torch.randn(n2, HK, D)), bf16_round(torch.randn(n2, HK, D))
     out = w.forward([s2], q2, k2, v2, [n2], decode=False)
 
     assert torch.equal(w.pool.pages[0][shared_ids], before)  # not re-quantized
     changed = (w.pool.pages[0] != quantized_before).any(dim=1).nonzero().flatten().tolist()
     assert changed == []  # 50 new tokens: nothing completes, they stay in s2's tail
     kp, vp = dequantize_kv(quantize_kv(k1[:shared], v1[:shared], cfg))
-    ref = _exact_causal(
+    ref = exact_causal(
         q2, torch.cat((kp.float(), k2)), torch.cat((vp.float(), v2)), 1 / math.sqrt(D)
     )
     torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=2e-3)
@@ -466,7 +452,7 @@ def test_cuda_graph_capture_replay_equals_eager(backend, monkeypatch):
     prompts = [100, 126, 250, 5]  # the 126-token request completes its page at step 2
     steps = 4
     data = [
-        (torch.randn(p + steps, HQ, D), *(_bf16(torch.randn(p + steps, HK, D)) for _ in "kv"))
+        (torch.randn(p + steps, HQ, D), *(bf16_round(torch.randn(p + steps, HK, D)) for _ in "kv"))
         for p in prompts
     ]
     slots = [[w.new_request(p + steps) for p in prompts] for w in (eager, graph)]

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from oscar_kv.eval.texts import LIBRARY_SYSTEM_LONG
 from oscar_kv.sglang.args import (
     CPU_ENGINE_VAR,
     ENV_VAR,
@@ -336,15 +337,7 @@ def test_engine_kwargs_get_the_same_cpu_settings(hooks, fake_tokenizer, monkeypa
 # ------------------------------------------------------------------------ live servers (slow)
 requests = pytest.importorskip("requests")
 
-LIBRARY = (
-    "You are a helpful assistant for the Harbor Street Library. The library opens at 9 am and "
-    "closes at 8 pm on weekdays; on Saturdays it opens at 10 am and closes at 4 pm; it is "
-    "closed on Sundays. Members may borrow up to 12 books at a time for three weeks. Late "
-    "returns cost 25 cents per book per day. There is a quiet reading room on the second "
-    "floor and a children's corner with picture books. The library also lends laptops for use "
-    "inside the building, runs a book club on the first Tuesday of every month, and offers "
-    "free wifi to every visitor. Answer briefly."
-)
+LIBRARY = LIBRARY_SYSTEM_LONG
 SMALL_POOL = ["--max-total-tokens", "4096"]
 VARIANTS = {"one-flag": [], "bits-4": ["--kv-quant-bits", "4"],
             "k-group-128": ["--kv-quant-k-group", "128"]}  # fmt: skip

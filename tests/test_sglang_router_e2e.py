@@ -39,8 +39,15 @@ import pytest
 
 requests = pytest.importorskip("requests")
 
+from oscar_kv.eval.texts import LIBRARY_SYSTEM_LONG
 from oscar_kv.sglang._testing import INSTALL_HINT
-from oscar_kv.sglang.server import CACHE_DIR, SGLangServer, free_port, smollm2_model
+from oscar_kv.sglang.server import (
+    CACHE_DIR,
+    SGLangServer,
+    free_port,
+    smollm2_model,
+    stop_process_group,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -61,15 +68,7 @@ if _installed != ROUTER_VERSION:  # pragma: no cover - the checks below are 0.3.
     pytest.skip(f"sglang-router {_installed} installed; these checks are for {ROUTER_VERSION}",
                 allow_module_level=True)  # fmt: skip
 
-LIBRARY = (
-    "You are a helpful assistant for the Harbor Street Library. The library opens at 9 am and "
-    "closes at 8 pm on weekdays; on Saturdays it opens at 10 am and closes at 4 pm; it is "
-    "closed on Sundays. Members may borrow up to 12 books at a time for three weeks. Late "
-    "returns cost 25 cents per book per day. There is a quiet reading room on the second "
-    "floor and a children's corner with picture books. The library also lends laptops for use "
-    "inside the building, runs a book club on the first Tuesday of every month, and offers "
-    "free wifi to every visitor. Answer briefly."
-)
+LIBRARY = LIBRARY_SYSTEM_LONG
 QUESTIONS = [
     "When does it open on Saturday?",
     "How many books can I borrow?",
@@ -166,18 +165,7 @@ class Router:
         return "\n".join(text.splitlines()[-lines:])
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(timeout=30)
+        stop_process_group(self.proc)
         self.proc = None
 
 

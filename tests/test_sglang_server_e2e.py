@@ -21,6 +21,7 @@ import pytest
 requests = pytest.importorskip("requests")
 pytest.importorskip("openai")
 
+from oscar_kv.eval.texts import LIBRARY_SYSTEM
 from oscar_kv.sglang._testing import INSTALL_HINT
 from oscar_kv.sglang.server import SGLangServer, smollm2_model
 
@@ -29,13 +30,7 @@ try:
 except ImportError:  # pragma: no cover - the test script installs it
     pytest.skip(INSTALL_HINT, allow_module_level=True)
 
-SYSTEM = (
-    "You are a helpful assistant for the Harbor Street Library. The library opens at 9 am and "
-    "closes at 8 pm on weekdays; on Saturdays it opens at 10 am and closes at 4 pm; it is "
-    "closed on Sundays. Members may borrow up to 12 books at a time for three weeks. Late "
-    "returns cost 25 cents per book per day. There is a quiet reading room on the second "
-    "floor and a children's corner with picture books. Answer briefly."
-)
+SYSTEM = LIBRARY_SYSTEM
 CONTEXT = 2048
 
 

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from kernel_cases import bf16_round, exact_causal
 from oscar_kv import OscarConfig
 from oscar_kv.ref import dequantize_kv, quantize_kv
 from oscar_kv.sglang.tails import TailStore
@@ -60,24 +61,6 @@ def test_tail_store_match_add_and_lru():
 
 
 # ------------------------------------------------------------------------------ the flow
-def _bf16(x: torch.Tensor) -> torch.Tensor:
-    return x.to(torch.bfloat16).float()
-
-
-def _exact_causal(q, k, v, scale):
-    g = q.shape[1] // k.shape[1]
-    n, t = q.shape[0], k.shape[0]
-    mask = torch.arange(t)[None, :] <= torch.arange(t - n, t)[:, None]
-    o = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(0, 1),
-        k.transpose(0, 1).repeat_interleave(g, 0),
-        v.transpose(0, 1).repeat_interleave(g, 0),
-        attn_mask=mask,
-        scale=scale,
-    )
-    return o.transpose(0, 1)
-
-
 class Flow:
     """One layer served as SGLang's scheduler drives it (see the module docstring)."""
 
@@ -176,6 +159,15 @@ class Flow:
         )  # fmt: skip
         return out.view(-1, HQ, D)
 
+    def history(self, tokens: list[int]):
+        """A request over ``tokens`` prefilled with random K/V and finished (its history
+        cached); returns its k, v."""
+        req = self.request(tokens)
+        q, k, v = _data(len(tokens))
+        self.prefill([req], q, k, v)
+        self.finish(req)
+        return k, v
+
     def finish(self, req) -> None:
         from sglang.srt.managers.schedule_batch import FINISH_LENGTH
         from sglang.srt.mem_cache.common import release_kv_cache
@@ -193,7 +185,11 @@ class Flow:
 
 
 def _data(n: int):
-    return torch.randn(n, HQ, D), _bf16(torch.randn(n, HK, D)), _bf16(torch.randn(n, HK, D))
+    return (
+        torch.randn(n, HQ, D),
+        bf16_round(torch.randn(n, HK, D)),
+        bf16_round(torch.randn(n, HK, D)),
+    )
 
 
 def _reference(q, k_hist, v_hist, k_new, v_new, cfg, cached: int):
@@ -203,7 +199,7 @@ def _reference(q, k_hist, v_hist, k_new, v_new, cfg, cached: int):
     kp, vp = dequantize_kv(quantize_kv(k_hist[:whole], v_hist[:whole], cfg))
     k = torch.cat((kp.float(), k_hist[whole:cached], k_new))
     v = torch.cat((vp.float(), v_hist[whole:cached], v_new))
-    return _exact_causal(q, k, v, 1 / math.sqrt(D))
+    return exact_causal(q, k, v, 1 / math.sqrt(D))
 
 
 def test_next_turn_reuses_the_whole_history(monkeypatch):
@@ -256,10 +252,7 @@ def test_short_history_under_the_root_and_eviction_drops_orphans(monkeypatch):
     torch.manual_seed(1)
     f = Flow()
     short = list(range(60))
-    q, k, v = _data(60)
-    r = f.request(short)
-    f.prefill([r], q, k, v)
-    f.finish(r)
+    k, v = f.history(short)
     q2, k2, v2 = _data(20)
     r2 = f.request(short + list(range(100, 120)))
     assert r2.prefix_len == 60
@@ -270,9 +263,7 @@ def test_short_history_under_the_root_and_eviction_drops_orphans(monkeypatch):
     f.finish(r2)
 
     long = list(range(300, 600))
-    r3 = f.request(long)
-    f.prefill([r3], *_data(300))
-    f.finish(r3)
+    f.history(long)
     assert f.pool.residual_state()["cached"] == 2
     f.cache.evict(EvictParams(num_tokens=10**6))
     # The long history's node is gone, and with it its tail; the root's tail stays.
@@ -289,17 +280,14 @@ def test_prefix_ending_inside_a_packed_page(monkeypatch):
     torch.manual_seed(4)
     f = Flow()
     ta = list(range(300))
-    qa, ka, va = _data(300)
-    a = f.request(ta)
-    f.prefill([a], qa, ka, va)
-    f.finish(a)
+    ka, va = f.history(ta)
     before = f.pool.pages[0].clone()
     qb, kb, vb = _data(40)
     b = f.request(ta[:200] + list(range(8000, 8040)))
     assert b.prefix_len == 200
     out = f.prefill([b], qb, kb, vb)
     kp, vp = dequantize_kv(quantize_kv(ka[:256], va[:256], f.cfg))
-    want = _exact_causal(
+    want = exact_causal(
         qb, torch.cat((kp[:200].float(), kb)), torch.cat((vp[:200].float(), vb)), 1 / math.sqrt(D)
     )
     torch.testing.assert_close(out.float(), want, atol=2e-3, rtol=2e-3)
@@ -316,10 +304,7 @@ def test_out_of_residual_pages_a_tail_moves_to_its_continuation(monkeypatch):
     torch.manual_seed(2)
     f = Flow(residual_pages=2)
     t1 = list(range(200))
-    q1, k1, v1 = _data(200)
-    r1 = f.request(t1)
-    f.prefill([r1], q1, k1, v1)
-    f.finish(r1)
+    k1, v1 = f.history(t1)
     running = f.request(list(range(900, 910)))
     f.prefill([running], *_data(10))
     assert f.pool.residual_state() == {"total": 2, "free": 0, "held": 1, "cached": 1}
@@ -344,9 +329,7 @@ def test_unused_tails_are_reclaimed_for_new_requests(monkeypatch):
     torch.manual_seed(3)
     f = Flow(residual_pages=2)
     for base in (0, 1000):
-        r = f.request(list(range(base, base + 150)))
-        f.prefill([r], *_data(150))
-        f.finish(r)
+        f.history(list(range(base, base + 150)))
     assert f.pool.residual_state() == {"total": 2, "free": 0, "held": 0, "cached": 2}
     a, b = f.request(list(range(3000, 3010))), f.request(list(range(4000, 4010)))
     f.prefill([a, b], *_data(20))
@@ -366,10 +349,7 @@ def test_duplicate_of_a_partial_page_copy_is_repointed_whole(monkeypatch):
     torch.manual_seed(5)
     f = Flow()
     t1 = list(range(200))
-    q1, k1, v1 = _data(200)
-    a = f.request(t1)
-    f.prefill([a], q1, k1, v1)
-    f.finish(a)
+    f.history(t1)
     more = list(range(6000, 6060))
     b, c = f.request(t1 + more), f.request(t1 + more)
     q, k, v = _data(60)
@@ -397,9 +377,7 @@ def test_request_released_without_insert_frees_its_partial_page_copy(monkeypatch
     torch.manual_seed(6)
     f = Flow()
     t1 = list(range(200))
-    a = f.request(t1)
-    f.prefill([a], *_data(200))
-    f.finish(a)
+    f.history(t1)
     free_before = f.allocator.available_size()
     b = f.request(t1 + list(range(50)))
     assert b.prefix_len == 200 and b.kv.cache_protected_len == PAGE

@@ -215,15 +215,6 @@ def _teacher_forced(model: Any, cache: Any, ref: RunResult, progress: bool) -> l
     return [sum(p == t for p, t in zip(pt, at)) for pt, at in zip(preds, ref.answers, strict=True)]
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def _side_by_side(left: str, right: str, width: int = 44, max_lines: int = 8) -> list[str]:
     lw = textwrap.wrap(" ".join(left.split()), width)[:max_lines] or [""]
     rw = textwrap.wrap(" ".join(right.split()), width)[:max_lines] or [""]
@@ -243,6 +234,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the chat with the bf16 cache and the OScaR cache; print a comparison; return the numbers."""
     from oscar_kv.cache import Bf16Cache, OscarCache
+    from oscar_kv.eval.chat import common_prefix
     from oscar_kv.eval.smollm2 import load_model
 
     turns = list(TURNS if turns is None else turns)
@@ -272,7 +264,7 @@ def run_demo(
             {
                 "turn": t + 1,
                 "identical_first_32": a[:AGREE_TOKENS] == b[:AGREE_TOKENS],
-                "common_prefix": _common_prefix(a, b),
+                "common_prefix": common_prefix(a, b),
                 "bf16_tokens": len(a),
                 "oscar_tokens": len(b),
                 "compared": k,

@@ -4,6 +4,7 @@
   corpus, the passkey haystack, the fidelity harness's capture text and the benchmarks' documents.
 - `encode` / `chat_ids`: text to token ids, raw or through the chat template.
 - `NEEDLE_HEAD`, `NEEDLE`, `NEEDLE_QUESTION`: the passkey prompt around a haystack.
+- `LIBRARY_SYSTEM`, `LIBRARY_SYSTEM_LONG`: the live-server tests' and benchmarks' system prompts.
 - `make_chats` / `next_user_turn`: the multi-turn agreement chats (procedurally generated facts).
 
 Only the tokenizer is called here: no model, no transformers import.
@@ -67,6 +68,28 @@ NEEDLE = " The secret passkey is {key}. Remember it: the secret passkey is {key}
 NEEDLE_QUESTION = (
     "\n\nWhat is the secret passkey? Answer with the number.<|im_end|>\n"
     "<|im_start|>assistant\nThe secret passkey is"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# System prompts of the live-server tests and benchmarks (a chat's turns reuse them)
+# ---------------------------------------------------------------------------------------------
+
+LIBRARY_SYSTEM = (
+    "You are a helpful assistant for the Harbor Street Library. The library opens at 9 am and "
+    "closes at 8 pm on weekdays; on Saturdays it opens at 10 am and closes at 4 pm; it is "
+    "closed on Sundays. Members may borrow up to 12 books at a time for three weeks. Late "
+    "returns cost 25 cents per book per day. There is a quiet reading room on the second "
+    "floor and a children's corner with picture books. Answer briefly."
+)
+LIBRARY_SYSTEM_LONG = (
+    "You are a helpful assistant for the Harbor Street Library. The library opens at 9 am and "
+    "closes at 8 pm on weekdays; on Saturdays it opens at 10 am and closes at 4 pm; it is "
+    "closed on Sundays. Members may borrow up to 12 books at a time for three weeks. Late "
+    "returns cost 25 cents per book per day. There is a quiet reading room on the second "
+    "floor and a children's corner with picture books. The library also lends laptops for use "
+    "inside the building, runs a book club on the first Tuesday of every month, and offers "
+    "free wifi to every visitor. Answer briefly."
 )
 
 

@@ -290,8 +290,9 @@ class OscarAttnBackend(AttentionBackend):
         if save_kv_cache:
             self.pool.store_decode(layer.layer_id, md.decode_plan, k3, v3)
         out = ops.decode_attention(
-            q3, md.kv, layer=self.pool._layer(layer.layer_id), scale=layer.scaling
-        )
+            q3, md.kv, layer=self.pool._layer(layer.layer_id), scale=layer.scaling,
+            backend=self.decode_backend,
+        )  # fmt: skip
         return out.flatten(1)  # [tokens, heads * D], also for 0 tokens
 
 

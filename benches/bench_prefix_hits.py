@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import subprocess
 import sys
 from pathlib import Path
 
 import requests
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_decode_cpu import cpu_name
 from bench_server import sglang_gsp
 
 from oscar_kv.eval.texts import LIBRARY_SYSTEM
@@ -78,17 +80,25 @@ def run(kind: str, args: argparse.Namespace) -> dict:
     return {"gsp": gsp, "turns": turns}
 
 
-def write(res: dict[str, dict], out: Path) -> None:
+def git_commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True, check=False, cwd=Path(__file__).parent)  # fmt: skip
+    return out.stdout.strip() or "unknown"
+
+
+def write(res: dict[str, dict], out: Path, commit: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "prefix_hits.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["server", "measurement", "turn", "prompt_tokens", "cached_tokens",
-                    "previous_prompt_plus_answer", "hit_rate_pct"])  # fmt: skip
+        w.writerow(["device", "commit", "server", "measurement", "turn", "prompt_tokens",
+                    "cached_tokens", "previous_prompt_plus_answer", "hit_rate_pct"])  # fmt: skip
+        run = [cpu_name(), commit]
         for kind, r in res.items():
-            w.writerow([kind, "gsp", "", "", "", "", f"{r['gsp']['cache_hit_rate_pct']:.2f}"])
+            w.writerow([*run, kind, "gsp", "", "", "", "",
+                        f"{r['gsp']['cache_hit_rate_pct']:.2f}"])  # fmt: skip
             for t in r["turns"]:
                 hit = 100 * t["cached_tokens"] / t["prompt_tokens"]
-                w.writerow([kind, f"chat:{t['chat']}", t["turn"], t["prompt_tokens"],
+                w.writerow([*run, kind, f"chat:{t['chat']}", t["turn"], t["prompt_tokens"],
                             t["cached_tokens"], t["previous_prompt_plus_answer"] or "",
                             f"{hit:.2f}"])  # fmt: skip
     import matplotlib
@@ -118,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start-timeout", type=float, default=1200)
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    commit = git_commit()
     res = {kind: run(kind, args) for kind in ("none", "oscar")}
-    write(res, args.out)
+    write(res, args.out, commit)
     return 0
 
 

@@ -25,10 +25,15 @@ import csv
 import math
 import random
 import re
+import sys
 import time
 from pathlib import Path
 
 import requests
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_decode_cpu import cpu_name
+from bench_prefix_hits import git_commit
 
 from oscar_kv.eval.texts import NEEDLE, NEEDLE_HEAD, NEEDLE_QUESTION, english_text
 from oscar_kv.sglang.server import SGLangServer, smollm2_model
@@ -150,12 +155,13 @@ def main(argv: list[str] | None = None) -> int:
             docs.append(prose[start : start + length])
             meta.append((length, i))
     trials = passkey_docs(tok, args.lengths, args.depths, args.seeds)
+    commit = git_commit()
     res = {name: run_server(name, args, docs, trials) for name in args.servers}
-    write(res, args, meta, trials)
+    write(res, args, meta, trials, commit)
     return 0
 
 
-def write(res: dict, args, meta: list[tuple[int, int]], trials: list[dict]) -> None:
+def write(res: dict, args, meta: list[tuple[int, int]], trials: list[dict], commit: str) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     ref = res["sglang-own"]
     rows = []
@@ -172,7 +178,7 @@ def write(res: dict, args, meta: list[tuple[int, int]], trials: list[dict]) -> N
             ]
             nll = -sum(b[0] for _, b in pairs) / len(pairs)
             rows.append({
-                "server": name, "length": length, "doc": i, "tokens": len(pairs),
+                "device": cpu_name(), "commit": commit, "server": name, "length": length, "doc": i, "tokens": len(pairs),
                 "cached_tokens": mine["cached"],
                 "kl_topk_vs_own": sum(kls) / len(kls),
                 "mean_abs_logprob_diff": sum(abs(a[0] - b[0]) for a, b in pairs) / len(pairs),
@@ -185,14 +191,14 @@ def write(res: dict, args, meta: list[tuple[int, int]], trials: list[dict]) -> N
             w.writerow({k: f"{v:.5f}" if isinstance(v, float) else v for k, v in row.items()})
     with open(args.out / "served_passkey.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["server", "length", "depth", "seed", "key", "answer", "correct"])
+        w.writerow(["device", "commit", "server", "length", "depth", "seed", "key", "answer",
+                    "correct"])  # fmt: skip
         for name, r in res.items():
             for t, ans in zip(trials, r["answers"], strict=True):
                 found = re.search(r"\d+", ans)
                 ok = found is not None and found.group(0) == t["key"]
-                w.writerow(
-                    [name, t["length"], t["depth"], t["seed"], t["key"], ans.strip(), int(ok)]
-                )
+                w.writerow([cpu_name(), commit, name, t["length"], t["depth"], t["seed"],
+                            t["key"], ans.strip(), int(ok)])  # fmt: skip
 
     import matplotlib
 

@@ -15,7 +15,8 @@ from oscar_kv import OscarConfig
 from oscar_kv.sglang.validation import RequestError, check_request
 
 pytest.importorskip("sglang")
-from test_sglang_backend import HK, HQ, PAGE, World, _bf16, _exact_causal
+from kernel_cases import bf16_round, exact_causal
+from test_sglang_backend import HK, HQ, PAGE, World
 from test_sglang_backend import D as d
 
 BATCHES = {
@@ -37,8 +38,8 @@ def test_extend_shapes_then_decode(backend, name, monkeypatch):
     data = [
         (
             torch.randn(n + 1, HQ, d),
-            _bf16(torch.randn(n + 1, HK, d)),
-            _bf16(torch.randn(n + 1, HK, d)),
+            bf16_round(torch.randn(n + 1, HK, d)),
+            bf16_round(torch.randn(n + 1, HK, d)),
         )
         for n in lens
     ]
@@ -51,7 +52,7 @@ def test_extend_shapes_then_decode(backend, name, monkeypatch):
     off, scale = 0, 1 / math.sqrt(d)
     for (qq, kk, vv), n in zip(data, lens, strict=True):
         if n:
-            ref = _exact_causal(qq[:n], kk[:n], vv[:n], scale)
+            ref = exact_causal(qq[:n], kk[:n], vv[:n], scale)
             torch.testing.assert_close(out[off : off + n].float(), ref, atol=2e-3, rtol=2e-3)
         off += n
     # One decode step for every request, the empty ones included (their first token).

@@ -195,19 +195,32 @@ def attend_extend(
 
 
 def merge(
-    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+    out_a: torch.Tensor,
+    lse_a: torch.Tensor,
+    out_b: torch.Tensor,
+    lse_b: torch.Tensor,
+    a_empty: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention over the union of two key sets from each set's output and lse
-    ([n, Hq, D], [n, Hq]); part b may be empty (lse -inf). Returns out_a's dtype."""
+    ([n, Hq, D], [n, Hq]); part b may be empty (lse -inf); rows where ``a_empty`` [n] is
+    True take part b alone. Returns out_a's dtype."""
     m = torch.maximum(lse_a, lse_b)
     wa = torch.exp(lse_a - m)
     wb = torch.exp(lse_b - m)
     o = (out_a.float() * wa[..., None] + out_b.float() * wb[..., None]) / (wa + wb)[..., None]
+    if a_empty is not None:
+        o = torch.where(a_empty[:, None, None], out_b.float(), o)
     return o.to(out_a.dtype)
 
 
-def main_view(kv: PagedKV) -> PagedKV:
+def main_view(kv: PagedKV) -> tuple[PagedKV, torch.Tensor]:
     """``kv`` without each request's first page: what the backend kernel reads when the
-    first page is a sink page (device ops only; graph-safe)."""
+    first page is a sink page (device ops only; graph-safe), and which requests that leaves
+    with no key at all (a decode query that just completed its first page: every key it
+    reads is in the sink page). Those read one stand-in key (residual row 0, finite) so no
+    kernel meets an empty set; `merge` drops their part."""
     pt = kv.page_table[:, 1:].contiguous() if kv.page_table.shape[1] > 1 else kv.page_table
-    return kv.with_batch(page_table=pt, num_pages=(kv.num_pages - 1).clamp(min=0))
+    pages = (kv.num_pages - 1).clamp(min=0)
+    empty = (pages == 0) & (kv.tail_len == 0)
+    tail = torch.where(empty, torch.ones_like(kv.tail_len), kv.tail_len)
+    return kv.with_batch(page_table=pt, num_pages=pages, tail_len=tail), empty

@@ -24,6 +24,7 @@ ENV_VAR = "OSCAR_KV_QUANT"
 PAGE_SIZE = BLOCK_TOKENS
 BACKEND_NAME = "oscar"
 # --kv-cache-dtype values that mean "the model's dtype" and so do not conflict.
+SINK_BITS = (2, 4, 16)
 _NEUTRAL_KV_DTYPES = ("auto", "bf16", "bfloat16", "float16", "fp16", "half", None)
 
 
@@ -36,6 +37,8 @@ class KVQuantSpec:
     method: str = "none"  # "none" or "oscar"
     bits: int = 2
     k_group: int = 32
+    # Width of a sequence's first page; None or equal to ``bits``: no sink page.
+    sink_bits: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in ("none", "oscar"):
@@ -46,13 +49,30 @@ class KVQuantSpec:
             raise KVQuantError(
                 f"--kv-quant-k-group must be one of {SUPPORTED_K_GROUPS}, got {self.k_group}"
             )
+        if self.sink_bits is not None:
+            if self.sink_bits not in SINK_BITS:
+                raise KVQuantError(
+                    f"--kv-quant-sink-bits must be one of {SINK_BITS}, got {self.sink_bits}"
+                )
+            if self.sink_bits < self.bits:
+                raise KVQuantError(
+                    f"--kv-quant-sink-bits {self.sink_bits} is narrower than --kv-quant-bits "
+                    f"{self.bits}: the first page is kept at least as wide as the others"
+                )
+
+    @property
+    def first_page_bits(self) -> int | None:
+        """The first page's width when it differs from the others (else None)."""
+        return None if self.sink_bits in (None, self.bits) else self.sink_bits
 
     @property
     def enabled(self) -> bool:
         return self.method == "oscar"
 
     def oscar_config(self, *, fold_v: bool = False) -> OscarConfig:
-        return OscarConfig(bits=self.bits, k_group=self.k_group, fold_v=fold_v)
+        return OscarConfig(
+            bits=self.bits, k_group=self.k_group, fold_v=fold_v, sink_bits=self.first_page_bits
+        )
 
     # -- hand-over -------------------------------------------------------------------------
     def to_env(self) -> str:
@@ -83,20 +103,23 @@ class KVQuantSpec:
             method=getattr(ns, "kv_quant", "none") or "none",
             bits=getattr(ns, "kv_quant_bits", 2),
             k_group=getattr(ns, "kv_quant_k_group", 32),
+            sink_bits=getattr(ns, "kv_quant_sink_bits", None),
         )
 
     @classmethod
     def pop_kwargs(cls, kwargs: dict[str, Any]) -> KVQuantSpec:
-        """Takes ``kv_quant``/``kv_quant_bits``/``kv_quant_k_group`` out of Engine kwargs."""
+        """Takes ``kv_quant``/``kv_quant_bits``/``kv_quant_k_group``/``kv_quant_sink_bits``
+        out of Engine kwargs."""
         return cls(
             method=kwargs.pop("kv_quant", "none") or "none",
             bits=kwargs.pop("kv_quant_bits", 2),
             k_group=kwargs.pop("kv_quant_k_group", 32),
+            sink_bits=kwargs.pop("kv_quant_sink_bits", None),
         )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Adds the three flags to an argparse parser (SGLang's or any other)."""
+    """Adds the four flags to an argparse parser (SGLang's or any other)."""
     group = parser.add_argument_group("oscar-kv (2-bit KV cache)")
     group.add_argument(
         "--kv-quant",
@@ -113,6 +136,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--kv-quant-k-group", type=int, choices=list(SUPPORTED_K_GROUPS), default=32,
         help="Tokens per per-channel K quantization group (default 32).",
+    )  # fmt: skip
+    group.add_argument(
+        "--kv-quant-sink-bits", type=int, choices=list(SINK_BITS), default=None,
+        help="Width of each sequence's first page, which holds the attention-sink tokens: "
+        "4 bits, or 16 (kept exact); default: --kv-quant-bits (no sink page). It costs "
+        "extra pages of the KV budget per cached sequence (the start-up capacity line says "
+        "how many).",
     )  # fmt: skip
 
 

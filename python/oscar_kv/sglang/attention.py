@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 
-from oscar_kv import ops
+from oscar_kv import ops, sink
 from oscar_kv.paged import PagedKV
 from oscar_kv.sglang import forward_plan
 from oscar_kv.sglang.forward_plan import BatchPages, DecodePlan, ExtendPlan
@@ -56,6 +56,8 @@ class OscarForwardMetadata:
     graph: bool = False  # views of the CUDA-graph buffers
     # extend with no cached prefix in the batch: cu_seqlens on the host, for the dense kernel
     prefill_cu: tuple[int, ...] | None = None
+    # extend under sink pages: the request of each new-token row (long [N])
+    row_req: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ class OscarAttnBackend(AttentionBackend):
                 f"--kv-quant oscar); got {type(self.pool).__name__}"
             )
         self.config = self.pool.config
+        self.sink = self.pool.sink
         self.q_heads = _q_heads(model_runner)
         self.forward_metadata: OscarForwardMetadata | None = None
         self._graph: GraphBuffers | None = None
@@ -164,7 +167,7 @@ class OscarAttnBackend(AttentionBackend):
         if forward_batch.forward_mode.is_decode_or_idle():
             pages, plan = forward_plan.decode(
                 rtt, self.pool.residual_of_slot, forward_batch.req_pool_indices,
-                forward_batch.seq_lens, width,
+                forward_batch.seq_lens, width, sink=self.sink is not None,
             )  # fmt: skip
             kv = self._with_scratch(self._kv(pages))
             self.forward_metadata = OscarForwardMetadata(kv=kv, decode_plan=plan)
@@ -181,15 +184,21 @@ class OscarAttnBackend(AttentionBackend):
         pages, cu, plan = forward_plan.extend(
             rtt, self.pool.residual_of_slot, forward_batch.req_pool_indices,
             forward_batch.seq_lens, new_dev, new_host, seq_host, width,
+            sink=self.sink is not None,
         )  # fmt: skip
         kv = self._kv(pages)
         if self.q_heads is not None and self.ops_backend in ("cuda", "triton"):
             kv = ops.plan_extend(kv, new_host, self.q_heads)
-        prefill_cu = None
+        prefill_cu = row_req = None
         if seq_host == new_host:
             prefill_cu = (0, *itertools.accumulate(new_host))
+        elif self.sink is not None:
+            reqs = torch.arange(len(new_host), device=kv.device)
+            row_req = torch.repeat_interleave(
+                reqs, new_dev.to(kv.device), output_size=sum(new_host)
+            )
         self.forward_metadata = OscarForwardMetadata(
-            kv=kv, cu_seqlens=cu, extend_plan=plan, prefill_cu=prefill_cu
+            kv=kv, cu_seqlens=cu, extend_plan=plan, prefill_cu=prefill_cu, row_req=row_req
         )
 
     # -- CUDA graphs (decode) --------------------------------------------------------
@@ -210,6 +219,7 @@ class OscarAttnBackend(AttentionBackend):
                 residual=torch.zeros(max_bs, dtype=torch.long, device=dev),
                 pos=torch.zeros(max_bs, dtype=torch.long, device=dev),
                 done_pages=torch.full((max_bs,), -1, dtype=torch.int32, device=dev),
+                done_sink=torch.full((max_bs,), -1, dtype=torch.int32, device=dev),
             ),
         )
         self._graph_metadata = {}
@@ -253,6 +263,7 @@ class OscarAttnBackend(AttentionBackend):
         pages, plan = forward_plan.decode(
             self.req_to_token_pool.req_to_token, self.pool.residual_of_slot,
             forward_batch.req_pool_indices, forward_batch.seq_lens, self._graph.width,
+            sink=self.sink is not None,
         )  # fmt: skip
         _copy_into(_rows(self._graph.pages, md.kv.batch), pages)  # the views md.kv reads
         _copy_into(md.decode_plan, plan)
@@ -269,13 +280,22 @@ class OscarAttnBackend(AttentionBackend):
         # read (the residual page's 16-bit dtype): a prompt prefilled from scratch and the
         # same prompt continued from its cached tail then see the same K/V.
         ka, va = self._as_stored(k3), self._as_stored(v3)
+        li = self.pool._layer(layer.layer_id)
         if md.prefill_cu is not None:
             out = ops.prefill_attention(q3, ka, va, md.prefill_cu, scale=layer.scaling)
-        else:
+        elif self.sink is None:
             out = ops.extend_attention(
-                q3, ka, va, md.cu_seqlens, md.kv,
-                layer=self.pool._layer(layer.layer_id), scale=layer.scaling,
-            )  # fmt: skip
+                q3, ka, va, md.cu_seqlens, md.kv, layer=li, scale=layer.scaling
+            )
+        else:
+            lse = torch.empty(q3.shape[:2], dtype=torch.float32, device=q3.device)
+            main, _ = sink.main_view(md.kv)  # never empty: new tokens attend to themselves
+            out = ops.extend_attention(
+                q3, ka, va, md.cu_seqlens, main, layer=li, scale=layer.scaling, lse=lse
+            )
+            k_s, v_s, has = self._sink_pages(md.kv, li)
+            o_s, l_s = sink.attend_extend(q3, md.row_req, k_s, v_s, has, layer.scaling)
+            out = sink.merge(out, lse, o_s, l_s)
         if save_kv_cache:
             self.pool.store_extend(layer.layer_id, md.extend_plan, k3, v3)
         return out.flatten(1)  # [tokens, heads * D], also for 0 tokens
@@ -289,11 +309,31 @@ class OscarAttnBackend(AttentionBackend):
         q3, k3, v3 = self._shapes(layer, q, k, v)
         if save_kv_cache:
             self.pool.store_decode(layer.layer_id, md.decode_plan, k3, v3)
+        li = self.pool._layer(layer.layer_id)
+        if self.sink is None:
+            out = ops.decode_attention(
+                q3, md.kv, layer=li, scale=layer.scaling, backend=self.decode_backend
+            )
+            return out.flatten(1)  # [tokens, heads * D], also for 0 tokens
+        lse = torch.empty(q3.shape[:2], dtype=torch.float32, device=q3.device)
+        main, empty = sink.main_view(md.kv)
         out = ops.decode_attention(
-            q3, md.kv, layer=self.pool._layer(layer.layer_id), scale=layer.scaling,
-            backend=self.decode_backend,
+            q3, main, layer=li, scale=layer.scaling, backend=self.decode_backend, lse=lse
+        )
+        k_s, v_s, has = self._sink_pages(md.kv, li)
+        o_s, l_s = sink.attend_decode(q3, k_s, v_s, has, layer.scaling)
+        return sink.merge(out, lse, o_s, l_s, empty).flatten(1)
+
+    def _sink_pages(
+        self, kv: PagedKV, layer: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each request's sink page of this layer, dequantized (fp32 [B, 128, H, D] K, V),
+        and whether the request has one yet (its first page is complete)."""
+        k, v = self.sink.dequantize(
+            self.pool.pages[layer], kv.page_table[:, 0], self.pool.sink_table,
+            backend=self.ops_backend if self.ops_backend != "cpu" else None,
         )  # fmt: skip
-        return out.flatten(1)  # [tokens, heads * D], also for 0 tokens
+        return k, v, kv.num_pages > 0
 
 
 def create_backend(model_runner: Any) -> OscarAttnBackend:

@@ -26,6 +26,7 @@ import torch
 
 from oscar_kv.config import BLOCK_TOKENS, OscarConfig
 from oscar_kv.plan import bf16_bytes_per_token, oscar_bytes_per_token
+from oscar_kv.sink import SinkLayout
 
 DEFAULT_RESIDUAL_SHARE = 0.10
 MAX_DEFAULT_SLOTS = 1024
@@ -98,9 +99,26 @@ class KVBudget:
         return KVBudget(self.shape, self.packed_pages, n)
 
     def report(self) -> str:
-        """The start-up capacity line: both page kinds counted, vs bf16 in the same bytes."""
+        """The start-up capacity line: both page kinds counted, vs bf16 in the same bytes
+        (and, with sink pages, what they cost per cached sequence)."""
         s = self.shape
         bf16_tokens = self.nbytes // s.bf16_token_bytes
+        return self._report_pages(bf16_tokens) + self._report_sink(bf16_tokens)
+
+    def _report_sink(self, bf16_tokens: int) -> str:
+        s = self.shape
+        sink = SinkLayout.of(s.config, s.kv_heads, s.head_dim, s.residual_dtype)
+        if sink is None:
+            return ""
+        at_4k = self.tokens * 32 // (32 + sink.companions)
+        return (
+            f"; each cached sequence's first page is a {s.config.sink_bits}-bit sink page "
+            f"spanning {sink.rows} pages ({sink.companions} more than a page): at 4K tokens "
+            f"per sequence {at_4k} tokens ({at_4k / max(bf16_tokens, 1):.2f}x bf16)"
+        )
+
+    def _report_pages(self, bf16_tokens: int) -> str:
+        s = self.shape
         return (
             f"oscar-kv capacity ({s.config.label}, {s.layers} layers x {s.kv_heads} KV heads x "
             f"D={s.head_dim}): {self.tokens} tokens in {self.packed_pages} packed pages "

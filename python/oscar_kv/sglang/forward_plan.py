@@ -40,6 +40,8 @@ class DecodePlan:
     residual: torch.Tensor  # long [B]: the request's residual page
     pos: torch.Tensor  # long [B]: the token's position in it
     done_pages: torch.Tensor  # int32 [B]: packed page it completes, -1 if none
+    # int32 [B]: with sink pages, the first page it completes (then done_pages is -1), else -1
+    done_sink: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -50,8 +52,12 @@ class ExtendPlan:
 
     residual: torch.Tensor  # long [B]
     page_src: torch.Tensor  # long [M * 128]: the tokens of each completed page
-    page_ids: torch.Tensor  # int32 [M]: the packed page each is quantized into
+    page_ids: torch.Tensor  # int32 [M]: the packed page each is quantized into (-1: none)
     residual_src: torch.Tensor  # long [B * 128]: each residual page after the forward
+    # With sink pages: the completed blocks that are a sequence's first page (long [S],
+    # indices into the M blocks; their page_ids entries are -1) and their pages (int32 [S]).
+    sink_blocks: torch.Tensor
+    sink_first: torch.Tensor
 
 
 def page_table(
@@ -74,10 +80,13 @@ def decode(
     slots: torch.Tensor,
     seq_lens: torch.Tensor,
     width: int,
+    *,
+    sink: bool = False,
 ) -> tuple[BatchPages, DecodePlan]:
     """A decode step: request b in slot ``slots[b]`` holds ``seq_lens[b]`` tokens including
     the new one. The attention reads the pages and residual page as they are after the new
-    token is stored (and its page quantized if the token completes it)."""
+    token is stored (and its page quantized if the token completes it). ``sink``: a
+    completed first page goes to ``done_sink``, not ``done_pages``."""
     dev = residual_of_slot.device
     slots_l = slots.to(dev).long()
     seq = seq_lens.to(dev).long()
@@ -86,14 +95,26 @@ def decode(
     res = residual_of_slot[slots_l]
     first_loc = req_to_token[slots_l.to(req_to_token.device), (pre - pos).to(req_to_token.device)]
     first_loc = first_loc.to(dev).long()
-    done = torch.where(pos == T - 1, first_loc // T, torch.full_like(first_loc, -1))
+    none = torch.full_like(first_loc, -1)
+    done = torch.where(pos == T - 1, first_loc // T, none)
+    done_sink = none
+    if sink:
+        is_first = pre - pos == 0
+        done_sink = torch.where(is_first, done, none)
+        done = torch.where(is_first, none, done)
     pages = BatchPages(
         page_table=page_table(req_to_token, slots_l, width, dev),
         num_pages=(seq // T).to(torch.int32),
         tail_len=(seq % T).to(torch.int32),
         tail_index=res,
     )
-    return pages, DecodePlan(residual=res.long(), pos=pos, done_pages=done.to(torch.int32))
+    plan = DecodePlan(
+        residual=res.long(),
+        pos=pos,
+        done_pages=done.to(torch.int32),
+        done_sink=done_sink.to(torch.int32),
+    )
+    return pages, plan
 
 
 def extend(
@@ -105,11 +126,14 @@ def extend(
     new_lens_host: list[int],
     seq_lens_host: list[int],
     width: int,
+    *,
+    sink: bool = False,
 ) -> tuple[BatchPages, torch.Tensor, ExtendPlan]:
     """An extend (or mixed) batch: request b holds ``seq_lens[b]`` tokens after the forward,
     the last ``new_lens[b]`` of them new. Returns the pages the attention reads (the cached
     prefix), cu_seqlens (int32 [B + 1]) and the store plan. The host lists give the output
-    sizes (completed pages), never the data."""
+    sizes (completed pages), never the data. ``sink``: completed first pages are listed in
+    ``sink_blocks`` / ``sink_first`` (which blocks they are is host-known too)."""
     dev = residual_of_slot.device
     b = len(new_lens_host)
     slots_l = slots.to(dev).long()
@@ -137,6 +161,17 @@ def extend(
         slots_l[req_of].to(req_to_token.device), (page_no * T).to(req_to_token.device)
     ]
     page_ids = (loc.to(dev) // T).to(torch.int32)
+    blocks: list[int] = []
+    if sink:
+        at = 0
+        for s, n in zip(seq_lens_host, new_lens_host, strict=True):
+            if s - n < T <= s:
+                blocks.append(at)
+            at += s // T - (s - n) // T
+    sink_blocks = torch.tensor(blocks, dtype=torch.long).to(dev)
+    sink_first = page_ids[sink_blocks]
+    if blocks:
+        page_ids = page_ids.index_fill(0, sink_blocks, -1)
 
     # Each residual page after the forward: positions from the last page's start; tokens at
     # or past the old prefix are new, the others keep their row (old or unused).
@@ -153,6 +188,11 @@ def extend(
         tail_index=res,
     )
     plan = ExtendPlan(
-        residual=res.long(), page_src=page_src, page_ids=page_ids, residual_src=residual_src
+        residual=res.long(),
+        page_src=page_src,
+        page_ids=page_ids,
+        residual_src=residual_src,
+        sink_blocks=sink_blocks,
+        sink_first=sink_first,
     )
     return pages, cu.to(torch.int32), plan

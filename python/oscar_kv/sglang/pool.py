@@ -44,6 +44,7 @@ from oscar_kv.config import BLOCK_TOKENS, OscarConfig
 from oscar_kv.layout import PageLayout
 from oscar_kv.sglang.budget import KVBudget, residual_dtype
 from oscar_kv.sglang.forward_plan import DecodePlan, ExtendPlan
+from oscar_kv.sink import SinkLayout
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,11 @@ class OscarTokenToKVPool(KVCache):
         self.head_num = head_num
         self.head_dim = head_dim
         self.v_head_dim = head_dim
-        self.layout = PageLayout.of(config, head_num, head_dim)
+        self.layout = PageLayout.of(config.page_config, head_num, head_dim)
+        # A sequence's first page at config.sink_bits spans its row and `sink_companions`
+        # more rows the allocator takes with it (`oscar_kv.sink`); `sink_table[page]` lists them.
+        self.sink = SinkLayout.of(config, head_num, head_dim, dtype)
+        self.sink_companions = 0 if self.sink is None else self.sink.companions
         self.num_pages = size // page_size
         self.residual_pages = residual_pages
         self.padding_residual = residual_pages  # the last row
@@ -94,6 +99,11 @@ class OscarTokenToKVPool(KVCache):
         res_shape = (layer_num, residual_pages + 1, BLOCK_TOKENS, head_num, head_dim)
         self.k_res = torch.zeros(res_shape, dtype=dtype, device=device)
         self.v_res = torch.zeros(res_shape, dtype=dtype, device=device)
+        self.sink_table = torch.zeros(
+            (self.num_pages + 1, self.sink_companions) if self.sink else (0, 0),
+            dtype=torch.int32,
+            device=device,
+        )
         # Slot -> residual page, on the device; sized by `attach`.
         self.residual_of_slot = torch.full(
             (0,), self.padding_residual, dtype=torch.int32, device=device
@@ -129,6 +139,26 @@ class OscarTokenToKVPool(KVCache):
 
     def get_kv_size_bytes(self) -> int:
         return self.pages.numel() + self.residual_nbytes()
+
+    def metadata_nbytes(self) -> int:
+        """What the pool holds beside the budget's pages: the slot map and the sink table
+        (int32 per request slot and per page companion)."""
+        return self.residual_of_slot.nbytes + self.sink_table.nbytes
+
+    # -- sink pages --------------------------------------------------------------------
+    def set_companions(self, first_pages: list[int], companions: list[list[int]]) -> None:
+        """The allocator took ``companions[i]`` with first page ``first_pages[i]``: the rows
+        its sink page spans past its own (one small host-to-device write)."""
+        if self.sink is None or not first_pages:
+            return
+        dev = self.pages.device
+        idx = torch.tensor(first_pages, dtype=torch.long).to(dev)
+        rows = torch.tensor(companions, dtype=torch.int32).view(len(first_pages), -1)
+        if rows.shape[1] != self.sink_companions:
+            raise ValueError(
+                f"a sink page takes {self.sink_companions} companion pages, got {rows.shape[1]}"
+            )
+        self.sink_table[idx] = rows.to(dev)
 
     def _layer(self, layer_id: int) -> int:
         return layer_id - self.start_layer
@@ -255,16 +285,20 @@ class OscarTokenToKVPool(KVCache):
         self.k_res[:, dst] = self.k_res[:, src_page]
         self.v_res[:, dst] = self.v_res[:, src_page]
 
-    def dequantize_into_residual(self, page: int, slot: int) -> None:
+    def dequantize_into_residual(self, page: int, slot: int, *, first_page: bool = False) -> None:
         """Packed page ``page`` of every layer, dequantized into slot's own residual page:
         a prefix that ends inside a cached page continues from those tokens (as the packed
-        page holds them), and its page is quantized again when it completes."""
+        page holds them), and its page is quantized again when it completes.
+        ``first_page``: the page is a sequence's first (a sink page under sink_bits)."""
         dst = self._owner[slot]
         ids = torch.tensor([page], dtype=torch.int32, device=self.pages.device)
         for layer in range(self.layer_num):
-            k, v = ops.dequantize_pages(
-                self.pages[layer], ids, self.config, self.head_num, self.head_dim
-            )
+            if first_page and self.sink is not None:
+                k, v = self.sink.dequantize(self.pages[layer], ids, self.sink_table)
+            else:
+                k, v = ops.dequantize_pages(
+                    self.pages[layer], ids, self.layout.config, self.head_num, self.head_dim
+                )
             self.k_res[layer, dst] = k[0].to(self.k_res.dtype)
             self.v_res[layer, dst] = v[0].to(self.v_res.dtype)
 
@@ -319,11 +353,14 @@ class OscarTokenToKVPool(KVCache):
         src_k = torch.cat((k_res[plan.residual].view(-1, h, d).to(k.dtype), k))
         src_v = torch.cat((v_res[plan.residual].view(-1, h, d).to(v.dtype), v))
         if plan.page_ids.shape[0]:
-            ops.quantize_page(
-                src_k[plan.page_src].view(-1, BLOCK_TOKENS, h, d),
-                src_v[plan.page_src].view(-1, BLOCK_TOKENS, h, d),
-                pages, plan.page_ids, self.config,
-            )  # fmt: skip
+            blocks_k = src_k[plan.page_src].view(-1, BLOCK_TOKENS, h, d)
+            blocks_v = src_v[plan.page_src].view(-1, BLOCK_TOKENS, h, d)
+            ops.quantize_page(blocks_k, blocks_v, pages, plan.page_ids, self.layout.config)
+            if self.sink is not None and plan.sink_first.shape[0]:
+                self.sink.quantize(
+                    blocks_k, blocks_v, pages, plan.sink_first, self.sink_table,
+                    src_index=plan.sink_blocks,
+                )  # fmt: skip
         k_res[plan.residual] = src_k[plan.residual_src].view(b, BLOCK_TOKENS, h, d).to(k_res.dtype)
         v_res[plan.residual] = src_v[plan.residual_src].view(b, BLOCK_TOKENS, h, d).to(v_res.dtype)
 
@@ -333,12 +370,17 @@ class OscarTokenToKVPool(KVCache):
         """One new token per request (a decode step), without a loop over requests: row b
         of k, v [B, H, D] goes to position ``plan.pos[b]`` of residual page
         ``plan.residual[b]``; the residual pages it completes are quantized by one call over
-        every request (``plan.done_pages[b] < 0``: nothing completes, the kernel exits)."""
+        every request (``plan.done_pages[b] < 0``: nothing completes, the kernel exits); a first
+        page that completes goes to its sink page instead (``plan.done_sink``)."""
         pages = self.pages[self._layer(layer_id)]
         k_res, v_res = self.residual(layer_id)
         h, d = self.head_num, self.head_dim
         k_res[plan.residual, plan.pos] = k.view(-1, h, d).to(k_res.dtype)
         v_res[plan.residual, plan.pos] = v.view(-1, h, d).to(v_res.dtype)
         ops.quantize_page(
-            k_res, v_res, pages, plan.done_pages, self.config, src_index=plan.residual
+            k_res, v_res, pages, plan.done_pages, self.layout.config, src_index=plan.residual
         )
+        if self.sink is not None:
+            self.sink.quantize(
+                k_res, v_res, pages, plan.done_sink, self.sink_table, src_index=plan.residual
+            )

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from oscar_kv import plan
+from oscar_kv import OscarConfig, plan
 from oscar_kv.__main__ import main as cli_main
 from oscar_kv.sglang.args import (
     ENV_VAR,
@@ -39,6 +39,32 @@ def test_parser_accepts_flags():
     assert KVQuantSpec.from_namespace(p.parse_args([])) == KVQuantSpec()
     with pytest.raises(SystemExit):
         p.parse_args(["--kv-quant-bits", "3"])
+
+
+def test_sink_bits_flag():
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    spec = KVQuantSpec.from_namespace(
+        p.parse_args(["--kv-quant", "oscar", "--kv-quant-sink-bits", "4"])
+    )
+    assert spec.first_page_bits == 4
+    assert spec.oscar_config() == OscarConfig(bits=2, sink_bits=4)
+    # the sink width equal to the others' is no sink page; 16 keeps the first page exact
+    assert KVQuantSpec("oscar", 4, 32, sink_bits=4).oscar_config() == OscarConfig(bits=4)
+    assert KVQuantSpec("oscar", 2, 32, sink_bits=16).oscar_config().sink_bits == 16
+    with pytest.raises(SystemExit):
+        p.parse_args(["--kv-quant-sink-bits", "8"])
+    with pytest.raises(
+        KVQuantError, match="--kv-quant-sink-bits 2 is narrower than --kv-quant-bits 4"
+    ):
+        KVQuantSpec.from_namespace(
+            p.parse_args(
+                ["--kv-quant", "oscar", "--kv-quant-bits", "4", "--kv-quant-sink-bits", "2"]
+            )
+        )
+    env: dict[str, str] = {}
+    KVQuantSpec("oscar", 2, 32, sink_bits=4).publish(env)
+    assert KVQuantSpec.current(env).first_page_bits == 4
 
 
 def test_env_round_trip():

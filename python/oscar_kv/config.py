@@ -32,9 +32,10 @@ class OscarConfig:
         attention-sink tokens, is quantized at this width (4) or kept exact in bf16 (16); the
         rest at ``bits``. It costs (sink page bytes - page bytes) once per sequence; on
         SmolLM2 2-bit it lowered perplexity and raised passkey/agreement at +6 B/token at 2K
-        (benches/results/quality/). A per-sequence policy: `oscar_kv.cache.OscarCache` applies
-        it; the reference quantizer and the paged serving pool hold one page width and refuse
-        it (`page_config` / `sink_config` are the two uniform halves).
+        (benches/results/quality/). A per-sequence policy: `oscar_kv.cache.OscarCache` and the
+        paged serving pool (`oscar_kv.sink`, docs/sink-pages.md) apply it; the reference
+        quantizer and `PageLayout` hold one page width and refuse it (`page_config` /
+        `sink_config` are the two uniform halves).
     """
 
     bits: int = 2

@@ -331,7 +331,7 @@ class OscarAttnBackend(AttentionBackend):
         and whether the request has one yet (its first page is complete)."""
         k, v = self.sink.dequantize(
             self.pool.pages[layer], kv.page_table[:, 0], self.pool.sink_table,
-            backend=self.ops_backend if self.ops_backend != "cpu" else None,
+            backend=self.ops_backend,
         )  # fmt: skip
         return k, v, kv.num_pages > 0
 

@@ -11,9 +11,12 @@ same requests; quality is what the server computes, cache and all:
 - Passkey retrieval over HTTP: a document with "The secret passkey is NNNNN." at a depth,
   the document sent first, then document + question; greedy 7 tokens, exact match of the
   number (--lengths x --depths x --seeds).
-SGLang's own cache on this CPU runs the model's fp32, so it is the reference. The first-page
-4-bit option (``OscarConfig(sink_bits=4)``) is not servable yet and has no row.
+SGLang's own cache on this CPU runs the model's fp32, so it is the reference. `SERVERS` also
+holds ``oscar-2bit-sink4`` (``--kv-quant-sink-bits 4``, the first page at 4 bits), not in the
+default ``--servers``: where the launcher does not know the flag, that server fails to start
+and the run stops with the launcher's error.
 Writes benches/results/quality/served_quality.csv, served_passkey.csv and served_quality.png.
+`bench_served_kl` shares the registry and the helpers here.
 
     python benches/bench_served_quality.py        # about 15 minutes on 2 cores
 """
@@ -39,7 +42,24 @@ from oscar_kv.eval.texts import NEEDLE, NEEDLE_HEAD, NEEDLE_QUESTION, english_te
 from oscar_kv.sglang.server import SGLangServer, smollm2_model
 
 RESULTS = Path(__file__).parent / "results" / "quality"
-SERVERS = {"sglang-own": ("none", 2), "oscar-2bit": ("oscar", 2), "oscar-4bit": ("oscar", 4)}
+# name -> SGLangServer arguments; the first is the reference every other server is compared to.
+SERVERS: dict[str, dict] = {
+    "sglang-own": {"kv_quant": "none"},
+    "oscar-2bit": {"kv_quant": "oscar", "kv_quant_bits": 2},
+    "oscar-4bit": {"kv_quant": "oscar", "kv_quant_bits": 4},
+    "oscar-2bit-sink4": {
+        "kv_quant": "oscar", "kv_quant_bits": 2, "extra_args": ["--kv-quant-sink-bits", "4"],
+    },
+}  # fmt: skip
+DEFAULT_SERVERS = ["sglang-own", "oscar-2bit", "oscar-4bit"]
+
+
+def make_server(name: str) -> SGLangServer:
+    """The named server with the README's settings (SmolLM2, 16K-token pool, 8K context)."""
+    return SGLangServer(
+        smollm2_model(), max_total_tokens=16384, max_running_requests=4, context_length=8192,
+        **SERVERS[name],
+    )  # fmt: skip
 
 
 def _generate(server: SGLangServer, ids: list[int], **kw) -> dict:
@@ -57,17 +77,24 @@ def _flush(server: SGLangServer) -> None:
     raise RuntimeError("server never idle enough to flush its cache")
 
 
-def logprobs_over_cached_half(server, doc: list[int], top_k: int) -> dict:
-    """The document's input logprobs from its second half on, the first half cached."""
-    half = len(doc) // 2
+def input_logprobs(server, doc: list[int], top_k: int, start: int, cached: int) -> dict:
+    """The document's input logprobs from token ``start`` on, into a flushed cache whose first
+    ``cached`` tokens were sent first (0: the whole document prefilled cold)."""
     _flush(server)
-    _generate(server, doc[:half])
+    if cached:
+        _generate(server, doc[:cached])
     out = _generate(
-        server, doc, return_logprob=True, logprob_start_len=half, top_logprobs_num=top_k
+        server, doc, return_logprob=True, logprob_start_len=start, top_logprobs_num=top_k
     )["meta_info"]
     tokens = [(lp, tid) for lp, tid, *_ in out["input_token_logprobs"]]
     tops = [{tid: lp for lp, tid, *_ in pos} if pos else {} for pos in out["input_top_logprobs"]]
     return {"tokens": tokens, "tops": tops, "cached": out["cached_tokens"]}
+
+
+def logprobs_over_cached_half(server, doc: list[int], top_k: int) -> dict:
+    """The document's input logprobs from its second half on, the first half cached."""
+    half = len(doc) // 2
+    return input_logprobs(server, doc, top_k, start=half, cached=half)
 
 
 def kl_topk(p: dict[int, float], q: dict[int, float]) -> float:
@@ -82,6 +109,12 @@ def kl_topk(p: dict[int, float], q: dict[int, float]) -> float:
         q_mass += math.exp(lq)
     p_rest, q_rest = max(1.0 - p_mass, 1e-12), max(1.0 - q_mass, 1e-12)
     return kl + p_rest * (math.log(p_rest) - math.log(q_rest))
+
+
+def mean_kl_topk(p_tops: list[dict[int, float]], q_tops: list[dict[int, float]]) -> float:
+    """`kl_topk` averaged over the positions both runs returned top logprobs for."""
+    kls = [kl_topk(p, q) for p, q in zip(p_tops, q_tops) if p and q]
+    return sum(kls) / len(kls)
 
 
 def passkey_docs(tok, lengths, depths, seeds) -> list[dict]:
@@ -106,11 +139,7 @@ def passkey_docs(tok, lengths, depths, seeds) -> list[dict]:
 
 
 def run_server(name: str, args, docs: list[list[int]], trials: list[dict]) -> dict:
-    kind, bits = SERVERS[name]
-    server = SGLangServer(
-        smollm2_model(), kv_quant=kind, kv_quant_bits=bits, max_total_tokens=16384,
-        max_running_requests=4, context_length=8192,
-    )  # fmt: skip
+    server = make_server(name)
     server.start()
     try:
         server.wait_ready(args.start_timeout)
@@ -138,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--top-k", type=int, default=20)
     p.add_argument("--start-timeout", type=float, default=1200)
-    p.add_argument("--servers", nargs="+", default=list(SERVERS), choices=list(SERVERS))
+    p.add_argument("--servers", nargs="+", default=DEFAULT_SERVERS, choices=list(SERVERS))
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.servers[0] != "sglang-own":
@@ -173,14 +202,11 @@ def write(res: dict, args, meta: list[tuple[int, int]], trials: list[dict], comm
                 for a, b in zip(own["tokens"][:n], mine["tokens"][:n])
                 if a[0] is not None and b[0] is not None
             ]
-            kls = [
-                kl_topk(po, pm) for po, pm in zip(own["tops"][:n], mine["tops"][:n]) if po and pm
-            ]
             nll = -sum(b[0] for _, b in pairs) / len(pairs)
             rows.append({
                 "device": cpu_name(), "commit": commit, "server": name, "length": length, "doc": i, "tokens": len(pairs),
                 "cached_tokens": mine["cached"],
-                "kl_topk_vs_own": sum(kls) / len(kls),
+                "kl_topk_vs_own": mean_kl_topk(own["tops"][:n], mine["tops"][:n]),
                 "mean_abs_logprob_diff": sum(abs(a[0] - b[0]) for a, b in pairs) / len(pairs),
                 "ppl": math.exp(nll),
             })  # fmt: skip
@@ -226,7 +252,7 @@ def write(res: dict, args, meta: list[tuple[int, int]], trials: list[dict], comm
             * sum(h is not None and h.group(0) == t["key"] for h, t in zip(hits, trials))
             / len(trials)
         )
-    b.bar(names, acc, color=["gray", "C0", "C1"][: len(names)])
+    b.bar(names, acc, color=["gray"] + [f"C{i}" for i in range(len(names) - 1)])
     b.set_ylabel("passkey accuracy (%)")
     fig.tight_layout()
     fig.savefig(args.out / "served_quality.png", dpi=120)

@@ -50,6 +50,25 @@ def unified_rust(params):
     return cache
 
 
+def served(h: SchedulerHarness) -> SchedulerHarness:
+    """The harness with what a --kv-quant oscar server builds: OscarRadixCache over
+    OscarPageAllocator (same pool, same size) instead of SGLang's paged allocator."""
+    import torch
+
+    from oscar_kv.sglang.allocator import OscarPageAllocator
+
+    old = h.allocator
+    h.allocator = OscarPageAllocator(
+        old.size, old.page_size, torch.bfloat16, "cpu", old.get_kvcache(), need_sort=False
+    )
+    h.params = dataclasses.replace(h.params, token_to_kv_pool_allocator=h.allocator)
+    h.cache = OscarRadixCache(h.params)
+    return h
+
+
+SERVED = "oscar over OscarPageAllocator"
+
+
 def state(h: SchedulerHarness) -> tuple:
     c = h.cache
     return (h.available(), c.evictable_size(), c.protected_size())
@@ -60,9 +79,12 @@ def run_sequence(seed: int, makers: dict, steps: int, pool_pages: int) -> dict:
     counters of what happened (for checking the sequence exercised everything)."""
     rng = random.Random(seed)
     hs = {
-        name: SchedulerHarness(make, pool_pages * PS, PS, max_reqs=16)
+        name: SchedulerHarness(OscarRadixCache if make == SERVED else make, pool_pages * PS, PS, 16)
         for name, make in makers.items()
     }
+    for name, make in makers.items():
+        if make == SERVED:
+            served(hs[name])
     # Few symbols: requests share prefixes that end at arbitrary token positions.
     systems = [[rng.randrange(40) for _ in range(rng.randrange(200, 700))] for _ in range(3)]
     running: list[dict] = []  # per request: {name: Req}
@@ -117,6 +139,11 @@ def run_sequence(seed: int, makers: dict, steps: int, pool_pages: int) -> dict:
     for n, h in hs.items():
         assert h.available() == pool_pages * PS, n
     hs["oscar"].cache.sanity_check()
+    for h in hs.values():
+        if hasattr(h.allocator, "check_invariants"):
+            h.allocator.check_invariants()
+            pool = h.cache.pool_state()
+            assert pool["leaked"] == 0 and pool["free"] == pool["total"], pool
     return seen
 
 
@@ -124,7 +151,12 @@ def run_sequence(seed: int, makers: dict, steps: int, pool_pages: int) -> dict:
 def test_differential_vs_sglang_radix_cache(seed):
     seen = run_sequence(
         seed,
-        {"sglang": RadixCache, "sglang-rust": unified_rust, "oscar": OscarRadixCache},
+        {
+            "sglang": RadixCache,
+            "sglang-rust": unified_rust,
+            "oscar": OscarRadixCache,
+            "oscar-served": SERVED,
+        },
         steps=150,
         pool_pages=40,
     )
@@ -135,7 +167,10 @@ def test_differential_vs_sglang_radix_cache(seed):
 @pytest.mark.parametrize("seed", range(4, 24))
 def test_differential_long(seed):
     run_sequence(
-        seed, {"sglang": RadixCache, "oscar": OscarRadixCache}, steps=600, pool_pages=24 + seed
+        seed,
+        {"sglang": RadixCache, "oscar": OscarRadixCache, "oscar-served": SERVED},
+        steps=600,
+        pool_pages=24 + seed,
     )
 
 

@@ -66,7 +66,7 @@ class OutOfPages(RuntimeError):
     """The page pool has fewer free pages than requested (evict or free first)."""
 
 class InvalidPage(ValueError):
-    """A page id out of range, freed twice, or owned by the radix tree."""
+    """A page id out of range, freed twice, reserved, a companion, or owned by the tree."""
 
 class InvalidNode(ValueError):
     """A node handle that does not name a live node (evicted, reset, or made up)."""
@@ -74,20 +74,49 @@ class InvalidNode(ValueError):
 class LockUnderflow(ValueError):
     """unlock() on a node that holds no lock."""
 
-class PageAllocator:
-    """Reference-counted allocator of page ids 0..num_pages."""
+_Placement: TypeAlias = tuple[array[int], bool, array[int], array[int]]
 
-    def __init__(self, num_pages: int) -> None: ...
+class PageAllocator:
+    """Reference-counted allocator of page ids reserved..num_pages, with companion pages
+    (extra pages of a page, freed with it)."""
+
+    def __init__(self, num_pages: int, reserved: int = 0) -> None: ...
     @property
     def num_pages(self) -> int: ...
     @property
+    def reserved(self) -> int: ...
+    @property
     def available(self) -> int: ...
+    @property
+    def companion_pages(self) -> int: ...
     def alloc(self, n: int) -> array[int]:
         """n pages with count 1; OutOfPages (nothing taken) if fewer are free."""
+    def alloc_tokens(self, n: int, page_size: int) -> array[int]:
+        """n pages as their token locations (page * page_size + slot)."""
+    def alloc_companions(self, owners: _Ints, per_page: int) -> array[int]:
+        """per_page companions for each owner (allocated, none yet), in owner order."""
+    def companions_of(self, page: int) -> array[int]: ...
+    def count_companions(self, pages: _Ints) -> int: ...
+    def alloc_extend(
+        self, prefix_lens: _Ints, seq_lens: _Ints, page_size: int, companions: int = 0
+    ) -> _Placement:
+        """SGLang's paged alloc_extend on host lengths: (placement, continuing, first_pages,
+        companions); token t's location is placement[t] + (last_loc_padded[placement[n + t]]
+        + 1), last_loc padded with -1 at index n_requests. OutOfPages: nothing taken."""
+    def alloc_decode(self, seq_lens: _Ints, page_size: int, companions: int = 0) -> _Placement:
+        """One token per request (seq_lens after it), as alloc_extend."""
     def free(self, pages: _Ints) -> None:
-        """Drops one reference per listed page; InvalidPage on a double free."""
+        """Drops one reference per listed page (companions go with it); InvalidPage on a
+        double free, a reserved page or a companion (nothing freed)."""
+    def free_tokens(self, locations: _Ints, page_size: int) -> None:
+        """Frees the pages of token locations, each page once."""
     def retain(self, pages: _Ints) -> None: ...
     def refcount(self, page: int) -> int: ...
+    def free_list(self) -> array[int]: ...
+    def sort_free(self) -> None:
+        """The lowest free ids go out first."""
+    def backup(self) -> PageAllocator: ...
+    def restore(self, state: PageAllocator) -> None: ...
     def reset(self) -> None: ...
     def check_invariants(self) -> None: ...
 

@@ -65,6 +65,9 @@ stops with a message naming any that is missing, `check_hook_targets`):
   residual pages to ``req_to_token_pool``'s slots;
 - ``managers.tokenizer_manager.TokenizerManager._validate_one_request(obj, input_ids)``:
   the request checks of `oscar_kv.sglang.validation` after SGLang's own;
+- ``KVCacheConfigurator._build_token_to_kv_pool_allocator(self, *, sizes, token_to_kv_pool,
+  ...)``: SGLang's ``PagedTokenToKVPoolAllocator`` over an `OscarTokenToKVPool` is replaced
+  by `oscar_kv.sglang.allocator.OscarPageAllocator` (same size, page size, device);
 - ``model_executor.model_runner.ModelRunner.load_model``: after it, the V fold
   (`oscar_kv.sglang.weights.fold_v_into_model`).
 """
@@ -118,6 +121,8 @@ HOOK_TARGETS = {
     "KVCacheConfigurator.resolve_max_num_reqs",
     "build_pool": "sglang.srt.mem_cache.kv_cache_configurator."
     "KVCacheConfigurator._build_token_to_kv_pool",
+    "build_allocator": "sglang.srt.mem_cache.kv_cache_configurator."
+    "KVCacheConfigurator._build_token_to_kv_pool_allocator",
     "load_model": "sglang.srt.model_executor.model_runner.ModelRunner.load_model",
     "validate_request": "sglang.srt.managers.tokenizer_manager."
     "TokenizerManager._validate_one_request",
@@ -587,6 +592,27 @@ def _hook_build_pool(orig, self, *args, **kwargs):
     return pool
 
 
+def _hook_build_allocator(orig, self, *args, **kwargs):
+    """SGLang's paged allocator over an oscar pool becomes `OscarPageAllocator` (the Rust
+    page allocator, same size and page ids); any other allocator SGLang picks stays."""
+    out = orig(self, *args, **kwargs)
+    if not spec().enabled:
+        return out
+    from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
+
+    from oscar_kv.sglang.allocator import OscarPageAllocator
+    from oscar_kv.sglang.pool import OscarTokenToKVPool
+
+    pool = kwargs.get("token_to_kv_pool")
+    if type(out) is not PagedTokenToKVPoolAllocator or not isinstance(pool, OscarTokenToKVPool):
+        return out
+    alloc = OscarPageAllocator(out.size, out.page_size, out.dtype, out.device, pool, out.need_sort)
+    logger.info(
+        "oscar-kv: page allocator in Rust (%d pages of %d tokens)", alloc.num_pages, alloc.page_size
+    )
+    return alloc
+
+
 def _hook_load_model(orig, self, *args, **kwargs):
     out = orig(self, *args, **kwargs)
     if spec().enabled:
@@ -604,6 +630,7 @@ _HOOKS = {
     "pool_sizes_from_tokens": _hook_pool_sizes_from_tokens,
     "max_num_reqs": _hook_max_num_reqs,
     "build_pool": _hook_build_pool,
+    "build_allocator": _hook_build_allocator,
     "load_model": _hook_load_model,
     "validate_request": hook_validate_one_request,
 }

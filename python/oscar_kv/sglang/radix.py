@@ -19,8 +19,12 @@ bookkeeping and lock counting in Rust:
   ``reset``, ``path_device_indices``, ``dfs_weight_order``, ``all_values_flatten``,
   ``sanity_check``, ``pretty_print``.
 
-The allocator stays SGLang's (the tree holds page ids, ``kv_index // page_size``); the
-tree takes one page per whole page of the key.
+The tree holds page ids (``kv_index // page_size``), one per whole page of the key. Over
+`oscar_kv.sglang.allocator.OscarPageAllocator` (what ``--kv-quant oscar`` builds) evicted
+and duplicate pages go back through its host path (``free_pages``: page ids, no tensor),
+the allocator may ask the tree for pages (``reclaim_pages``) when a sequence's first page
+needs companion pages, and the leak line counts companions with their page. Over SGLang's
+own paged allocator everything works as well, through its tensor calls.
 
 Prefixes that end inside a page (over an ``OscarTokenToKVPool``): a finished request's
 partial last page (its bf16 residual page) stays cached as a tail of the node where its
@@ -136,6 +140,11 @@ class OscarRadixCache(BasePrefixCache):
         num_pages = (size // self.page_size + 2) if size else (1 << 20)
         self.tree = _native.RadixTree(num_pages, page_size=self.page_size)
         self._free_page_ids = getattr(allocator, "free_page_ids", None) if allocator else None
+        host_free = getattr(allocator, "free_pages", None) if allocator else None
+        # SGLang's paged allocator has a tensor under that name; OscarPageAllocator a method.
+        self._host_free = host_free if callable(host_free) else None
+        if hasattr(allocator, "reclaim_pages"):
+            allocator.reclaim_pages = self._reclaim_pages
         self.tails = TailStore()
         kvcache = getattr(allocator, "get_kvcache", lambda: None)() if allocator else None
         self._residual = (
@@ -173,6 +182,9 @@ class OscarRadixCache(BasePrefixCache):
     def _free_pages(self, pages: Any) -> None:
         if not len(pages):
             return
+        if self._host_free is not None:
+            self._host_free(pages)
+            return
         ids = self._indices(pages)
         if self._free_page_ids is not None:
             self._free_page_ids(ids)
@@ -187,6 +199,15 @@ class OscarRadixCache(BasePrefixCache):
         total = int(getattr(alloc, "size", 0) or 0)
         free = int(alloc.available_size()) if alloc is not None else 0
         evictable, locked = self.evictable_size(), self.protected_size()
+        if getattr(alloc, "companion_pages", 0):
+            # A companion is neither free nor in the tree: it counts where its page does
+            # (a running request's companions count with its pages, in `leaked` until it ends).
+            for node in self.tree.nodes():
+                extra = alloc.count_companions(node["pages"]) * self.page_size
+                if node["lock_ref"]:
+                    locked += extra
+                else:
+                    evictable += extra
         return {
             "total": total,
             "free": free,
@@ -294,14 +315,17 @@ class OscarRadixCache(BasePrefixCache):
         kv_indices = self.req_to_token_pool.req_to_token[kv.req_pool_idx, : len(token_ids)]
         pages = self._pages_of(kv_indices, n)
         ns = _namespace(RadixKey(token_ids, req.extra_key, cache_salt=req.cache_salt))
-        prefix, _dups, _node = self.tree.insert(token_ids, pages, ns, n)
+        prefix, dups, _node = self.tree.insert(token_ids, pages, ns, n)
         kv.cache_inserted_len = max(kv.cache_inserted_len, n)
         prompt_len = len(req.origin_input_ids) // self.page_size * self.page_size
         if 0 < prompt_len < n:
             # Split the leaf at the prompt boundary so eviction can drop the output KV
             # without the prompt; the re-insert only changes topology.
             self.tree.insert(token_ids, pages[: prompt_len // self.page_size], ns, prompt_len)
-        if prefix > kv.cache_protected_len:
+        if prefix > kv.cache_protected_len and self._host_free is not None:
+            # The request's own pages inside the cached prefix are exactly the duplicates.
+            self._host_free(dups)
+        elif prefix > kv.cache_protected_len:
             self.token_to_kv_pool_allocator.free_segment(
                 kv_indices[kv.cache_protected_len : prefix], start_pos=kv.cache_protected_len
             )
@@ -384,7 +408,7 @@ class OscarRadixCache(BasePrefixCache):
                 f"oscar-kv: request {req.rid} matched {k} tokens inside a cached page that is "
                 "no longer cached when its prefix is allocated"
             )
-        locs = self._alloc_one_page()
+        locs = self._alloc_one_page(first_page=len(path) == 0)
         if req.kv.req_pool_idx is not None:
             self._fill_residual([(req, partial)], moves=[])
         else:
@@ -402,12 +426,15 @@ class OscarRadixCache(BasePrefixCache):
 
     # ----- tails ----------------------------------------------------------------------------
 
-    def _alloc_one_page(self) -> torch.Tensor:
+    def _alloc_one_page(self, *, first_page: bool) -> torch.Tensor:
+        """A fresh page for a request's copy of a partial page; ``first_page``: it is page 0
+        of the request's KV row (its companions come with it, on OscarPageAllocator)."""
         alloc = self.token_to_kv_pool_allocator
-        locs = alloc.alloc(self.page_size)
+        kwargs = {"first_page": True} if first_page and self._host_free is not None else {}
+        locs = alloc.alloc(self.page_size, **kwargs)
         if locs is None:
             self.evict(EvictParams(num_tokens=self.page_size))
-            locs = alloc.alloc(self.page_size)
+            locs = alloc.alloc(self.page_size, **kwargs)
         if locs is None:
             raise RuntimeError(
                 "oscar-kv: no free page for a request's copy of a cached partial page "
@@ -487,6 +514,14 @@ class OscarRadixCache(BasePrefixCache):
         page = self._residual.detach_residual(req.kv.req_pool_idx)
         if page is not None:
             self._release_tail_pages(self.tails.add(group, tokens, page))
+
+    def _reclaim_pages(self, n: int) -> int:
+        """The allocator's ``reclaim_pages``: evicts n pages' worth (LRU); returns the pages
+        that went back to the free list, companions included."""
+        alloc = self.token_to_kv_pool_allocator
+        before = alloc.available_size()
+        self.evict(EvictParams(num_tokens=n * self.page_size))
+        return (alloc.available_size() - before) // self.page_size
 
     def _reclaim_residual(self, n: int) -> int:
         """Gives up to n least recently used tails' pages back to the pool (the pool's

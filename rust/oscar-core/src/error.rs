@@ -36,6 +36,18 @@ pub enum CacheError {
         /// The page.
         page: PageId,
     },
+    /// A page below the allocator's reserved bound (never handed out, never freed).
+    ReservedPage {
+        /// The page.
+        page: PageId,
+    },
+    /// A companion page named directly: it belongs to its owner page and is freed with it.
+    CompanionPage {
+        /// The companion.
+        page: PageId,
+        /// The page it belongs to.
+        owner: PageId,
+    },
     /// The same page appears twice where each must be distinct.
     DuplicatePage {
         /// The repeated page.
@@ -92,6 +104,8 @@ impl CacheError {
             CacheError::PageOutOfRange { .. }
             | CacheError::PageNotAllocated { .. }
             | CacheError::PageInTree { .. }
+            | CacheError::ReservedPage { .. }
+            | CacheError::CompanionPage { .. }
             | CacheError::DuplicatePage { .. } => ErrorKind::InvalidPage,
             CacheError::StaleNode { .. } => ErrorKind::InvalidNode,
             CacheError::LockUnderflow { .. } => ErrorKind::LockUnderflow,
@@ -122,6 +136,13 @@ impl fmt::Display for CacheError {
             CacheError::PageInTree { page } => {
                 write!(f, "page {page} is owned by the radix tree")
             }
+            CacheError::ReservedPage { page } => {
+                write!(f, "page {page} is reserved (never allocated or freed)")
+            }
+            CacheError::CompanionPage { page, owner } => write!(
+                f,
+                "page {page} is a companion of page {owner}: it is freed with that page"
+            ),
             CacheError::DuplicatePage { page } => {
                 write!(f, "page {page} appears more than once")
             }

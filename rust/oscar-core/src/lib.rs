@@ -6,7 +6,8 @@
 //! Modules:
 //! - [`layout`]: the byte layout of one packed 128-token page of a 2/4-bit KV cache.
 //! - [`pool`]: per-page metadata: byte offsets of pages and their sections in the pool.
-//! - [`allocator`]: reference-counted page allocator over a fixed pool.
+//! - [`allocator`]: reference-counted page allocator over a fixed pool, with companion
+//!   pages and SGLang's paged extend / decode placement.
 //! - [`radix`]: radix tree over whole pages of token ids, namespaced, with locks and LRU
 //!   eviction (the prefix cache's index, SGLang `RadixCache` semantics).
 //! - [`cache`]: allocator and tree together, with the page-ownership rules.
@@ -21,7 +22,7 @@ pub mod layout;
 pub mod pool;
 pub mod radix;
 
-pub use allocator::{PageAllocator, MAX_PAGES};
+pub use allocator::{PageAllocator, Placement, MAX_PAGES};
 pub use cache::{Admission, PrefixCache};
 pub use error::{CacheError, ErrorKind, PageId};
 pub use layout::{

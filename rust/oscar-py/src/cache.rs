@@ -27,7 +27,7 @@ create_exception!(
     _native,
     InvalidPage,
     PyValueError,
-    "A page id out of range, freed twice, or owned by the radix tree."
+    "A page id out of range, freed twice, reserved, a companion, or owned by the radix tree."
 );
 create_exception!(
     _native,
@@ -115,33 +115,73 @@ fn invariants(r: Result<(), String>) -> PyResult<()> {
     r.map_err(|e| PyRuntimeError::new_err(format!("invariant broken: {e}")))
 }
 
-/// Reference-counted allocator of page ids 0..num_pages.
+/// A batch's new token locations: `(placement, continuing, first_pages, companions)` with
+/// `placement` an `array('q')` of `2 * tokens`: the values, then the owners
+/// (`oscar_core::allocator::Placement`).
+type PlacementOut = (PyObject, bool, PyObject, PyObject);
+
+fn placement_out(py: Python<'_>, p: oscar_core::Placement) -> PyResult<PlacementOut> {
+    let n = p.values.len() + p.owners.len();
+    let both = p.values.iter().chain(p.owners.iter()).copied();
+    Ok((
+        int64_array(py, n, both)?,
+        p.continuing,
+        page_array(py, &p.first_pages)?,
+        page_array(py, &p.companions)?,
+    ))
+}
+
+fn page_size_arg(page_size: i64) -> PyResult<usize> {
+    count("page_size", page_size)
+}
+
+/// Reference-counted allocator of page ids reserved..num_pages, with companion pages.
 #[pyclass(module = "oscar_kv._native")]
-#[pyo3(text_signature = "(num_pages)")]
+#[pyo3(text_signature = "(num_pages, reserved=0)")]
 pub struct PageAllocator {
     inner: oscar_core::PageAllocator,
+}
+
+impl PageAllocator {
+    fn pages(&self, pages: &PyAny) -> PyResult<Vec<PageId>> {
+        page_ids(pages, self.inner.num_pages())
+    }
 }
 
 #[pymethods]
 impl PageAllocator {
     #[new]
-    fn new(num_pages: i64) -> PyResult<Self> {
+    #[args(reserved = "0")]
+    fn new(num_pages: i64, reserved: i64) -> PyResult<Self> {
         let n = count("num_pages", num_pages)?;
+        let r = count("reserved", reserved)?;
         Ok(PageAllocator {
-            inner: oscar_core::PageAllocator::new(n).map_err(cache_error)?,
+            inner: oscar_core::PageAllocator::with_reserved(n, r).map_err(cache_error)?,
         })
     }
 
-    /// Pool size.
+    /// Pool size (reserved pages included).
     #[getter]
     fn num_pages(&self) -> usize {
         self.inner.num_pages()
+    }
+
+    /// Pages below this id are never handed out.
+    #[getter]
+    fn reserved(&self) -> usize {
+        self.inner.reserved()
     }
 
     /// Free pages.
     #[getter]
     fn available(&self) -> usize {
         self.inner.available()
+    }
+
+    /// Companion pages allocated now.
+    #[getter]
+    fn companion_pages(&self) -> usize {
+        self.inner.companion_pages()
     }
 
     /// Allocates n pages (count 1 each); OutOfPages if fewer are free (nothing taken).
@@ -151,17 +191,130 @@ impl PageAllocator {
         page_array(py, &pages)
     }
 
-    /// Drops one reference per listed page; InvalidPage on a double free (nothing freed).
+    /// Allocates n pages and returns their token locations (page * page_size + slot).
+    #[pyo3(text_signature = "($self, n, page_size)")]
+    fn alloc_tokens(&mut self, py: Python<'_>, n: i64, page_size: i64) -> PyResult<PyObject> {
+        let ps = page_size_arg(page_size)?;
+        let pages = self.inner.alloc(count("n", n)?).map_err(cache_error)?;
+        token_index_array(py, &pages, ps)
+    }
+
+    /// Gives each owner (allocated, without companions) per_page companions; returns them.
+    #[pyo3(text_signature = "($self, owners, per_page)")]
+    fn alloc_companions(
+        &mut self,
+        py: Python<'_>,
+        owners: &PyAny,
+        per_page: i64,
+    ) -> PyResult<PyObject> {
+        let owners = self.pages(owners)?;
+        let comp = self
+            .inner
+            .alloc_companions(&owners, count("per_page", per_page)?)
+            .map_err(cache_error)?;
+        page_array(py, &comp)
+    }
+
+    /// Companions of a page (empty if none).
+    #[pyo3(text_signature = "($self, page)")]
+    fn companions_of(&self, py: Python<'_>, page: i64) -> PyResult<PyObject> {
+        let p = u32::try_from(page).unwrap_or(u32::MAX);
+        page_array(py, self.inner.companions_of(p))
+    }
+
+    /// Total companions of the listed pages.
+    #[pyo3(text_signature = "($self, pages)")]
+    fn count_companions(&self, pages: &PyAny) -> PyResult<usize> {
+        let pages = self.pages(pages)?;
+        Ok(pages
+            .iter()
+            .map(|&p| self.inner.companions_of(p).len())
+            .sum())
+    }
+
+    /// Pages for an extend batch from host lengths: `(placement, continuing, first_pages,
+    /// companions)`; token t's location is `placement[t] + (last_loc[placement[n + t]] + 1)`
+    /// with last_loc padded by one 0 - 1 entry (owner == batch size: no continuation).
+    /// OutOfPages (nothing taken) if the pages, companions included, are not free.
+    #[args(companions = "0")]
+    #[pyo3(text_signature = "($self, prefix_lens, seq_lens, page_size, companions=0)")]
+    fn alloc_extend(
+        &mut self,
+        py: Python<'_>,
+        prefix_lens: &PyAny,
+        seq_lens: &PyAny,
+        page_size: i64,
+        companions: i64,
+    ) -> PyResult<PlacementOut> {
+        let prefix = ints(prefix_lens, "prefix_lens")?;
+        let seq = ints(seq_lens, "seq_lens")?;
+        let p = self
+            .inner
+            .alloc_extend(
+                &prefix,
+                &seq,
+                page_size_arg(page_size)?,
+                count("companions", companions)?,
+            )
+            .map_err(cache_error)?;
+        placement_out(py, p)
+    }
+
+    /// One new token per request (seq_lens after it): as `alloc_extend`.
+    #[args(companions = "0")]
+    #[pyo3(text_signature = "($self, seq_lens, page_size, companions=0)")]
+    fn alloc_decode(
+        &mut self,
+        py: Python<'_>,
+        seq_lens: &PyAny,
+        page_size: i64,
+        companions: i64,
+    ) -> PyResult<PlacementOut> {
+        let seq = ints(seq_lens, "seq_lens")?;
+        let p = self
+            .inner
+            .alloc_decode(
+                &seq,
+                page_size_arg(page_size)?,
+                count("companions", companions)?,
+            )
+            .map_err(cache_error)?;
+        placement_out(py, p)
+    }
+
+    /// Drops one reference per listed page (companions go with their owner); InvalidPage on
+    /// a double free, a reserved page or a companion (nothing freed).
     #[pyo3(text_signature = "($self, pages)")]
     fn free(&mut self, pages: &PyAny) -> PyResult<()> {
-        let pages = page_ids(pages, self.inner.num_pages())?;
+        let pages = self.pages(pages)?;
+        self.inner.free(&pages).map_err(cache_error)
+    }
+
+    /// Frees the pages of token locations (each page once, however many of its tokens are
+    /// listed), as SGLang's `free(unique(locs // page_size))`.
+    #[pyo3(text_signature = "($self, locations, page_size)")]
+    fn free_tokens(&mut self, locations: &PyAny, page_size: i64) -> PyResult<()> {
+        let ps = page_size_arg(page_size)?.max(1) as i64;
+        let n = self.inner.num_pages();
+        let mut pages = ints(locations, "locations")?
+            .into_iter()
+            .map(|loc| {
+                let page = loc.div_euclid(ps);
+                u32::try_from(page)
+                    .ok()
+                    .filter(|&q| (q as usize) < n)
+                    .ok_or_else(|| cache_error(CacheError::PageOutOfRange { page, num_pages: n }))
+            })
+            .collect::<PyResult<Vec<PageId>>>()?;
+        pages.sort_unstable();
+        pages.dedup();
         self.inner.free(&pages).map_err(cache_error)
     }
 
     /// Adds one reference per listed (allocated) page.
     #[pyo3(text_signature = "($self, pages)")]
     fn retain(&mut self, pages: &PyAny) -> PyResult<()> {
-        let pages = page_ids(pages, self.inner.num_pages())?;
+        let pages = self.pages(pages)?;
         self.inner.retain(&pages).map_err(cache_error)
     }
 
@@ -174,21 +327,54 @@ impl PageAllocator {
         self.inner.refcount(p).map_err(cache_error)
     }
 
-    /// Frees every page.
+    /// The free pages, the next to go out last.
+    fn free_list(&self, py: Python<'_>) -> PyResult<PyObject> {
+        page_array(py, self.inner.free_list())
+    }
+
+    /// Orders the free list so that the lowest ids go out first.
+    fn sort_free(&mut self) {
+        self.inner.sort_free()
+    }
+
+    /// A copy of the whole state, for `restore`.
+    fn backup(&self) -> PageAllocator {
+        PageAllocator {
+            inner: self.inner.clone(),
+        }
+    }
+
+    /// Puts back a state taken by `backup` (of an allocator of the same size).
+    #[pyo3(text_signature = "($self, state)")]
+    fn restore(&mut self, state: &PageAllocator) -> PyResult<()> {
+        if state.inner.num_pages() != self.inner.num_pages() {
+            return Err(PyValueError::new_err(format!(
+                "state has {} pages, this allocator {}",
+                state.inner.num_pages(),
+                self.inner.num_pages()
+            )));
+        }
+        self.inner = state.inner.clone();
+        Ok(())
+    }
+
+    /// Frees every page and forgets every companion.
     fn reset(&mut self) {
         self.inner.reset()
     }
 
-    /// Raises RuntimeError if the free list and the counts disagree.
+    /// Raises RuntimeError if the free list, the counts and the companions disagree.
     fn check_invariants(&self) -> PyResult<()> {
         invariants(self.inner.check_invariants())
     }
 
     fn __repr__(&self) -> String {
         format!(
-            "PageAllocator(num_pages={}, available={})",
+            "PageAllocator(num_pages={}, reserved={}, available={}, companions={})",
             self.inner.num_pages(),
-            self.inner.available()
+            self.inner.reserved(),
+            self.inner.available(),
+            self.inner.companion_pages()
         )
     }
 }

@@ -48,6 +48,9 @@ def test_ops_run_their_fake_kernels_on_meta():
     kn = torch.empty(7, H, D, device="meta")
     cu = torch.empty(3, dtype=torch.int32, device="meta")
     assert ops.extend_attention(qn, kn, kn, cu, kv).shape == qn.shape
+    lse = torch.empty(7, H * G, device="meta")
+    assert ops.extend_attention(qn, kn, kn, cu, kv, lse=lse).shape == qn.shape
+    assert ops.decode_attention(q, kv, lse=lse[:2]).shape == q.shape
     ops.quantize_page(k.to("meta"), v.to("meta"), kv.pages[0], torch.empty(2, device="meta"), cfg)
     kd, _vd = ops.dequantize_pages(
         kv.pages[0], torch.empty(3, dtype=torch.int32, device="meta"), cfg, H, D
@@ -56,9 +59,11 @@ def test_ops_run_their_fake_kernels_on_meta():
     assert ops.rotate_q(q).dtype == torch.float32
 
 
+@pytest.mark.parametrize("with_lse", [False, True], ids=["out", "out+lse"])
 @pytest.mark.parametrize("backend", ["torch", "cpu"])
-def test_opcheck(backend):
-    """Schema (declared mutations), fake-vs-real shapes and dtypes, autograd registration."""
+def test_opcheck(backend, with_lse):
+    """Schema (declared mutations: the lse out tensor too), fake-vs-real shapes and dtypes,
+    autograd registration."""
     _cfg, layout, kv, k, v = _cache()
     pool, kt, vt = kv.layer(0)
     args = layout.native_args
@@ -66,17 +71,19 @@ def test_opcheck(backend):
     q = torch.randn(2, H * G, D, generator=gen)
     if backend == "cpu" and ops._cpu_ops() is None:
         pytest.skip("C++ CPU kernels not built")
+    lse = (torch.empty(2, H * G),) if with_lse else ()
     torch.library.opcheck(
         torch.ops.oscar.decode_attention.default,
         (q, pool, kt, vt, kv.page_table, kv.num_pages, kv.tail_len, kv.tail_index, None, None,
-         D**-0.5, 0, args, backend),
+         D**-0.5, 0, args, backend, *lse),
     )  # fmt: skip
     qn, kn = torch.randn(5, H * G, D, generator=gen), torch.randn(5, H, D, generator=gen)
     cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+    lse = (torch.empty(5, H * G),) if with_lse else ()
     torch.library.opcheck(
         torch.ops.oscar.extend_attention.default,
         (qn, kn, kn, cu, pool, kt, vt, kv.page_table, kv.num_pages, kv.tail_len, kv.tail_index,
-         None, 0, D**-0.5, args, "torch"),
+         None, 0, D**-0.5, args, "torch", *lse),
     )  # fmt: skip
     src, pid = torch.tensor([0, 1], dtype=torch.int32), torch.tensor([2, -1], dtype=torch.int32)
     torch.library.opcheck(
@@ -87,6 +94,16 @@ def test_opcheck(backend):
         (pool, torch.tensor([1, 3], dtype=torch.int32), args, "torch"),
     )
     torch.library.opcheck(torch.ops.oscar.rotate_q.default, (q, "torch"))
+
+
+def test_lse_out_tensor_is_checked():
+    """A wrong dtype, shape or device of lse is refused before any kernel runs."""
+    _cfg, _layout, kv, _k, _v = _cache()
+    q = torch.randn(2, H * G, D)
+    for bad in (torch.empty(2, H * G, dtype=torch.float64), torch.empty(2, H),
+                torch.empty(2, H * G, device="meta")):  # fmt: skip
+        with pytest.raises(ValueError, match="lse must be float32"):
+            ops.decode_attention(q, kv, lse=bad)
 
 
 def test_fake_kernel_refuses_mixed_devices():

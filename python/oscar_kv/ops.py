@@ -43,7 +43,7 @@ from oscar_kv.ref import attention as ref_attention
 from oscar_kv.ref import fwht as ref_fwht
 from oscar_kv.ref import quantize_kv
 from oscar_kv.ref.hadamard import check_head_dim
-from oscar_kv.ref.quant import dequantize_kv
+from oscar_kv.ref.quant import QuantizedKV, dequantize_kv
 
 BACKENDS = ("cuda", "triton", "cpu", "torch", "ref")
 
@@ -194,13 +194,14 @@ _LIB.define("rotate_q(Tensor q, str backend) -> Tensor")
 _LIB.define(
     "decode_attention(Tensor q, Tensor pool, Tensor k_tail, Tensor v_tail, Tensor page_table, "
     "Tensor num_pages, Tensor tail_len, Tensor tail_index, Tensor(a!)? mid_o, "
-    "Tensor(b!)? mid_ml, float scale, int num_splits, int[] layout, str backend) -> Tensor"
+    "Tensor(b!)? mid_ml, float scale, int num_splits, int[] layout, str backend, "
+    "Tensor(c!)? lse=None) -> Tensor"
 )
 _LIB.define(
     "extend_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor cu_seqlens, Tensor pool, "
     "Tensor k_tail, Tensor v_tail, Tensor page_table, Tensor num_pages, Tensor tail_len, "
-    "Tensor tail_index, Tensor? work, int work_rows, float scale, int[] layout, str backend) "
-    "-> Tensor"
+    "Tensor tail_index, Tensor? work, int work_rows, float scale, int[] layout, str backend, "
+    "Tensor(a!)? lse=None) -> Tensor"
 )
 _LIB.define(
     "dequantize_pages(Tensor pool, Tensor page_ids, int[] layout, str backend) -> (Tensor, Tensor)"
@@ -289,27 +290,30 @@ def _decode_kernel(
     num_splits,
     layout_args,
     backend,
+    lse=None,
 ):
     layout = _layout_of(tuple(layout_args))
     which = backend or resolve_backend(None, q.device)
     if which in ("ref", "torch"):
         kv = _kv_of(layout, pool, k_tail, v_tail, page_table, num_pages, tail_len, tail_index)
         if which == "ref":
-            return _ref_decode(q, kv, scale)
-        return _torchops().decode_attention(q, kv, 0, scale)
+            return _ref_decode(q, kv, scale, lse)
+        return _torchops().decode_attention(q, kv, 0, scale, lse)
     qc = q if q.stride(2) == 1 else q.contiguous()
     pt = page_table if page_table.stride(1) == 1 else page_table.contiguous()
     if which == "cpu":
         # fp32 q (a small copy at most) whatever the tails' dtype: no rounding of q.
         out = _cpu_ops().decode_attention(  # type: ignore[attr-defined]
             qc.float(), pool, pt, num_pages, k_tail, v_tail, tail_index, tail_len, scale,
-            *layout.native_args,
+            *layout.native_args, lse,
         )  # fmt: skip
         return out.to(q.dtype)
     if which == "cuda":
         # The CUDA kernels take q in the tails' dtype (one template parameter for both).
         kv = _kv_of(layout, pool, k_tail, v_tail, pt, num_pages, tail_len, tail_index)
-        out = _cuda_ops().decode_attention(qc.to(k_tail.dtype), kv, 0, scale, num_splits)  # type: ignore[attr-defined]
+        out = _cuda_ops().decode_attention_lse(  # type: ignore[attr-defined]
+            qc.to(k_tail.dtype), kv, 0, scale, num_splits, lse
+        )
         return out.to(q.dtype)
     from oscar_kv.paged import DecodeScratch
 
@@ -318,7 +322,7 @@ def _decode_kernel(
         layout, pool, k_tail, v_tail, pt, num_pages, tail_len, tail_index,
         num_splits=num_splits or None, scratch=scratch,
     )  # fmt: skip
-    return _triton().decode_attention(qc, kv, 0, scale)
+    return _triton().decode_attention(qc, kv, 0, scale, lse=lse)
 
 
 def _decode_fake(
@@ -336,10 +340,11 @@ def _decode_fake(
     num_splits,
     layout_args,
     backend,
+    lse=None,
 ):
     _one_device(
         "decode_attention", q, pool, k_tail, v_tail, page_table, num_pages, tail_len,
-        tail_index, mid_o, mid_ml,
+        tail_index, mid_o, mid_ml, lse,
     )  # fmt: skip
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
@@ -365,6 +370,7 @@ def _extend_kernel(
     scale,
     layout_args,
     backend,
+    lse=None,
 ):
     layout = _layout_of(tuple(layout_args))
     which = _torch_for_cpu(backend or resolve_backend(None, q.device))
@@ -373,10 +379,10 @@ def _extend_kernel(
         extend_work=work, extend_rows=work_rows,
     )  # fmt: skip
     if which == "torch":
-        return _torchops().extend_attention(q, k_new, v_new, cu_seqlens, kv, 0, scale)
+        return _torchops().extend_attention(q, k_new, v_new, cu_seqlens, kv, 0, scale, lse)
     if which in ("cuda", "triton"):
-        return _triton().extend_attention(q, k_new, v_new, cu_seqlens, kv, 0, scale)
-    return _extend_via_workspace(which, q, k_new, v_new, cu_seqlens, kv, scale)
+        return _triton().extend_attention(q, k_new, v_new, cu_seqlens, kv, 0, scale, lse=lse)
+    return _extend_via_workspace(which, q, k_new, v_new, cu_seqlens, kv, scale, lse)
 
 
 def _extend_fake(
@@ -396,10 +402,11 @@ def _extend_fake(
     scale,
     layout_args,
     backend,
+    lse=None,
 ):
     _one_device(
         "extend_attention", q, k_new, v_new, cu_seqlens, pool, k_tail, v_tail, page_table,
-        num_pages, tail_len, tail_index, work,
+        num_pages, tail_len, tail_index, work, lse,
     )  # fmt: skip
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
@@ -501,6 +508,7 @@ def decode_attention(
     scale: float | None = None,
     num_splits: int | None = None,
     backend: str | None = None,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode query per request over its pages and residual page: q [B, Hq, D] ->
     [B, Hq, D] in q's dtype.
@@ -508,12 +516,18 @@ def decode_attention(
     Equals ``oscar_kv.ref.attention(q[b:b+1], qkv_b)`` for each request (qkv_b: its pages
     plus its tail). GQA: query head j reads KV head j // (Hq / H_kv). ``num_splits``
     overrides ``kv.num_splits`` (the split-KV count of the CUDA and Triton kernels).
+
+    ``lse``: an out tensor, fp32 [B, Hq] on q's device; when given, every backend writes
+    ``log(sum_j exp(scale * q . k_j))`` (natural log) over exactly the keys the output
+    attended to, so that this attention can be merged with another over other keys
+    (o = (o1 * e^lse1 + o2 * e^lse2) / (e^lse1 + e^lse2)). The output is unchanged.
     """
     if q.dim() != 3:
         raise ValueError(f"q must be [batch, q_heads, head_dim], got {tuple(q.shape)}")
     if q.shape[0] != kv.batch:
         raise ValueError(f"q holds {q.shape[0]} queries for a batch of {kv.batch} requests")
     _check_query(q, kv)
+    _check_lse(lse, q)
     pool, k_tail, v_tail = kv.layer(layer)
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
     s = kv.scratch
@@ -521,11 +535,42 @@ def decode_attention(
         q, pool, k_tail, v_tail, kv.page_table, kv.num_pages, kv.tail_len, kv.tail_index,
         None if s is None else s.mid_o, None if s is None else s.mid_ml, scale,
         num_splits or kv.num_splits or 0, kv.layout.native_args,
-        "" if q.device.type == "meta" else resolve_decode_backend(backend, q.device),
+        "" if q.device.type == "meta" else resolve_decode_backend(backend, q.device), lse,
     )  # fmt: skip
 
 
-def _ref_decode(q: torch.Tensor, kv: PagedKV, scale: float) -> torch.Tensor:
+def _check_lse(lse: torch.Tensor | None, q: torch.Tensor) -> None:
+    if lse is None:
+        return
+    want = (q.shape[0], q.shape[1])
+    if lse.dtype != torch.float32 or tuple(lse.shape) != want or lse.device != q.device:
+        raise ValueError(
+            f"lse must be float32 {list(want)} on {q.device}, got {lse.dtype} "
+            f"{list(lse.shape)} on {lse.device}"
+        )
+
+
+def _suffix_lse(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """fp32 [n, Hq]: the log-sum-exp of the logits of q [n, Hq, D], the last n of the T
+    positions of k [T, H_kv, D], over the keys each attends to causally."""
+    n, hq, d = q.shape
+    t, h = k.shape[0], k.shape[1]
+    logits = torch.einsum("nhgd,thd->nhgt", q.float().view(n, h, hq // h, d), k.float()) * scale
+    pos = torch.arange(t, device=q.device)
+    hidden = pos[None, :] > pos[t - n :, None]
+    logits = logits.masked_fill(hidden[:, None, None, :], float("-inf"))
+    return torch.logsumexp(logits, dim=-1).reshape(n, hq)
+
+
+def _ref_lse(q: torch.Tensor, qkv: QuantizedKV, scale: float) -> torch.Tensor:
+    """`_suffix_lse` over the reference's dequantized cache, in the model's basis: the
+    orthonormal rotation the reference dots in does not change a logit."""
+    return _suffix_lse(q, dequantize_kv(qkv)[0], scale)
+
+
+def _ref_decode(
+    q: torch.Tensor, kv: PagedKV, scale: float, lse: torch.Tensor | None = None
+) -> torch.Tensor:
     out = torch.empty(q.shape, dtype=torch.float32)
     pool, k_tail, v_tail = kv.layer(0)
     for b in range(q.shape[0]):
@@ -533,7 +578,10 @@ def _ref_decode(q: torch.Tensor, kv: PagedKV, scale: float) -> torch.Tensor:
         qkv = kv.layout.pages_to_qkv(
             pool, kv.page_table[b, :npg], k_tail[slot, :nt], v_tail[slot, :nt]
         )
-        out[b] = ref_attention(q[b : b + 1].cpu(), qkv, causal=True, scale=scale)[0]
+        qb = q[b : b + 1].cpu()
+        out[b] = ref_attention(qb, qkv, causal=True, scale=scale)[0]
+        if lse is not None:
+            lse[b] = _ref_lse(qb, qkv, scale)[0].to(lse.device)
     return out.to(device=q.device, dtype=q.dtype)
 
 
@@ -547,6 +595,7 @@ def extend_attention(
     layer: int = 0,
     scale: float | None = None,
     backend: str | None = None,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """New tokens attend causally to their request's pages, residual page, and themselves.
 
@@ -561,6 +610,10 @@ def extend_attention(
     dequantizing the prefix into an fp32 workspace and calling SDPA (`_extend_via_workspace`,
     the baseline benches/bench_extend.py times), holds 8 KiB per prefix token per layer at
     8 KV heads x 128: 1 GiB for a 128K prefix.
+
+    ``lse``: an out tensor, fp32 [N, Hq] on q's device; as in `decode_attention`, row i gets
+    each head's log-sum-exp of its scaled logits over the keys it attended to (rows outside
+    every request's range are left unspecified).
     """
     if q.dim() != 3 or k_new.dim() != 3 or v_new.shape != k_new.shape:
         raise ValueError("q must be [N, Hq, D] and k_new/v_new [N, H_kv, D] of equal shape")
@@ -573,13 +626,14 @@ def extend_attention(
     if k_new.shape[1] != kv.layout.kv_heads:
         raise ValueError(f"k_new has {k_new.shape[1]} KV heads, the cache {kv.layout.kv_heads}")
     _check_query(q, kv)
+    _check_lse(lse, q)
     pool, k_tail, v_tail = kv.layer(layer)
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else scale
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
     return torch.ops.oscar.extend_attention(
         q, k_new, v_new, cu, pool, k_tail, v_tail, kv.page_table, kv.num_pages, kv.tail_len,
         kv.tail_index, kv.extend_work, kv.extend_rows, scale, kv.layout.native_args,
-        _which(backend, q.device),
+        _which(backend, q.device), lse,
     )  # fmt: skip
 
 
@@ -632,10 +686,12 @@ def _extend_via_workspace(
     cu_seqlens: torch.Tensor,
     kv: PagedKV,
     scale: float,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per request: prefix pages dequantized by ``which`` (cuda, triton; ref: the reference
-    attention itself) into fp32, then SDPA over [prefix, tail, new] with the causal offset.
-    Reads lengths on the host: a baseline and test path, not the serving path."""
+    attention itself) into fp32, then SDPA over [prefix, tail, new] with the causal offset
+    (and, for ``lse``, the logits' log-sum-exp from the same K). Reads lengths on the host:
+    a baseline and test path, not the serving path."""
     layout = kv.layout
     pool, k_tail, v_tail = kv.layer(0)
     batch = cu_seqlens.shape[0] - 1
@@ -653,6 +709,8 @@ def _extend_via_workspace(
             qkv = layout.pages_to_qkv(pool, kv.page_table[b, :npg], kt, vt)
             o = ref_attention(q[lo:hi].cpu(), qkv, causal=True, scale=scale)
             out[lo:hi] = o.to(device=q.device, dtype=q.dtype)
+            if lse is not None:
+                lse[lo:hi] = _ref_lse(q[lo:hi].cpu(), qkv, scale).to(lse.device)
             continue
         ids = kv.page_table[b, :npg].to(torch.int32).contiguous()
         if which == "cuda":
@@ -662,6 +720,8 @@ def _extend_via_workspace(
         kk = torch.cat((kp.reshape(-1, layout.kv_heads, layout.head_dim), kt.float()))
         vv = torch.cat((vp.reshape(-1, layout.kv_heads, layout.head_dim), vt.float()))
         out[lo:hi] = _sdpa_causal_suffix(q[lo:hi].float(), kk, vv, group, scale).to(q.dtype)
+        if lse is not None:
+            lse[lo:hi] = _suffix_lse(q[lo:hi], kk, scale)
     return out
 
 

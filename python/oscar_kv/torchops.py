@@ -90,8 +90,11 @@ def dequantize_pages(
     return k.contiguous(), v.contiguous()
 
 
-def decode_attention(q: torch.Tensor, kv: PagedKV, layer: int, scale: float) -> torch.Tensor:
-    """One query per request over its pages and tail: q [B, Hq, D] -> [B, Hq, D], q's dtype."""
+def decode_attention(
+    q: torch.Tensor, kv: PagedKV, layer: int, scale: float, lse: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One query per request over its pages and tail: q [B, Hq, D] -> [B, Hq, D], q's dtype;
+    ``lse`` (fp32 [B, Hq]), when given, receives the log-sum-exp of each head's logits."""
     _check_query(q)
     layout = kv.layout
     pool, k_tail, v_tail = kv.layer(layer)
@@ -124,6 +127,8 @@ def decode_attention(q: torch.Tensor, kv: PagedKV, layer: int, scale: float) -> 
     pmax = int(npg.max()) if batch else 0
     _check_table_width(page_table, pmax)
     if pmax == 0:
+        if lse is not None:
+            lse.copy_(torch.logsumexp(logits_t, dim=-1).view(batch, hq))
         return torch.matmul(torch.softmax(logits_t, dim=-1), vt).view(batch, hq, d).to(q.dtype)
 
     valid = torch.arange(pmax, device=dev)[None, :] < npg[:, None]  # [B, pmax]
@@ -138,7 +143,10 @@ def decode_attention(q: torch.Tensor, kv: PagedKV, layer: int, scale: float) -> 
     )
     padded[valid] = logits_p
     padded = padded.permute(0, 2, 3, 1, 4).reshape(batch, h, group, pmax * BLOCK_TOKENS)
-    p = torch.softmax(torch.cat((padded, logits_t), dim=-1), dim=-1)
+    logits = torch.cat((padded, logits_t), dim=-1)
+    if lse is not None:
+        lse.copy_(torch.logsumexp(logits, dim=-1).view(batch, hq))
+    p = torch.softmax(logits, dim=-1)
 
     out = torch.matmul(p[..., pmax * BLOCK_TOKENS :], vt)
     p_pages = p[..., : pmax * BLOCK_TOKENS].reshape(batch, h, group, pmax, BLOCK_TOKENS)
@@ -158,8 +166,11 @@ def extend_attention(
     kv: PagedKV,
     layer: int,
     scale: float,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """New tokens of all requests attend causally to their pages, tail and themselves."""
+    """New tokens of all requests attend causally to their pages, tail and themselves;
+    ``lse`` (fp32 [N, Hq]), when given, receives each row's log-sum-exp of its logits (-inf
+    for rows outside every request's range)."""
     _check_query(q)
     layout = kv.layout
     pool, k_tail, v_tail = kv.layer(layer)
@@ -174,6 +185,8 @@ def extend_attention(
     n_new = cu[1:] - cu[:-1]
     # Idle requests (no new tokens) are dropped so their pages are not dequantized.
     act = (n_new > 0).nonzero().flatten()
+    if lse is not None:
+        lse.fill_(float("-inf"))
     if n_tok == 0 or act.numel() == 0:
         return out
     ba = act.numel()
@@ -243,6 +256,8 @@ def extend_attention(
             enable_gqa=True,
         )  # fmt: skip
         o = o.transpose(1, 2)[row_req, row_i]
+        if lse is not None:
+            lse[rows] = _causal_lse(q_pad, k_all, q_pos, scale)[row_req, row_i]
     else:
         o = torch.empty(qc.shape, dtype=torch.float32, device=dev)
         bounds = zip(starts.tolist(), n_a.tolist(), cached.tolist(), total.tolist(), strict=True)
@@ -254,6 +269,9 @@ def extend_attention(
                 attn_mask=mask, scale=scale, enable_gqa=True,
             )  # fmt: skip
             o[lo : lo + n] = oa.transpose(0, 1)
+            if lse is not None:
+                la = _causal_lse(qc[None, lo : lo + n], k_all[a : a + 1, :, :t], q_pos[None], scale)
+                lse[rows[lo : lo + n]] = la[0]
     o = o.reshape(-1, hq, d)
     if cfg.rotates_v_online:
         o = _rotate(o)
@@ -263,6 +281,34 @@ def extend_attention(
 
 
 # ---------------------------------------------------------------------------- helpers
+
+LSE_CHUNK_LOGITS = 1 << 24
+"""Logits held at once while `_causal_lse` takes an extend's log-sum-exp (64 MiB fp32)."""
+
+
+def _causal_lse(
+    q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """fp32 [B, L, Hq]: log-sum-exp of scale * q . k over the keys at positions <= q_pos.
+
+    q [B, L, Hq, D], k [B, H_kv, T, D] (query head j reads KV head j // (Hq / H_kv)), q_pos
+    [B, L]. SDPA does not return its log-sum-exp, so the logits are taken again here, in
+    chunks of query rows that keep them within `LSE_CHUNK_LOGITS`."""
+    b, lq, hq, d = q.shape
+    h, t = k.shape[1], k.shape[2]
+    group = hq // h
+    out = torch.empty((b, lq, hq), dtype=torch.float32, device=q.device)
+    step = max(1, LSE_CHUNK_LOGITS // max(1, b * hq * t))
+    pos = torch.arange(t, device=q.device)
+    for i in range(0, lq, step):
+        qc = q[:, i : i + step]
+        n = qc.shape[1]
+        qg = qc.reshape(b, n, h, group, d).permute(0, 2, 3, 1, 4).reshape(b, h, group * n, d)
+        logits = torch.matmul(qg, k.transpose(-1, -2)).mul_(scale).view(b, h, group, n, t)
+        hidden = pos[None, None, :] > q_pos[:, i : i + n, None]  # [B, n, T]
+        logits.masked_fill_(hidden[:, None, None], float("-inf"))
+        out[:, i : i + n] = torch.logsumexp(logits, dim=-1).permute(0, 3, 1, 2).reshape(b, n, hq)
+    return out
 
 
 def _check_query(q: torch.Tensor) -> None:

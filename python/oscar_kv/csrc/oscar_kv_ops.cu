@@ -120,7 +120,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& pool,
                             const at::Tensor& tail_index, const at::Tensor& tail_len,
                             double scale, int64_t num_splits, int64_t kv_heads, int64_t head_dim,
                             int64_t bits, int64_t k_group, int64_t v_group, int64_t norm,
-                            int64_t rot_k, int64_t rot_v) {
+                            int64_t rot_k, int64_t rot_v, const std::optional<at::Tensor>& lse) {
   const PageLayout l = checked_layout(kv_heads, head_dim, bits, k_group, v_group, norm);
   check_pool(pool, l);
   TORCH_CHECK(q.is_cuda() && q.dim() == 3 && q.size(2) == head_dim && q.stride(2) == 1,
@@ -143,6 +143,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& pool,
                 "k_tail/v_tail must be CUDA [slots, 128, ", kv_heads, ", ", head_dim, "]");
     TORCH_CHECK(t->scalar_type() == q.scalar_type(), "k_tail/v_tail must have q's dtype");
   }
+  if (lse)
+    TORCH_CHECK(lse->device() == q.device() && lse->scalar_type() == at::kFloat &&
+                    lse->dim() == 2 && lse->size(0) == batch && lse->size(1) == hq,
+                "lse must be a float32 [", batch, ", ", hq, "] tensor on q's device");
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t max_pages = page_table.size(1);
   int64_t ns = num_splits;
@@ -211,7 +215,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& pool,
     oscar::merge_kernel<T, D><<<dim3(unsigned(batch), unsigned(kv_heads)), oscar::kDecodeThreads,
                                 sizeof(float) * group * D, stream>>>(
         a.mid_o, a.mid_m, a.mid_l, static_cast<T*>(out.data_ptr()), out.stride(0), out.stride(1),
-        int(ns), group, int(rot_v));
+        int(ns), group, int(rot_v), lse ? lse->data_ptr<float>() : nullptr,
+        lse ? lse->stride(0) : 0, lse ? lse->stride(1) : 0);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <tuple>
 
 namespace oscar_kv {
@@ -20,7 +21,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& pool,
                             const at::Tensor& tail_index, const at::Tensor& tail_len,
                             double scale, int64_t num_splits, int64_t kv_heads, int64_t head_dim,
                             int64_t bits, int64_t k_group, int64_t v_group, int64_t norm,
-                            int64_t rot_k, int64_t rot_v);
+                            int64_t rot_k, int64_t rot_v, const std::optional<at::Tensor>& lse);
 
 std::tuple<at::Tensor, at::Tensor> dequantize_pages(const at::Tensor& pool,
                                                     const at::Tensor& page_ids, int64_t kv_heads,

@@ -14,7 +14,8 @@ void quantize_pages_meta(const at::Tensor&, const at::Tensor&, const at::Tensor&
 at::Tensor decode_attention_meta(const at::Tensor& q, const at::Tensor&, const at::Tensor&,
                                  const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                  const at::Tensor&, const at::Tensor&, double, int64_t, int64_t,
-                                 int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t) {
+                                 int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                 const std::optional<at::Tensor>&) {
   return at::empty(q.sizes(), q.options());
 }
 
@@ -44,7 +45,7 @@ TORCH_LIBRARY(oscar_kv, m) {
       "decode_attention(Tensor q, Tensor pool, Tensor page_table, Tensor num_pages, "
       "Tensor k_tail, Tensor v_tail, Tensor tail_index, Tensor tail_len, float scale, "
       "int num_splits, int kv_heads, int head_dim, int bits, int k_group, int v_group, "
-      "int norm, int rot_k, int rot_v) -> Tensor");
+      "int norm, int rot_k, int rot_v, Tensor(a!)? lse=None) -> Tensor");
   m.def(
       "dequantize_pages(Tensor pool, Tensor page_ids, int kv_heads, int head_dim, int bits, "
       "int k_group, int v_group, int norm, int rot_k, int rot_v) -> (Tensor, Tensor)");

@@ -48,10 +48,23 @@ class CudaOps:
     def decode_attention(
         self, q: torch.Tensor, kv: PagedKV, layer: int, scale: float, num_splits: int
     ) -> torch.Tensor:
+        return self.decode_attention_lse(q, kv, layer, scale, num_splits, None)
+
+    def decode_attention_lse(
+        self,
+        q: torch.Tensor,
+        kv: PagedKV,
+        layer: int,
+        scale: float,
+        num_splits: int,
+        lse: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """`decode_attention` that also writes each query head's log-sum-exp of its scaled
+        logits (natural log) into ``lse`` (fp32 [B, Hq]) when given."""
         pool, k_tail, v_tail = kv.layer(layer)
         return self._ops.decode_attention(
             q, pool, kv.page_table, kv.num_pages, k_tail, v_tail, kv.tail_index, kv.tail_len,
-            float(scale), int(num_splits), *kv.layout.native_args,
+            float(scale), int(num_splits), *kv.layout.native_args, lse,
         )  # fmt: skip
 
     def dequantize_pages(

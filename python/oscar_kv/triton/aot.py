@@ -93,6 +93,7 @@ def compile_all(cap: int, full: bool = True) -> list[tuple[str, float, int, str]
         "mid_o_ptr": "*fp32",
         "mid_m_ptr": "*fp32",
         "mid_l_ptr": "*fp32",
+        "lse_ptr": "*fp32",
         "qk_scale": "fp32",
         "NSPLIT": "i32",
         "n_rows": "i32",
@@ -127,18 +128,20 @@ def compile_all(cap: int, full: bool = True) -> list[tuple[str, float, int, str]
             gp = triton.next_power_of_2(group)
             run(f"merge[{tag}-g{group}]", merge_kernel,
                 {"HKV": h, "G": group, "GP": gp, "D": d, "LOG2D": int(math.log2(d)),
-                 "ROT_V": cfg.rotates_v_online}, num_warps=4)  # fmt: skip
+                 "ROT_V": cfg.rotates_v_online, "HAS_LSE": group == 4}, num_warps=4)  # fmt: skip
         for group in (4, 1, 8) if full else (4,):
             gp = triton.next_power_of_2(group)
             ext = {**la, "G": group, "GP": gp, "BM": extend_block_tokens(group, d),
                    "PRECISE": False, "ROT_Q": cfg.rotation == "hadamard",
                    "ROT_V": cfg.rotates_v_online, "BT": 32}  # fmt: skip
-            run(f"extend[{tag}-g{group}]", extend_kernel, {**ext, "SPLIT": group == 4},
+            run(f"extend[{tag}-g{group}]", extend_kernel,
+                {**ext, "SPLIT": group == 4, "HAS_LSE": group == 4},
                 num_warps=EXTEND_WARPS)  # fmt: skip
             ws = {k: ext[k] for k in ("G", "GP", "BM", "D", "LOG2D", "NORM", "ROT_Q", "ROT_V",
                                       "PRECISE", "BT")}  # fmt: skip
             run(f"extend_ws[{tag}-g{group}]", extend_ws_kernel,
-                {**ws, "OFF_N": la["OFF_N"], "H": h, "FIRST": group != 8, "LAST": group != 1},
+                {**ws, "OFF_N": la["OFF_N"], "H": h, "FIRST": group != 8, "LAST": group != 1,
+                 "HAS_LSE": group == 4},
                 num_warps=EXTEND_WARPS)  # fmt: skip
         deq = {k: la[k] for k in ("OFF_KC", "OFF_VC", "OFF_KS", "OFF_KZ", "OFF_VS", "OFF_VZ", "D",
                                   "BITS", "KG", "VG")}  # fmt: skip

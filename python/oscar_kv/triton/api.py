@@ -156,6 +156,7 @@ def decode_attention(
     scale: float,
     precise: bool = False,
     block_tokens: int | None = None,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Split-KV decode over packed pages + residual pages; out [B, Hq, D] in q's dtype.
 
@@ -165,7 +166,8 @@ def decode_attention(
     (IEEE) on fp32-dequantized codes instead of fp16 operands (codes unpacked by bit tricks,
     fp16 dequantization) with fp32 accumulation; tests use it to compare with the reference
     tightly. ``block_tokens`` (32, 64 or 128): tokens per inner step; a page is walked in
-    128 / block_tokens steps; None: `decode_block_tokens`.
+    128 / block_tokens steps; None: `decode_block_tokens`. ``lse`` (fp32 [B, Hq]), when
+    given, receives each query head's log-sum-exp of its scaled logits (natural log).
     """
     if block_tokens is None:
         block_tokens = decode_block_tokens(q.shape[-1], q.shape[1] // kv.layout.kv_heads, precise)
@@ -231,6 +233,9 @@ def decode_attention(
         out,
         out.stride(0),
         out.stride(1),
+        out if lse is None else lse,
+        0 if lse is None else lse.stride(0),
+        0 if lse is None else lse.stride(1),
         ns,
         HKV=hkv,
         G=group,
@@ -238,6 +243,7 @@ def decode_attention(
         D=d,
         LOG2D=args["LOG2D"],
         ROT_V=cfg.rotates_v_online,
+        HAS_LSE=lse is not None,
         num_warps=4,
     )
     return out
@@ -280,8 +286,10 @@ def extend_attention(
     scale: float,
     precise: bool = False,
     block_tokens: int = 32,
+    lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Extend attention; out [N, Hq, D] in q's dtype (see `oscar_kv.ops.extend_attention`).
+    """Extend attention; out [N, Hq, D] in q's dtype (see `oscar_kv.ops.extend_attention`);
+    ``lse`` (fp32 [N, Hq]), when given, receives each row's log-sum-exp of its logits.
 
     Every prefix page is dequantized once per call and KV head (`oscar_kv.triton.extend`):
     in registers by the fused kernel when each request's new tokens fit one work item, else
@@ -318,7 +326,8 @@ def extend_attention(
         cu_dev, work_t[0], work_t[1], pool, pool.stride(0), page_table, page_table.stride(0),
         num_pages, k_tail, k_tail.stride(0), k_tail.stride(1), k_tail.stride(2),
         v_tail, v_tail.stride(0), v_tail.stride(1), v_tail.stride(2), tail_index, tail_len,
-        scale * _LOG2E,
+        scale * _LOG2E, out if lse is None else lse, 0 if lse is None else lse.stride(0),
+        0 if lse is None else lse.stride(1),
     )  # fmt: skip
     max_pages = page_table.shape[1]
     # Several work items may belong to one request: its pages then go through the workspace,
@@ -349,7 +358,8 @@ def extend_attention(
                 OFF_N=la["OFF_N"], H=hkv, G=group, GP=triton.next_power_of_2(group), BM=bm,
                 D=d, LOG2D=la["LOG2D"], NORM=la["NORM"], ROT_Q=cfg.rotation == "hadamard",
                 ROT_V=cfg.rotates_v_online, PRECISE=precise, BT=block_tokens,
-                FIRST=i == 0, LAST=i == n_chunks - 1, num_warps=EXTEND_WARPS,
+                FIRST=i == 0, LAST=i == n_chunks - 1, HAS_LSE=lse is not None,
+                num_warps=EXTEND_WARPS,
             )  # fmt: skip
     extend_kernel[(n_work, hkv)](
         *common,
@@ -361,6 +371,7 @@ def extend_attention(
         PRECISE=precise,
         BT=block_tokens,
         SPLIT=split,
+        HAS_LSE=lse is not None,
         num_warps=EXTEND_WARPS,
         **la,
     )

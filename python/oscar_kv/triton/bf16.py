@@ -163,6 +163,9 @@ def bf16_decode_attention(
         out,
         out.stride(0),
         out.stride(1),
+        out,
+        0,
+        0,
         ns - 1,
         HKV=hkv,
         G=group,
@@ -170,6 +173,7 @@ def bf16_decode_attention(
         D=d,
         LOG2D=max(1, d.bit_length() - 1),
         ROT_V=False,
+        HAS_LSE=False,
         num_warps=4,
     )
     return out

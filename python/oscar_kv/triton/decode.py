@@ -165,6 +165,9 @@ def merge_kernel(
     out_ptr,
     os0,
     os1,
+    lse_ptr,
+    ls0,
+    ls1,
     NSPLIT,
     HKV: tl.constexpr,
     G: tl.constexpr,
@@ -172,8 +175,10 @@ def merge_kernel(
     D: tl.constexpr,
     LOG2D: tl.constexpr,
     ROT_V: tl.constexpr,
+    HAS_LSE: tl.constexpr,
 ):
-    """Log-sum-exp merge of the page splits, un-rotation, then the tail split."""
+    """Log-sum-exp merge of the page splits, un-rotation, then the tail split; with HAS_LSE
+    also each head's log-sum-exp of its scaled logits (natural log) to lse [B, Hq]."""
     b = tl.program_id(0)
     hk = tl.program_id(1)
     gq = tl.arange(0, GP)
@@ -201,3 +206,8 @@ def merge_kernel(
         out.to(out_ptr.dtype.element_ty),
         mask=qmask[:, None],
     )
+    if HAS_LSE:
+        # m is in the log2 domain (qk_scale carries log2(e)); no key at all gives -inf.
+        lse = (m + tl.log2(tl.where(l_sum > 0, l_sum, 1.0))) * 0.6931471805599453
+        lse = tl.where(l_sum > 0, lse, float("-inf"))
+        tl.store(lse_ptr + b.to(tl.int64) * ls0 + hq * ls1, lse, mask=qmask)

@@ -65,6 +65,9 @@ def extend_kernel(
     tidx_ptr,
     tlen_ptr,
     qk_scale,
+    lse_ptr,
+    ls0,
+    ls1,
     OFF_KC: tl.constexpr,
     OFF_VC: tl.constexpr,
     OFF_KS: tl.constexpr,
@@ -86,6 +89,7 @@ def extend_kernel(
     PRECISE: tl.constexpr,
     BT: tl.constexpr,
     SPLIT: tl.constexpr,
+    HAS_LSE: tl.constexpr,
 ):
     T: tl.constexpr = 128
     R: tl.constexpr = BM * GP
@@ -137,7 +141,7 @@ def extend_kernel(
         q, m, l_sum, acc, b, hk, lo, n_new, q0, mi, hq, rmask, own,
         kn_ptr, kns0, kns1, vn_ptr, vns0, vns1, out_ptr, os0, os1,
         kt_ptr, kts0, kts1, kts2, vt_ptr, vts0, vts1, vts2, tidx_ptr, tlen_ptr, qk_scale,
-        R, BM, D, LOG2D, ROT_V, PRECISE, BT,
+        lse_ptr, ls0, ls1, R, BM, D, LOG2D, ROT_V, PRECISE, BT, HAS_LSE,
     )  # fmt: skip
 
 
@@ -146,10 +150,12 @@ def _finish(
     q, m, l_sum, acc, b, hk, lo, n_new, q0, mi, hq, rmask, own,
     kn_ptr, kns0, kns1, vn_ptr, vns0, vns1, out_ptr, os0, os1,
     kt_ptr, kts0, kts1, kts2, vt_ptr, vts0, vts1, vts2, tidx_ptr, tlen_ptr, qk_scale,
+    lse_ptr, ls0, ls1,
     R: tl.constexpr, BM: tl.constexpr, D: tl.constexpr, LOG2D: tl.constexpr,
-    ROT_V: tl.constexpr, PRECISE: tl.constexpr, BT: tl.constexpr,
+    ROT_V: tl.constexpr, PRECISE: tl.constexpr, BT: tl.constexpr, HAS_LSE: tl.constexpr,
 ):  # fmt: skip
-    """Steps 2-4 after the pages (acc in the stored basis), then the output rows."""
+    """Steps 2-4 after the pages (acc in the stored basis), then the output rows (and with
+    HAS_LSE each row's log-sum-exp of its scaled logits, natural log, to lse [N, Hq])."""
     c = tl.arange(0, D)
     if ROT_V:
         acc = fwht_rows(acc, R, D, LOG2D)
@@ -190,6 +196,11 @@ def _finish(
         out.to(out_ptr.dtype.element_ty),
         mask=rmask[:, None],
     )
+    if HAS_LSE:
+        # m is in the log2 domain (qk_scale carries log2(e)).
+        lse = (m + tl.log2(tl.where(l_sum > 0, l_sum, 1.0))) * 0.6931471805599453
+        lse = tl.where(l_sum > 0, lse, float("-inf"))
+        tl.store(lse_ptr + (lo + mi) * ls0 + hq * ls1, lse, mask=rmask)
 
 
 @triton.jit
@@ -293,6 +304,9 @@ def extend_ws_kernel(
     tidx_ptr,
     tlen_ptr,
     qk_scale,
+    lse_ptr,
+    ls0,
+    ls1,
     ws_k_ptr,
     ws_v_ptr,
     n_cols,
@@ -314,6 +328,7 @@ def extend_ws_kernel(
     BT: tl.constexpr,
     FIRST: tl.constexpr,
     LAST: tl.constexpr,
+    HAS_LSE: tl.constexpr,
 ):
     """Work items of requests with n_new > BM over one chunk of workspace columns
     [col0, col0 + n_cols); FIRST/LAST: the chunk opens/closes the request's prefix (else the
@@ -377,7 +392,7 @@ def extend_ws_kernel(
             q, m, l_sum, acc, b, hk, lo, n_new, q0, mi, hq, rmask, own,
             kn_ptr, kns0, kns1, vn_ptr, vns0, vns1, out_ptr, os0, os1,
             kt_ptr, kts0, kts1, kts2, vt_ptr, vts0, vts1, vts2, tidx_ptr, tlen_ptr, qk_scale,
-            R, BM, D, LOG2D, ROT_V, PRECISE, BT,
+            lse_ptr, ls0, ls1, R, BM, D, LOG2D, ROT_V, PRECISE, BT, HAS_LSE,
         )  # fmt: skip
     else:
         tl.store(st_m_ptr + srow, m, mask=rmask)

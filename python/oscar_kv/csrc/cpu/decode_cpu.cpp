@@ -11,7 +11,9 @@
 //   V: acc[g] += p[g][t] * (code[t][c] * v_scale[t][grp(c)] + v_zero[t][grp(c)])
 // with one online-softmax update per page. After the pages the value part is un-rotated when
 // V was rotated online (linear, so it commutes with the softmax rescaling), then the tail
-// tokens (model basis, unrotated q) are folded in the same way.
+// tokens (model basis, unrotated q) are folded in the same way. The optional lse output gets
+// each query head's m + log(l): the log-sum-exp of its scaled logits, which a caller merging
+// this attention with another part over other keys needs.
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -28,6 +30,7 @@
 #include <cstring>
 #include <type_traits>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "oscar/layout.h"
@@ -279,7 +282,7 @@ void with_head_block(int gb, F&& f) {
 template <typename T>
 void decode_one(const Args& a, const float* q, int64_t qs0, int64_t qs1, const T* kt,
                 const T* vt, std::array<int64_t, 3> kts, std::array<int64_t, 3> vts, float* out,
-                int64_t os0, int64_t os1, int b, int hk) {
+                int64_t os0, int64_t os1, float* lse, int64_t ls0, int64_t ls1, int b, int hk) {
   const PageLayout& L = a.L;
   const int D = L.head_dim, G = a.G, NB = D * L.bits / 8, KG = L.k_group;
   const int NGK = kBlockTokens / KG, NVG = D / L.v_group;
@@ -352,6 +355,8 @@ void decode_one(const Args& a, const float* q, int64_t qs0, int64_t qs1, const T
   for (int g = 0; g < G; ++g) {
     const float inv = l[g] > 0.f ? 1.f / l[g] : 0.f;
     for (int c = 0; c < D; ++c) out[b * os0 + (hk * G + g) * os1 + c] = acc[g * D + c] * inv;
+    // m is the running max of the natural-log logits, l the sum of exp(logit - m).
+    if (lse) lse[b * ls0 + (hk * G + g) * ls1] = m[g] + std::log(l[g]);
   }
 }
 
@@ -367,7 +372,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& pool,
                             const at::Tensor& tail_index, const at::Tensor& tail_len,
                             double scale, int64_t kv_heads, int64_t head_dim, int64_t bits,
                             int64_t k_group, int64_t v_group, int64_t norm, int64_t rot_k,
-                            int64_t rot_v) {
+                            int64_t rot_v, const std::optional<at::Tensor>& lse) {
   TORCH_CHECK_VALUE(head_dim == 64 || head_dim == 128 || head_dim == 256,
               "head_dim must be 64, 128 or 256, got ", head_dim);
   TORCH_CHECK_VALUE(bits == 2 || bits == 4, "bits must be 2 or 4, got ", bits);
@@ -422,6 +427,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& pool,
     }
   }
 
+  if (lse)
+    TORCH_CHECK_VALUE(lse->device().is_cpu() && lse->scalar_type() == at::kFloat &&
+                          lse->dim() == 2 && lse->size(0) == B && lse->size(1) == Hq,
+                      "lse must be a CPU float32 [", B, ", ", Hq, "] tensor");
   // A NaN or inf query would silently poison its request's output.
   TORCH_CHECK_VALUE(q.isfinite().all().item<bool>(), "q contains NaN or inf");
 
@@ -443,12 +452,14 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& pool,
     const scalar_t* kp = k_tail.data_ptr<scalar_t>();
     const scalar_t* vp = v_tail.data_ptr<scalar_t>();
     float* op = out.data_ptr<float>();
+    float* lp = lse ? lse->data_ptr<float>() : nullptr;
+    const int64_t ls0 = lse ? lse->stride(0) : 0, ls1 = lse ? lse->stride(1) : 0;
     const std::array<int64_t, 3> kts{k_tail.stride(0), k_tail.stride(1), k_tail.stride(2)};
     const std::array<int64_t, 3> vts{v_tail.stride(0), v_tail.stride(1), v_tail.stride(2)};
     at::parallel_for(0, B * kv_heads, 1, [&](int64_t lo, int64_t hi) {
       for (int64_t i = lo; i < hi; ++i)
         decode_one<scalar_t>(a, qp, q.stride(0), q.stride(1), kp, vp, kts, vts, op,
-                             out.stride(0), out.stride(1), int(i / kv_heads),
+                             out.stride(0), out.stride(1), lp, ls0, ls1, int(i / kv_heads),
                              int(i % kv_heads));
     });
   });
@@ -460,7 +471,7 @@ at::Tensor decode_attention_meta(const at::Tensor& q, const at::Tensor&, const a
                                  const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                  const at::Tensor&, const at::Tensor&, double, int64_t,
                                  int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                                 int64_t) {
+                                 int64_t, const std::optional<at::Tensor>&) {
   return at::empty(q.sizes(), q.options().dtype(at::kFloat));
 }
 
@@ -472,7 +483,7 @@ TORCH_LIBRARY(oscar_kv_cpu, m) {
       "decode_attention(Tensor q, Tensor pool, Tensor page_table, Tensor num_pages, "
       "Tensor k_tail, Tensor v_tail, Tensor tail_index, Tensor tail_len, float scale, "
       "int kv_heads, int head_dim, int bits, int k_group, int v_group, int norm, int rot_k, "
-      "int rot_v) -> Tensor");
+      "int rot_v, Tensor(a!)? lse=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(oscar_kv_cpu, CPU, m) {

@@ -15,7 +15,8 @@ namespace oscar {
   OSCAR_INSTANTIATE(T, D, 2)                                                                  \
   OSCAR_INSTANTIATE(T, D, 4)                                                                  \
   template __global__ void merge_kernel<T, D>(const float*, const float*, const float*, T*,   \
-                                              int64_t, int64_t, int, int, int);               \
+                                              int64_t, int64_t, int, int, int, float*,        \
+                                              int64_t, int64_t);                              \
   template __global__ void fwht_rows_kernel<T, D>(const T*, float*, int64_t);
 
 // -DOSCAR_CHECK_D=128 limits the check to one head_dim (the quick CI variant).

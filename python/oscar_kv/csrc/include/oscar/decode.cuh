@@ -297,11 +297,13 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(DecodeArgs
 }
 
 // Log-sum-exp merge of the page splits, un-rotation of the page part (rot_v), then the
-// tail split. Grid (batch, kv_heads), 128 threads; out [B, Hq, D].
+// tail split. Grid (batch, kv_heads), 128 threads; out [B, Hq, D]; lse [B, Hq] (natural
+// log of the sum of exp(scale * q . k) over every key; nullptr: not written).
 template <typename T, int D>
 __global__ void __launch_bounds__(kDecodeThreads)
     merge_kernel(const float* mid_o, const float* mid_m, const float* mid_l, T* out,
-                 int64_t out_s0, int64_t out_s1, int nsplit, int group, int rot_v) {
+                 int64_t out_s0, int64_t out_s1, int nsplit, int group, int rot_v, float* lse,
+                 int64_t lse_s0, int64_t lse_s1) {
   extern __shared__ float acc[];  // [G][D]
   __shared__ float ms[kMaxGroup], ls[kMaxGroup];
   const int b = blockIdx.x, hk = blockIdx.y, G = group, Hq = gridDim.y * G;
@@ -340,6 +342,10 @@ __global__ void __launch_bounds__(kDecodeThreads)
       const float x = acc[g * D + c] * w1 + mid_o[(row(g) + nsplit) * D + c] * w2;
       out[b * out_s0 + (hk * G + g) * out_s1 + c] = from_float<T>(denom > 0.f ? x / denom : 0.f);
     }
+    // m is in the log2 domain (qk_scale carries log2(e)).
+    if (lse != nullptr && tid == 0)
+      lse[b * lse_s0 + (hk * G + g) * lse_s1] =
+          denom > 0.f ? (m_ref + log2f(denom)) * 0.69314718055994531f : -INFINITY;
   }
 }
 

@@ -144,3 +144,21 @@ def test_sink_forward_on_meta_has_no_host_read():
     for layer in w.layers:
         q, k, v = (torch.empty(8, h * D, device="meta") for h in (HQ, HK, HK))
         assert w.backend.forward(q, k, v, layer, fb).device.type == "meta"
+
+
+def test_a_prefix_ending_inside_a_first_page_continues_from_the_sink_page(monkeypatch):
+    monkeypatch.setenv("OSCAR_KV_BACKEND", "torch")
+    torch.manual_seed(2)
+    cfg = OscarConfig(bits=2, sink_bits=4)
+    w = SinkWorld(cfg)
+    k, v = bf16_round(torch.randn(2, 200, HK, D)).unbind(0)
+    src = w.new_request(200)
+    w.forward([src], torch.randn(200, HQ, D), k, v, [200], decode=False)
+    page0 = int(w.req_to_token_pool.req_to_token[src, 0]) // PAGE
+    dst = w.new_request(100)
+    w.pool.dequantize_into_residual(page0, dst, first_page=True)
+    k0, v0 = dequantize_kv(quantize_kv(k[:T], v[:T], cfg.sink_config))
+    k_res, v_res = w.pool.residual(0)
+    got = w.pool.residual_of_slot[dst]
+    torch.testing.assert_close(k_res[got].float(), bf16_round(k0.reshape(T, HK, D)))
+    torch.testing.assert_close(v_res[got].float(), bf16_round(v0.reshape(T, HK, D)))

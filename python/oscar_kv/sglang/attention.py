@@ -111,6 +111,13 @@ class OscarAttnBackend(AttentionBackend):
             )
         self.config = self.pool.config
         self.sink = self.pool.sink
+        alloc = getattr(model_runner, "token_to_kv_pool_allocator", None)
+        if self.sink is not None and alloc is not None and not hasattr(alloc, "companion_pages"):
+            # Without companion pages every sink page would spill into padding page 0.
+            raise ValueError(
+                "--kv-quant-sink-bits needs oscar-kv's page allocator (it takes each first "
+                f"page's companion pages); got {type(alloc).__name__}"
+            )
         self.q_heads = _q_heads(model_runner)
         self.forward_metadata: OscarForwardMetadata | None = None
         self._graph: GraphBuffers | None = None

@@ -9,6 +9,8 @@ from kernel_cases import DECODE_CONFIGS, build_cache, config_id
 from oscar_kv import OscarConfig, cpu_kernels, ops
 from oscar_kv.layout import PageLayout
 from oscar_kv.ref import attention
+from oscar_kv.ref.quant import dequantize_kv
+from test_attention_lse import direct_lse
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(
@@ -27,10 +29,16 @@ def check(cfg, lens, h, group, d, kind="random", dtype=torch.float32, seed=0, to
     want = torch.cat([attention(q[b : b + 1].float(), qkv) for b, qkv in enumerate(cache.qkvs)])
     # q of any dtype must not be rounded to the tails' dtype (bf16-valued, exact in all).
     k_tail, v_tail = cache.k_tail.to(tail_dtype), cache.v_tail.to(tail_dtype)
-    got = ops.decode_attention(q, cache.paged_kv(k_tail=k_tail, v_tail=v_tail), backend="cpu")
+    lse = torch.full(q.shape[:2], float("nan"))
+    kv = cache.paged_kv(k_tail=k_tail, v_tail=v_tail)
+    got = ops.decode_attention(q, kv, backend="cpu", lse=lse)
     assert got.dtype == dtype and got.shape == q.shape
     big = max(1.0, float(want.abs().max()))
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * big)
+    want_lse = torch.cat([direct_lse(q[b : b + 1].float(), dequantize_kv(qkv)[0], d**-0.5)
+                          for b, qkv in enumerate(cache.qkvs)])  # fmt: skip
+    big = max(1.0, float(want_lse.abs().max()))
+    torch.testing.assert_close(lse, want_lse, rtol=tol, atol=tol * big)
 
 
 # several pages + tail, exactly one page (empty tail), one token, tail of 127, one page + 1
@@ -116,9 +124,9 @@ def test_portable_build_matches_the_reference():
 
 
 def test_opcheck_schema_and_fake_kernel():
-    """torch.library.opcheck: the schema matches what the op does (no input mutated), the
-    Meta/fake kernel agrees with the real one on shape and dtype, and torch.compile can
-    trace it (aot dispatch)."""
+    """torch.library.opcheck: the schema matches what the op does (no input mutated; the lse
+    out tensor is declared), the Meta/fake kernel agrees with the real one on shape and
+    dtype, and torch.compile can trace it (aot dispatch)."""
     cfg = OscarConfig()
     cache = build_cache(cfg, [300, 5], 2, 64, device=CPU)
     q = torch.randn(2, 4, 64)
@@ -126,5 +134,6 @@ def test_opcheck_schema_and_fake_kernel():
     args = (q, cache.pool, cache.page_table, cache.num_pages, cache.k_tail, cache.v_tail,
             cache.tail_index, cache.tail_len, 0.125, *layout.native_args)  # fmt: skip
     op = cpu_kernels.load().decode_attention.default
-    results = torch.library.opcheck(op, args)
-    assert all(v == "SUCCESS" for v in results.values()), results
+    for lse in ((), (torch.empty(2, 4),)):
+        results = torch.library.opcheck(op, (*args, *lse))
+        assert all(v == "SUCCESS" for v in results.values()), results

@@ -318,3 +318,16 @@ def test_extend_lse_gpu(backend, h, group, d):
 @pytest.mark.gpu
 def test_extend_halves_merge_into_the_whole_gpu():
     check_extend_merge("triton", 5e-3, h=8, group=4, d=128)
+
+
+@pytest.mark.gpu
+def test_opcheck_cuda_decode_with_lse(cuda_ext):
+    """The CUDA op's schema declares the lse it writes; its Meta kernel accepts it."""
+    dev = torch.device("cuda")
+    cache = build_cache(OscarConfig(), [300, 5], 8, 128, seed=3, device=dev)
+    q = torch.randn(2, 32, 128, device=dev).bfloat16()
+    args = (q, cache.pool, cache.page_table, cache.num_pages, cache.k_tail, cache.v_tail,
+            cache.tail_index, cache.tail_len, 128**-0.5, 0, *cache.layout.native_args,
+            torch.empty(2, 32, device=dev))  # fmt: skip
+    results = torch.library.opcheck(torch.ops.oscar_kv.decode_attention.default, args)
+    assert all(v == "SUCCESS" for v in results.values()), results

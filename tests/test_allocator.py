@@ -292,3 +292,31 @@ def test_extend_checks_token_count():
     a = make("oscar", 8, 4)
     with pytest.raises(ValueError, match="extend_num_tokens"):
         a.alloc_extend(*[torch.tensor([0])] * 2, *[torch.tensor([5])] * 2, torch.tensor([-1]), 4)
+
+
+def test_plugin_installs_it_over_an_oscar_pool_only(monkeypatch):
+    from oscar_kv.config import OscarConfig
+    from oscar_kv.sglang import plugin
+    from oscar_kv.sglang.args import ENV_VAR, KVQuantSpec
+    from oscar_kv.sglang.pool import OscarTokenToKVPool
+
+    ps = 128
+    pool = OscarTokenToKVPool(
+        8 * ps, ps, torch.bfloat16, 2, 64, 1, "cpu", config=OscarConfig(), residual_pages=2
+    )
+
+    def orig(self, *, token_to_kv_pool, **kwargs):
+        return PagedTokenToKVPoolAllocator(
+            8 * ps, ps, torch.bfloat16, "cpu", token_to_kv_pool, need_sort=False
+        )
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    off = plugin._hook_build_allocator(orig, None, token_to_kv_pool=pool)
+    assert type(off) is PagedTokenToKVPoolAllocator, "without --kv-quant oscar: SGLang's"
+    monkeypatch.setenv(ENV_VAR, KVQuantSpec("oscar", 2, 32).to_env())
+    on = plugin._hook_build_allocator(orig, None, token_to_kv_pool=pool)
+    assert isinstance(on, OscarPageAllocator) and on.get_kvcache() is pool
+    assert (on.size, on.page_size, on.num_pages) == (8 * ps, ps, 8)
+    assert on.available_size() == off.available_size()
+    other = plugin._hook_build_allocator(orig, None, token_to_kv_pool=FakePool())
+    assert type(other) is PagedTokenToKVPoolAllocator, "not an oscar pool: SGLang's"

@@ -175,9 +175,8 @@ class OscarRadixCache(BasePrefixCache):
         heads = value[: n_tokens : self.page_size]
         if heads.device.type != "cpu":
             heads = heads.cpu()
-        if self.page_size > 1:
-            heads = heads // self.page_size
-        return heads.numpy()
+        # numpy's floor division: a torch op on the host costs more than the tree walk.
+        return heads.numpy() // self.page_size if self.page_size > 1 else heads.numpy()
 
     def _free_pages(self, pages: Any) -> None:
         if not len(pages):
@@ -508,7 +507,8 @@ class OscarRadixCache(BasePrefixCache):
             if p.tail is not None:
                 pool.copy_residual(p.tail.page, r.kv.req_pool_idx)
             else:
-                pool.dequantize_into_residual(p.page, r.kv.req_pool_idx)
+                first = r.prefix_len < self.page_size  # a sink page under sink_bits
+                pool.dequantize_into_residual(p.page, r.kv.req_pool_idx, first_page=first)
 
     def _cache_tail(self, req: Req, group: tuple[int, str | None], tokens: Any) -> None:
         page = self._residual.detach_residual(req.kv.req_pool_idx)

@@ -21,15 +21,17 @@ passed as array('q') buffers, and only those calls are timed:
   lock, evict, alloc, insert, free, unlock), as the SGLang drivers below make them;
 - sglang-python: ``RadixCache`` + SGLang's ``PagedTokenToKVPoolAllocator`` (CPU tensors);
 - sglang-rust: ``UnifiedRadixCache`` with tree_core_backend="rust" + the same allocator;
-- oscar-sglang-backend (detail CSV only): ``oscar_kv.sglang.radix.OscarRadixCache`` + the
-  same SGLang allocator, i.e. what a SGLang server with ``--radix-cache-backend oscar`` pays.
+- oscar-sglang-backend (detail CSV only): what a ``--kv-quant oscar`` server builds:
+  ``oscar_kv.sglang.radix.OscarRadixCache`` over ``oscar_kv.sglang.allocator.OscarPageAllocator``
+  (the Rust page allocator), driven through the same SGLang calls as the two above.
 All implementations run in one process on the same event stream, each event handed to
 each of them in turn (rotating order), so machine noise hits them alike; then each runs
 alone in a subprocess (same imports everywhere) for its peak RSS. The matched length of
 every request, the evicted token total and the op count must agree across implementations.
 
 ops = match_prefix + insert + evict calls. Writes benches/results/radix.csv
-(impl,ops_per_s,matched_tokens_per_s,hit_rate,peak_rss_mb), radix_detail.csv and radix.png.
+(device,commit,impl,ops_per_s,matched_tokens_per_s,hit_rate,peak_rss_mb), radix_detail.csv
+and radix.png; commit is the checkout's HEAD (run it on committed code).
 
     python benches/bench_radix.py                 # full run (about 4 minutes on 2 cores)
     python benches/bench_radix.py --conversations 200 --gsp-groups 8   # quick
@@ -231,10 +233,15 @@ class Sglang:
             enable_memory_saver=False,
         )
         # Pages 1..pool_pages are allocatable (page 0 is the padding page): the same pool
-        # size as oscar's.
-        self.alloc = PagedTokenToKVPoolAllocator(
-            size, PAGE, torch.bfloat16, "cpu", kv, need_sort=False
-        )
+        # size as oscar's. The oscar backend gets the allocator a --kv-quant oscar server
+        # builds (oscar_kv.sglang.plugin): the Rust one.
+        if kind == "oscar-sglang-backend":
+            from oscar_kv.sglang.allocator import OscarPageAllocator
+
+            alloc_cls = OscarPageAllocator
+        else:
+            alloc_cls = PagedTokenToKVPoolAllocator
+        self.alloc = alloc_cls(size, PAGE, torch.bfloat16, "cpu", kv, need_sort=False)
         params = CacheInitParams(
             disable=False,
             req_to_token_pool=None,
@@ -455,10 +462,26 @@ def run_all(args) -> list[dict]:
     return results
 
 
+def git_commit() -> str:
+    out = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=Path(__file__).parent,
+    )
+    return out.stdout.strip() or "unknown"
+
+
 def write_outputs(results: list[dict], out: Path) -> None:
+    # Imported here, after the timing: the workers' imports stay the same for every impl.
+    from bench_decode_cpu import cpu_name
+
     out.mkdir(parents=True, exist_ok=True)
     ran = {r["impl"]: r for r in results if "skipped" not in r}
-    cols = ["impl", "ops_per_s", "matched_tokens_per_s", "hit_rate", "peak_rss_mb"]
+    run = {"device": cpu_name(), "commit": git_commit()}
+    cols = ["device", "commit", "impl", "ops_per_s", "matched_tokens_per_s", "hit_rate"]
+    cols.append("peak_rss_mb")
     with open(out / "radix.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -467,6 +490,8 @@ def write_outputs(results: list[dict], out: Path) -> None:
                 r = ran[name]
                 w.writerow(
                     [
+                        run["device"],
+                        run["commit"],
                         name,
                         f"{r['ops_per_s']:.1f}",
                         f"{r['matched_tokens_per_s']:.1f}",
@@ -491,7 +516,7 @@ def write_outputs(results: list[dict], out: Path) -> None:
         w = csv.writer(f)
         w.writerow(detail)
         for name, r in ran.items():
-            row = {**r}
+            row = {**r, **run}
             for base, col in [
                 ("sglang-python", "speedup_vs_sglang_python"),
                 ("sglang-rust", "speedup_vs_sglang_rust"),
@@ -564,11 +589,11 @@ def main() -> None:
     results = run_all(args)
     write_outputs(results, args.out)
     ran = {r["impl"]: r for r in results if "skipped" not in r}
-    if "oscar" in ran:
+    for name in ("oscar", "oscar-sglang-backend"):
         for base in ["sglang-python", "sglang-rust"]:
-            if base in ran:
-                ratio = ran["oscar"]["ops_per_s"] / ran[base]["ops_per_s"]
-                print(f"[bench_radix] oscar vs {base}: {ratio:.2f}x ops/s")
+            if name in ran and base in ran:
+                ratio = ran[name]["ops_per_s"] / ran[base]["ops_per_s"]
+                print(f"[bench_radix] {name} vs {base}: {ratio:.2f}x ops/s")
 
 
 if __name__ == "__main__":

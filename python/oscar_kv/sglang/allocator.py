@@ -228,10 +228,16 @@ class OscarPageAllocator(BaseTokenToKVPoolAllocator):
 
     def free_segment(self, free_index: torch.Tensor, *, start_pos: int) -> None:
         """``kv_row[start_pos : start_pos + n]`` of one request: one location per page."""
-        if free_index.numel() == 0:
+        if not free_index.shape[0]:
             return
         assert start_pos % self.page_size == 0, f"segment start {start_pos} is not page-aligned"
-        self.free_pages(_host(free_index[:: self.page_size]) // self.page_size)
+        heads = (free_index.numpy() if self._on_host else free_index.cpu().numpy())[
+            :: self.page_size
+        ]
+        if self.free_group is None:
+            self._pages.free_tokens(heads, self.page_size)
+        else:
+            self._group_pages.append(heads // self.page_size)
 
     def free_page_ids(self, page_ids: torch.Tensor) -> None:
         """Frees exactly these pages (a tensor of page ids)."""

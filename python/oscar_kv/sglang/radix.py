@@ -134,6 +134,8 @@ class OscarRadixCache(BasePrefixCache):
         allocator = self.token_to_kv_pool_allocator
         dev = getattr(allocator, "device", "cpu") if allocator is not None else "cpu"
         self.device = torch.device(dev if isinstance(dev, (str, torch.device)) else "cpu")
+        # KV index tensors live on the allocator's device; on the host they are read as numpy.
+        self._on_host = self.device.type == "cpu"
         size = getattr(allocator, "size", None) if allocator is not None else None
         # Token index i lives in page i // page_size; paged allocators hand out pages
         # 1..size // page_size (page 0 is padding), so this bound covers every index.
@@ -165,18 +167,19 @@ class OscarRadixCache(BasePrefixCache):
     # ----- helpers --------------------------------------------------------------------------
 
     def _indices(self, pages_or_tokens: Any) -> torch.Tensor:
-        t = torch.frombuffer(pages_or_tokens, dtype=torch.int64) if len(pages_or_tokens) else None
-        if t is None:
+        if not len(pages_or_tokens):
             return self._empty_device_indices
-        return t.to(self.device) if self.device.type != "cpu" else t
+        t = torch.frombuffer(pages_or_tokens, dtype=torch.int64)
+        return t if self._on_host else t.to(self.device)
 
     def _pages_of(self, value: torch.Tensor, n_tokens: int) -> Any:
         """Page ids of the first n_tokens KV indices (page-aligned segments)."""
-        heads = value[: n_tokens : self.page_size]
-        if heads.device.type != "cpu":
-            heads = heads.cpu()
-        # numpy's floor division: a torch op on the host costs more than the tree walk.
-        return heads.numpy() // self.page_size if self.page_size > 1 else heads.numpy()
+        # Sliced and divided in numpy: each host torch op costs more than the tree walk.
+        if self._on_host:
+            heads = value.numpy()[: n_tokens : self.page_size]
+        else:
+            heads = value[: n_tokens : self.page_size].cpu().numpy()
+        return heads // self.page_size if self.page_size > 1 else heads
 
     def _free_pages(self, pages: Any) -> None:
         if not len(pages):
@@ -295,7 +298,7 @@ class OscarRadixCache(BasePrefixCache):
         if params.value is None:
             raise ValueError("InsertParams.value (the KV indices of the key) is required")
         n = len(key) // self.page_size * self.page_size
-        if len(params.value) < n:
+        if params.value.shape[0] < n:
             raise ValueError(f"InsertParams.value holds {len(params.value)} indices, key needs {n}")
         pages = self._pages_of(params.value, n)
         prefix, _duplicates, node = self.tree.insert(key.token_ids, pages, _namespace(key), n)

@@ -15,7 +15,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use std::sync::{Mutex, MutexGuard};
 
-use crate::buffer::{int64_array, ints};
+use crate::buffer::{int64_array, int64_array_from, ints};
 
 create_exception!(
     _native,
@@ -82,13 +82,12 @@ fn page_array(py: Python<'_>, pages: &[PageId]) -> PyResult<PyObject> {
 /// Token locations `page * page_size + slot` of `pages`, in order.
 fn token_index_array(py: Python<'_>, pages: &[PageId], page_size: usize) -> PyResult<PyObject> {
     let ps = page_size as i64;
-    int64_array(
-        py,
-        pages.len() * page_size,
-        pages
-            .iter()
-            .flat_map(move |&p| (0..ps).map(move |j| p as i64 * ps + j)),
-    )
+    let mut locs = Vec::with_capacity(pages.len() * page_size);
+    for &p in pages {
+        let base = p as i64 * ps;
+        locs.extend(base..base + ps);
+    }
+    int64_array_from(py, &locs)
 }
 
 fn nodes_list(py: Python<'_>, tree: &oscar_core::RadixTree) -> PyResult<Vec<PyObject>> {

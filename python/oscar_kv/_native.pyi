@@ -96,6 +96,7 @@ class PageAllocator:
     def alloc_companions(self, owners: _Ints, per_page: int) -> array[int]:
         """per_page companions for each owner (allocated, none yet), in owner order."""
     def companions_of(self, page: int) -> array[int]: ...
+    def companion_counts(self, pages: _Ints) -> array[int]: ...
     def count_companions(self, pages: _Ints) -> int: ...
     def alloc_extend(
         self, prefix_lens: _Ints, seq_lens: _Ints, page_size: int, companions: int = 0
@@ -180,8 +181,10 @@ class RadixTree(_TreeView):
         pages: _Ints,
         namespace: str | None = None,
         limit: int | None = None,
+        weights: _Ints | None = None,
     ) -> tuple[int, array[int], int]:
-        """(prefix_tokens, duplicates, node); the caller frees `duplicates`."""
+        """(prefix_tokens, duplicates, node); the caller frees `duplicates`. `weights`: one
+        (>= 1) per page, what an adopted page counts for in sizes, locks and eviction."""
     def evict(self, num_pages: int) -> array[int]:
         """Evicted page ids (LRU unlocked leaves, whole leaves); the caller frees them."""
     def reset(self) -> array[int]:

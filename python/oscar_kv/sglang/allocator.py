@@ -104,6 +104,13 @@ class OscarPageAllocator(BaseTokenToKVPoolAllocator):
         """Companions of the listed (host) page ids."""
         return self._pages.count_companions(pages)
 
+    def page_weights(self, pages: _Ints) -> np.ndarray | None:
+        """1 + companions per listed page (what the page frees when it goes), or None when no
+        page has companions."""
+        if not self._pages.companion_pages:
+            return None
+        return np.frombuffer(self._pages.companion_counts(pages), dtype=np.int64) + 1
+
     # ----- allocation -------------------------------------------------------------------
 
     def _companions(self) -> int:

@@ -23,7 +23,8 @@ The tree holds page ids (``kv_index // page_size``), one per whole page of the k
 `oscar_kv.sglang.allocator.OscarPageAllocator` (what ``--kv-quant oscar`` builds) evicted
 and duplicate pages go back through its host path (``free_pages``: page ids, no tensor),
 the allocator may ask the tree for pages (``reclaim_pages``) when a sequence's first page
-needs companion pages, and the leak line counts companions with their page. Over SGLang's
+needs companion pages, and a page counts its companions in the tree's sizes (evictable,
+protected: SGLang's idle check and the leak line stay exact). Over SGLang's
 own paged allocator everything works as well, through its tensor calls.
 
 Prefixes that end inside a page (over an ``OscarTokenToKVPool``): a finished request's
@@ -181,6 +182,14 @@ class OscarRadixCache(BasePrefixCache):
             heads = value[: n_tokens : self.page_size].cpu().numpy()
         return heads // self.page_size if self.page_size > 1 else heads
 
+    def _weights(self, pages: Any) -> Any:
+        """Per page, 1 + its companion pages (OscarPageAllocator), so that the tree's sizes,
+        lock deltas and eviction targets count what a page holds; None when no page has
+        companions (every weight 1)."""
+        if self._host_free is None:
+            return None
+        return self.token_to_kv_pool_allocator.page_weights(pages)
+
     def _free_pages(self, pages: Any) -> None:
         if not len(pages):
             return
@@ -200,16 +209,9 @@ class OscarRadixCache(BasePrefixCache):
         alloc = self.token_to_kv_pool_allocator
         total = int(getattr(alloc, "size", 0) or 0)
         free = int(alloc.available_size()) if alloc is not None else 0
+        # Tree pages count their companions (`_weights`); a running request's companions
+        # count with its pages, in `leaked` until it ends.
         evictable, locked = self.evictable_size(), self.protected_size()
-        if getattr(alloc, "companion_pages", 0):
-            # A companion is neither free nor in the tree: it counts where its page does
-            # (a running request's companions count with its pages, in `leaked` until it ends).
-            for node in self.tree.nodes():
-                extra = alloc.count_companions(node["pages"]) * self.page_size
-                if node["lock_ref"]:
-                    locked += extra
-                else:
-                    evictable += extra
         return {
             "total": total,
             "free": free,
@@ -301,7 +303,9 @@ class OscarRadixCache(BasePrefixCache):
         if params.value.shape[0] < n:
             raise ValueError(f"InsertParams.value holds {len(params.value)} indices, key needs {n}")
         pages = self._pages_of(params.value, n)
-        prefix, _duplicates, node = self.tree.insert(key.token_ids, pages, _namespace(key), n)
+        prefix, _duplicates, node = self.tree.insert(
+            key.token_ids, pages, _namespace(key), n, self._weights(pages)
+        )
         # Like RadixCache.insert, the caller frees its duplicates (see _insert_cache).
         return InsertResult(prefix_len=prefix, last_device_node=node)
 
@@ -317,7 +321,7 @@ class OscarRadixCache(BasePrefixCache):
         kv_indices = self.req_to_token_pool.req_to_token[kv.req_pool_idx, : len(token_ids)]
         pages = self._pages_of(kv_indices, n)
         ns = _namespace(RadixKey(token_ids, req.extra_key, cache_salt=req.cache_salt))
-        prefix, dups, _node = self.tree.insert(token_ids, pages, ns, n)
+        prefix, dups, _node = self.tree.insert(token_ids, pages, ns, n, self._weights(pages))
         kv.cache_inserted_len = max(kv.cache_inserted_len, n)
         prompt_len = len(req.origin_input_ids) // self.page_size * self.page_size
         if 0 < prompt_len < n:

@@ -109,6 +109,8 @@ struct Node {
     namespace: Option<Box<str>>,
     tokens: Vec<Token>,
     pages: Vec<PageId>,
+    /// Sum of the weights of `pages` (what the node counts for in [`TreeSizes`]).
+    weight: usize,
     children: ChildMap,
     num_children: u32,
     lock_ref: u32,
@@ -126,6 +128,7 @@ impl Node {
             namespace: None,
             tokens: Vec::new(),
             pages: Vec::new(),
+            weight: 0,
             children: ChildMap::default(),
             num_children: 0,
             lock_ref: 0,
@@ -157,7 +160,9 @@ pub struct InsertOutcome {
     pub node: NodeHandle,
 }
 
-/// Page counts of the tree, as SGLang reports them (there in tokens).
+/// Page counts of the tree, as SGLang reports them (there in tokens). A page counts its
+/// weight: 1, or more for a page inserted with a weight (a page that brings companion pages
+/// of the allocator along, see [`RadixTree::insert_weighted`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TreeSizes {
     /// Pages in unlocked nodes (evictable now or once their descendants go).
@@ -203,6 +208,8 @@ pub struct RadixTree {
     lru: BTreeSet<(u64, u32)>,
     clock: u64,
     in_tree: Vec<bool>,
+    // The weight of each page while it is in the tree (set when the tree adopts it).
+    page_weight: Vec<u32>,
     hasher: RandomState,
     sizes: TreeSizes,
     // Scratch for insert's validation: stamp[p] == stamp_gen marks page p as seen.
@@ -231,6 +238,7 @@ impl RadixTree {
             lru: BTreeSet::new(),
             clock: 0,
             in_tree: vec![false; num_pages],
+            page_weight: vec![1; num_pages],
             hasher: RandomState::new(),
             sizes: TreeSizes::default(),
             stamp: vec![0; num_pages],
@@ -279,6 +287,10 @@ impl RadixTree {
     }
 
     fn new_node(&mut self, parent: u32, tokens: Vec<Token>, pages: Vec<PageId>) -> u32 {
+        let weight = pages
+            .iter()
+            .map(|&p| self.page_weight[p as usize] as usize)
+            .sum();
         let idx = match self.free_nodes.pop() {
             Some(i) => i,
             None => {
@@ -291,6 +303,7 @@ impl RadixTree {
         n.alive = true;
         n.tokens = tokens;
         n.pages = pages;
+        n.weight = weight;
         n.lock_ref = 0;
         n.num_children = 0;
         n.in_lru = false;
@@ -306,6 +319,7 @@ impl RadixTree {
         n.generation = n.generation.wrapping_add(1);
         n.tokens = Vec::new();
         n.pages = Vec::new();
+        n.weight = 0;
         n.children = ChildMap::default();
         n.namespace = None;
         self.free_nodes.push(idx);
@@ -485,6 +499,8 @@ impl RadixTree {
         };
         let t = self.tick();
         let upper = self.new_node(parent, tokens, pages);
+        let upper_weight = self.nodes[upper as usize].weight;
+        self.nodes[idx as usize].weight -= upper_weight;
         let lock_ref = self.nodes[idx as usize].lock_ref;
         {
             let u = &mut self.nodes[upper as usize];
@@ -593,6 +609,19 @@ impl RadixTree {
         tokens: &[Token],
         pages: &[PageId],
     ) -> Result<InsertOutcome, CacheError> {
+        self.insert_weighted(namespace, tokens, pages, None)
+    }
+
+    /// Like [`insert`](Self::insert), with one weight (>= 1) per page: a page the tree adopts
+    /// counts its weight in [`TreeSizes`], in lock deltas and toward eviction targets (the
+    /// pages of the prefix already cached keep theirs).
+    pub fn insert_weighted(
+        &mut self,
+        namespace: Option<&str>,
+        tokens: &[Token],
+        pages: &[PageId],
+        weights: Option<&[u32]>,
+    ) -> Result<InsertOutcome, CacheError> {
         let ps = self.page_size;
         let n_pages = tokens.len() / ps;
         if pages.len() != n_pages {
@@ -600,6 +629,21 @@ impl RadixTree {
                 expected: n_pages,
                 got: pages.len(),
             });
+        }
+        if let Some(w) = weights {
+            if w.len() != n_pages {
+                return Err(CacheError::PageCountMismatch {
+                    expected: n_pages,
+                    got: w.len(),
+                });
+            }
+            if let Some(&bad) = w.iter().find(|&&x| x == 0) {
+                return Err(CacheError::InvalidArgument {
+                    name: "weights",
+                    rule: "must be >= 1".to_owned(),
+                    got: bad as i64,
+                });
+            }
         }
         for &p in pages {
             check_page(p, self.num_pages())?;
@@ -670,12 +714,13 @@ impl RadixTree {
         if pos < n_pages {
             let leaf_tokens = tokens[pos * ps..n_pages * ps].to_vec();
             let leaf_pages = pages[pos..].to_vec();
-            let added = leaf_pages.len();
-            for &p in &leaf_pages {
+            for (i, &p) in leaf_pages.iter().enumerate() {
                 self.in_tree[p as usize] = true;
+                self.page_weight[p as usize] = weights.map_or(1, |w| w[pos + i]);
             }
             let t = self.tick();
             let leaf = self.new_node(node, leaf_tokens, leaf_pages);
+            let added = self.nodes[leaf as usize].weight;
             self.nodes[leaf as usize].last_access = t;
             self.add_child(node, leaf);
             self.sizes.evictable += added;
@@ -750,7 +795,7 @@ impl RadixTree {
         while !self.is_root_idx(idx) {
             let n = &mut self.nodes[idx as usize];
             if n.lock_ref == 0 {
-                delta += n.pages.len();
+                delta += n.weight;
             }
             n.lock_ref += 1;
             let parent = n.parent;
@@ -778,7 +823,7 @@ impl RadixTree {
             let n = &mut self.nodes[idx as usize];
             n.lock_ref -= 1;
             if n.lock_ref == 0 {
-                delta += n.pages.len();
+                delta += n.weight;
             }
             let parent = n.parent;
             self.update_leaf_status(idx);
@@ -797,8 +842,8 @@ impl RadixTree {
         })
     }
 
-    /// Evicts unlocked leaves, least recently used first, until at least `n_pages` pages are
-    /// freed or nothing is evictable. Returns the freed page ids (whole leaves, so possibly
+    /// Evicts unlocked leaves, least recently used first, until at least `n_pages` pages
+    /// (by weight) are freed or nothing is evictable. Returns the freed page ids (whole leaves, so possibly
     /// more than asked).
     pub fn evict(&mut self, n_pages: usize) -> Vec<PageId> {
         let mut freed = Vec::new();
@@ -809,7 +854,8 @@ impl RadixTree {
     /// Like [`evict`](Self::evict), appending to `freed`; returns the number appended.
     pub fn evict_into(&mut self, n_pages: usize, freed: &mut Vec<PageId>) -> usize {
         let start = freed.len();
-        while freed.len() - start < n_pages {
+        let mut got = 0;
+        while got < n_pages {
             let Some((_, idx)) = self.lru.pop_first() else {
                 break;
             };
@@ -823,8 +869,10 @@ impl RadixTree {
             for &p in &pages {
                 self.in_tree[p as usize] = false;
             }
-            self.sizes.evictable -= pages.len();
-            self.sizes.total -= pages.len();
+            let weight = self.nodes[idx as usize].weight;
+            got += weight;
+            self.sizes.evictable -= weight;
+            self.sizes.total -= weight;
             freed.extend_from_slice(&pages);
             self.free_node(idx);
             if self.is_root_idx(parent) {
@@ -979,19 +1027,27 @@ impl RadixTree {
                     n.pages.len()
                 ));
             }
+            let mut weight = 0;
             for &p in &n.pages {
                 let i = p as usize;
                 if i >= seen.len() || seen[i] || !self.in_tree[i] {
                     return Err(format!("page {p} is in the tree twice or not marked"));
                 }
                 seen[i] = true;
+                weight += self.page_weight[i] as usize;
+            }
+            if weight != n.weight {
+                return Err(format!(
+                    "node {idx}: weight {} for pages of {weight}",
+                    n.weight
+                ));
             }
             if n.lock_ref > 0 {
-                sizes.protected += n.pages.len();
+                sizes.protected += weight;
             } else {
-                sizes.evictable += n.pages.len();
+                sizes.evictable += weight;
             }
-            sizes.total += n.pages.len();
+            sizes.total += weight;
             let evictable = n.lock_ref == 0 && n.num_children == 0;
             if evictable != n.in_lru || evictable != self.lru.contains(&(n.last_access, idx)) {
                 return Err(format!("node {idx}: LRU membership is wrong"));
@@ -1319,6 +1375,48 @@ mod tests {
             assert_eq!(n.parent, nodes[0].handle);
             assert_eq!(n.depth_pages, 1);
         }
+    }
+
+    #[test]
+    fn weighted_pages_count_their_weight() {
+        let mut t = tree();
+        let a = t
+            .insert_weighted(None, &toks(&[1, 2, 3]), &[0, 1, 2], Some(&[3, 1, 1]))
+            .unwrap()
+            .node;
+        assert_eq!(t.sizes().total, 5);
+        // A match that splits keeps each part's weight.
+        let m = t.match_prefix(None, &toks(&[1, 9]));
+        assert_eq!(t.lock(m.node).unwrap(), 3);
+        assert_eq!(
+            t.sizes(),
+            TreeSizes {
+                evictable: 2,
+                protected: 3,
+                total: 5
+            }
+        );
+        t.unlock(m.node).unwrap();
+        // Already cached pages keep their weight; a new leaf takes the given ones.
+        t.insert_weighted(
+            None,
+            &toks(&[1, 2, 3, 4]),
+            &[0, 1, 2, 3],
+            Some(&[1, 1, 1, 2]),
+        )
+        .unwrap();
+        assert_eq!(t.sizes().total, 7);
+        t.check_invariants().unwrap();
+        assert!(t
+            .insert_weighted(None, &toks(&[5]), &[4], Some(&[0]))
+            .is_err());
+        // Eviction targets count weight: the 2-weight leaf alone satisfies 2.
+        assert_eq!(t.evict(2), vec![3]);
+        t.lock(a).unwrap();
+        t.unlock(a).unwrap();
+        assert_eq!(t.evict(10).len(), 3);
+        assert_eq!(t.sizes(), TreeSizes::default());
+        t.check_invariants().unwrap();
     }
 
     #[test]

@@ -221,6 +221,17 @@ impl PageAllocator {
         page_array(py, self.inner.companions_of(p))
     }
 
+    /// Companions of each listed page.
+    #[pyo3(text_signature = "($self, pages)")]
+    fn companion_counts(&self, py: Python<'_>, pages: &PyAny) -> PyResult<PyObject> {
+        let pages = self.pages(pages)?;
+        let counts: Vec<i64> = pages
+            .iter()
+            .map(|&p| self.inner.companions_of(p).len() as i64)
+            .collect();
+        int64_array_from(py, &counts)
+    }
+
     /// Total companions of the listed pages.
     #[pyo3(text_signature = "($self, pages)")]
     fn count_companions(&self, pages: &PyAny) -> PyResult<usize> {
@@ -616,9 +627,10 @@ tree_methods!(RadixTree, tree_view, {
 
     /// Inserts the whole pages of the first `limit` tokens with one page id per whole page:
     /// `(prefix_tokens, duplicates, node)`. `duplicates` are the caller's pages inside the
-    /// already-cached prefix that the tree did not take: the caller frees them.
-    #[args(namespace = "None", limit = "None")]
-    #[pyo3(text_signature = "($self, tokens, pages, namespace=None, limit=None)")]
+    /// already-cached prefix that the tree did not take: the caller frees them. `weights`
+    /// (one >= 1 per page, default 1): what each adopted page counts for in the sizes.
+    #[args(namespace = "None", limit = "None", weights = "None")]
+    #[pyo3(text_signature = "($self, tokens, pages, namespace=None, limit=None, weights=None)")]
     fn insert(
         &self,
         py: Python<'_>,
@@ -626,11 +638,24 @@ tree_methods!(RadixTree, tree_view, {
         pages: &PyAny,
         namespace: Option<&str>,
         limit: Option<i64>,
+        weights: Option<&PyAny>,
     ) -> PyResult<(usize, PyObject, u64)> {
         let toks = crate::buffer::tokens(tokens, limit_arg(limit)?)?;
         let pages = page_ids(pages, read(&self.inner)?.num_pages())?;
+        let weights = weights
+            .map(|w| {
+                ints(w, "weights")?
+                    .into_iter()
+                    .map(|x| {
+                        u32::try_from(x).map_err(|_| {
+                            PyValueError::new_err(format!("weights must be in 1..2^32, got {x}"))
+                        })
+                    })
+                    .collect::<PyResult<Vec<u32>>>()
+            })
+            .transpose()?;
         let (out, ps) = walk(py, &self.inner, |t| {
-            t.insert(namespace, &toks, &pages)
+            t.insert_weighted(namespace, &toks, &pages, weights.as_deref())
                 .map(|o| (o, t.page_size()))
         })?
         .map_err(cache_error)?;

@@ -340,3 +340,29 @@ def test_leak_line_counts_companions_with_their_page():
         "total": total, "free": total, "evictable": 0, "locked": 0, "leaked": 0
     }  # fmt: skip
     alloc.check_invariants()
+
+
+def test_a_partial_first_page_is_read_as_a_first_page(monkeypatch):
+    """A prefix ending inside a cached packed page dequantizes that page with first_page
+    set exactly when it is page 0 of the cached sequence (a sink page under sink_bits)."""
+    from test_tails import Flow
+
+    monkeypatch.setenv("OSCAR_KV_BACKEND", "torch")
+    f = Flow()
+    history = list(range(300))
+    f.history(history)
+    seen: list[bool] = []
+    dequantize = f.pool.dequantize_into_residual
+
+    def record(page: int, slot: int, *, first_page: bool = False) -> None:
+        seen.append(first_page)
+        dequantize(page, slot, first_page=first_page)
+
+    monkeypatch.setattr(f.pool, "dequantize_into_residual", record)
+    inside_first = f.request(history[:100] + [9000, 9001])
+    inside_second = f.request(history[:200] + [9002, 9003])
+    assert (inside_first.prefix_len, inside_second.prefix_len) == (100, 200)
+    for r in (inside_first, inside_second):
+        f.cache.prefix_device_indices(r)
+    f.rtp.alloc([inside_first, inside_second])
+    assert seen == [True, False]

@@ -20,7 +20,7 @@ Each server of `bench_served_quality.SERVERS` (SmolLM2 on this CPU) is started i
   (`bench_served_quality.kl_topk`), next to KL(own || server) of (b) and of (a).
 Writes benches/results/quality/served_kl.csv (helpers), served_kl_gap.csv, served_kl.png.
 
-    python benches/bench_served_kl.py                       # about 25 minutes on 2 cores
+    python benches/bench_served_kl.py                       # 30-45 minutes on 2 cores
     python benches/bench_served_kl.py --servers sglang-own oscar-2bit-sink4
 """
 

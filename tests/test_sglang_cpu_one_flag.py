@@ -9,7 +9,8 @@
    environment and the import system untouched.
 2. The tokenizer cache (`oscar_kv.sglang.cpu.tokenizer`) on the real SmolLM2 file.
 3. Live servers (slow): the one-flag command itself answering a chat request, and the same
-   command with ``--kv-quant-bits 4`` and with ``--kv-quant-k-group 128`` serving a greedy
+   command with ``--kv-quant-bits 4``, ``--kv-quant-k-group 128`` and
+   ``--kv-quant-sink-bits 4`` serving a greedy
    request whose prompt crosses a 128-token page.
 """
 
@@ -340,7 +341,8 @@ requests = pytest.importorskip("requests")
 LIBRARY = LIBRARY_SYSTEM_LONG
 SMALL_POOL = ["--max-total-tokens", "4096"]
 VARIANTS = {"one-flag": [], "bits-4": ["--kv-quant-bits", "4"],
-            "k-group-128": ["--kv-quant-k-group", "128"]}  # fmt: skip
+            "k-group-128": ["--kv-quant-k-group", "128"],
+            "sink-4": ["--kv-quant-sink-bits", "4"]}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -405,7 +407,12 @@ def test_one_flag_command_answers_a_chat(live_servers):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("name", "label"), [("bits-4", "oscar-4b-g32-token"), ("k-group-128", "oscar-2b-g128-token")]
+    ("name", "label"),
+    [
+        ("bits-4", "oscar-4b-g32-token"),
+        ("k-group-128", "oscar-2b-g128-token"),
+        ("sink-4", "oscar-2b-g32-token+sink4"),
+    ],
 )
 def test_kv_quant_option_serves_across_a_page(live_servers, name, label):
     """A greedy request whose prompt alone fills a 128-token page (so that page is packed with
@@ -418,3 +425,8 @@ def test_kv_quant_option_serves_across_a_page(live_servers, name, label):
     print(f"{name}: {answer!r} ({usage['prompt_tokens']} prompt tokens)")
     assert usage["completion_tokens"] > 0 and "10" in answer, answer
     assert f"{label} cell size" in s.log_text()
+    # again: the packed first page (for sink-4: the 4-bit sink page) now comes from the cache
+    again = _chat(s, "On Saturdays, at what time does the library open?", system=LIBRARY)
+    cached = again["usage"].get("prompt_tokens_details") or {}
+    assert (cached.get("cached_tokens") or 0) >= 128, again["usage"]
+    assert "10" in again["choices"][0]["message"]["content"], again

@@ -72,6 +72,32 @@ def test_match_len_and_limit():
         t.match_len(toks(1), limit=-1)
 
 
+def test_insert_locations_and_location_buffers():
+    t = n.RadixTree(16, page_size=PS)
+    # Page i of the key is its location i * PS divided by PS; the other locations are unread.
+    locs = np.arange(3 * PS, 6 * PS, dtype=np.int64)
+    locs[1:PS] = -1
+    assert t.insert_locations(toks(1, 2, 3), locs) == (0, None, t.match_len(toks(1, 2, 3))[1])
+    node = t.match_len(toks(1, 2, 3))[1]
+    assert list(t.path_pages(node)) == [3, 4, 5]
+    prefix, dups, _ = t.insert_locations(toks(1, 2, 9), np.arange(10 * PS, 13 * PS), limit=3 * PS)
+    assert prefix == 2 * PS and list(dups) == [10, 11]
+    # A partial last page of tokens is not inserted; its locations need not be there.
+    assert t.insert_locations(toks(1, 2, 3) + [7], locs)[0] == 3 * PS
+    with pytest.raises(ValueError, match="locations holds 5 values, 12 are needed"):
+        t.insert_locations(toks(1, 2, 7), np.arange(5))
+    with pytest.raises(ValueError, match="page id 99 out of range"):
+        t.insert_locations(toks(4), np.arange(99 * PS, 100 * PS))
+    buf = t.path_token_buffer(node)
+    assert isinstance(buf, bytearray)
+    assert np.frombuffer(buf, dtype=np.int64).tolist() == list(t.path_token_indices(node))
+    assert t.path_token_buffer(n.ROOT_NODE) == bytearray()
+    a = n.PageAllocator(8, reserved=1)
+    got = np.frombuffer(a.alloc_token_buffer(2, PS), dtype=np.int64)
+    assert got.tolist() == list(range(PS, 3 * PS)) and a.available == 5
+    t.check_invariants()
+
+
 @pytest.mark.parametrize(
     "make",
     [

@@ -93,6 +93,8 @@ class PageAllocator:
         """n pages with count 1; OutOfPages (nothing taken) if fewer are free."""
     def alloc_tokens(self, n: int, page_size: int) -> array[int]:
         """n pages as their token locations (page * page_size + slot)."""
+    def alloc_token_buffer(self, n: int, page_size: int) -> bytearray:
+        """alloc_tokens as a bytearray of native int64 (one allocation, for torch.frombuffer)."""
     def alloc_companions(self, owners: _Ints, per_page: int) -> array[int]:
         """per_page companions for each owner (allocated, none yet), in owner order."""
     def companions_of(self, page: int) -> array[int]: ...
@@ -162,6 +164,9 @@ class _TreeView:
     def path_pages(self, node: int) -> array[int]: ...
     def path_token_indices(self, node: int) -> array[int]:
         """page * page_size + slot for every token on the path (SGLang KV indices)."""
+    def path_token_buffer(self, node: int) -> bytearray:
+        """path_token_indices as a bytearray of native int64 (one allocation, for
+        torch.frombuffer)."""
     def depth_tokens(self, node: int) -> int: ...
     def contains_page(self, page: int) -> bool: ...
     def nodes(self) -> list[dict[str, Any]]:
@@ -185,6 +190,17 @@ class RadixTree(_TreeView):
     ) -> tuple[int, array[int], int]:
         """(prefix_tokens, duplicates, node); the caller frees `duplicates`. `weights`: one
         (>= 1) per page, what an adopted page counts for in sizes, locks and eviction."""
+    def insert_locations(
+        self,
+        tokens: _Ints,
+        locations: _Ints,
+        namespace: str | None = None,
+        limit: int | None = None,
+        weights: _Ints | None = None,
+    ) -> tuple[int, array[int] | None, int]:
+        """insert with the key's KV locations (at least as many as whole-page tokens) for the
+        pages: page i is locations[i * page_size] // page_size, read in place. duplicates is
+        None when there are none."""
     def evict(self, num_pages: int) -> array[int]:
         """Evicted page ids (LRU unlocked leaves, whole leaves); the caller frees them."""
     def reset(self) -> array[int]:

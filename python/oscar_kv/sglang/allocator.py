@@ -116,7 +116,7 @@ class OscarPageAllocator(BaseTokenToKVPoolAllocator):
     def _companions(self) -> int:
         return int(getattr(self._kvcache, "sink_companions", 0) or 0)
 
-    def _tensor(self, values: array) -> torch.Tensor:
+    def _tensor(self, values: array | bytearray) -> torch.Tensor:
         if not len(values):
             return torch.empty((0,), dtype=torch.int64, device=self._device)
         t = torch.frombuffer(values, dtype=torch.int64)
@@ -142,9 +142,9 @@ class OscarPageAllocator(BaseTokenToKVPoolAllocator):
         short = n + comp - self._pages.available
         if short > 0 and not (self._reclaim(short) and n + comp <= self._pages.available):
             return None
-        locs = self._pages.alloc_tokens(n, self.page_size)
+        locs = self._pages.alloc_token_buffer(n, self.page_size)
         if comp:
-            first = array("q", [locs[0] // self.page_size])
+            first = array("q", [memoryview(locs).cast("q")[0] // self.page_size])
             self._publish(first, self._pages.alloc_companions(first, comp), comp)
         return self._tensor(locs)
 

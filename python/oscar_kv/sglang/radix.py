@@ -70,6 +70,7 @@ from sglang.srt.mem_cache.base_prefix_cache import (
     InsertResult,
     MatchPrefixParams,
     MatchResult,
+    TreeLock,
 )
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
@@ -160,6 +161,7 @@ class OscarRadixCache(BasePrefixCache):
         self._matched: weakref.WeakKeyDictionary[Req, PartialPage] = weakref.WeakKeyDictionary()
         self._pending: weakref.WeakKeyDictionary[Req, PartialPage] = weakref.WeakKeyDictionary()
         self._protect: set[int] = set()
+        self._receipt = DecLockRefParams()
         if self._residual is not None:
             self._residual.reclaim_residual = self._reclaim_residual
             self._wrap_slot_alloc()
@@ -168,6 +170,7 @@ class OscarRadixCache(BasePrefixCache):
     # ----- helpers --------------------------------------------------------------------------
 
     def _indices(self, pages_or_tokens: Any) -> torch.Tensor:
+        """A tensor on the device of an int64 buffer (array('q'), bytearray)."""
         if not len(pages_or_tokens):
             return self._empty_device_indices
         t = torch.frombuffer(pages_or_tokens, dtype=torch.int64)
@@ -255,12 +258,13 @@ class OscarRadixCache(BasePrefixCache):
             return self._empty_match_result
         n = len(key)
         ns = _namespace(key)
-        matched, node = 0, ROOT
-        if n >= self.page_size:
+        if n < self.page_size:
+            matched, node = 0, ROOT
+        else:
             matched, node = self.tree.match_len(key.token_ids, ns, n)
         partial = 0
         req = params.req
-        if self._residual is not None and req is not None:
+        if req is not None and self._residual is not None:
             self._matched.pop(req, None)
             if matched < n:
                 found = self._match_partial(node, ns, key.token_ids[matched:n])
@@ -302,10 +306,17 @@ class OscarRadixCache(BasePrefixCache):
         n = len(key) // self.page_size * self.page_size
         if params.value.shape[0] < n:
             raise ValueError(f"InsertParams.value holds {len(params.value)} indices, key needs {n}")
-        pages = self._pages_of(params.value, n)
-        prefix, _duplicates, node = self.tree.insert(
-            key.token_ids, pages, _namespace(key), n, self._weights(pages)
-        )
+        ns = _namespace(key)
+        if self._host_free is None or not self.token_to_kv_pool_allocator.companion_pages:
+            # No page weighs more than 1: the binding reads the pages off the locations.
+            value = params.value
+            locs = value.numpy() if self._on_host else value[:n].cpu().numpy()
+            prefix, _duplicates, node = self.tree.insert_locations(key.token_ids, locs, ns, n)
+        else:
+            pages = self._pages_of(params.value, n)
+            prefix, _duplicates, node = self.tree.insert(
+                key.token_ids, pages, ns, n, self._weights(pages)
+            )
         # Like RadixCache.insert, the caller frees its duplicates (see _insert_cache).
         return InsertResult(prefix_len=prefix, last_device_node=node)
 
@@ -349,7 +360,7 @@ class OscarRadixCache(BasePrefixCache):
         assert matched == n, f"{matched=} {n=}"
         protected = req.kv.cache_protected_len
         if n > protected:
-            new_indices = self._indices(self.tree.path_token_indices(node))
+            new_indices = self._indices(self.tree.path_token_buffer(node))
             self.req_to_token_pool.write(
                 (req.kv.req_pool_idx, slice(protected, n)), new_indices[protected:]
             )
@@ -385,6 +396,17 @@ class OscarRadixCache(BasePrefixCache):
         self.update_eviction_metrics(num_evicted, start)
         return EvictResult(num_tokens_evicted=num_evicted)
 
+    def lock(self, node: Any) -> TreeLock:
+        # The base class builds an IncLockRefResult and a DecLockRefParams per lock; this
+        # tree's unlock replays nothing from the receipt, so every lock shares one.
+        if not self.disable:
+            self.tree.lock(node)
+        return TreeLock(node, self._receipt)
+
+    def unlock(self, lock: TreeLock | None) -> None:
+        if lock is not None and not self.disable:
+            self.tree.unlock(lock.node)
+
     def inc_lock_ref(self, node: Any) -> IncLockRefResult:
         if self.disable:
             return IncLockRefResult(delta=0)
@@ -398,7 +420,7 @@ class OscarRadixCache(BasePrefixCache):
     def path_device_indices(self, node: Any) -> torch.Tensor:
         if node == ROOT:
             return self._empty_device_indices
-        return self._indices(self.tree.path_token_indices(node))
+        return self._indices(self.tree.path_token_buffer(node))
 
     def prefix_device_indices(self, req: Req) -> torch.Tensor:
         """The matched prefix's KV indices (what ``alloc_for_extend`` writes into the row).

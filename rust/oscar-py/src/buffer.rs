@@ -419,6 +419,34 @@ pub(crate) fn ints(obj: &PyAny, what: &str) -> PyResult<Vec<i64>> {
     }
 }
 
+/// Elements `0, step, 2 * step, ...` of the first `len` (for `step > 0`): the first
+/// location of each page of a KV row, read in place without a pass over the others.
+/// ValueError if `obj` holds fewer than `len` elements.
+pub(crate) fn ints_every(obj: &PyAny, what: &str, step: usize, len: usize) -> PyResult<Vec<i64>> {
+    let step = step.max(1);
+    let short =
+        |got: usize| PyValueError::new_err(format!("{what} holds {got} values, {len} are needed"));
+    match IntView::get(obj, what, len)? {
+        Some(mut view) => {
+            if view.n < len {
+                return Err(short(view.n));
+            }
+            // Items i * step for i < ceil(len / step) all lie below len <= shape[0], so the
+            // widened stride stays inside the exporter's buffer.
+            view.n = len.div_ceil(step);
+            view.stride *= step as isize;
+            Ok(view.dispatch(ToI64))
+        }
+        None => {
+            let all = sequence_ints(obj, what, len)?;
+            if all.len() < len {
+                return Err(short(all.len()));
+            }
+            Ok(all.into_iter().step_by(step).collect())
+        }
+    }
+}
+
 static ARRAY_TYPE: GILOnceCell<PyObject> = GILOnceCell::new();
 
 /// An `array.array('q')` holding `values`.
@@ -453,4 +481,44 @@ pub(crate) fn int64_array_from(py: Python<'_>, vals: &[i64]) -> PyResult<PyObjec
     let bytes = PyBytes::new(py, raw);
     // array(typecode, bytes) copies the bytes in with one memcpy (`frombytes`).
     ty.call1(py, ("q", bytes))
+}
+
+/// A `bytearray` of the token locations `page * page_size + slot` of `pages`, in order, as
+/// native int64: allocated once and written in place (no intermediate vector or bytes);
+/// `torch.frombuffer` wraps it without a copy, writable.
+pub(crate) fn token_index_bytearray(
+    py: Python<'_>,
+    pages: &[u32],
+    page_size: usize,
+) -> PyResult<PyObject> {
+    let len = pages
+        .len()
+        .checked_mul(page_size)
+        .and_then(|n| n.checked_mul(8))
+        .and_then(|n| ffi::Py_ssize_t::try_from(n).ok())
+        .ok_or_else(|| PyValueError::new_err("token location buffer too large"))?;
+    // SAFETY: a null source asks CPython for an uninitialized buffer of `len` bytes; the
+    // new reference (or the error) is taken over by `from_owned_ptr_or_err`.
+    let obj = unsafe {
+        PyObject::from_owned_ptr_or_err(
+            py,
+            ffi::PyByteArray_FromStringAndSize(std::ptr::null(), len),
+        )?
+    };
+    // SAFETY: the object is a fresh bytearray of `len` bytes that nothing else references
+    // yet; every one of its `len / 8` int64 slots is written below, unaligned-safe.
+    let base = unsafe { ffi::PyByteArray_AsString(obj.as_ptr()) }.cast::<u8>();
+    let ps = page_size as i64;
+    for (i, &p) in pages.iter().enumerate() {
+        let first = p as i64 * ps;
+        for slot in 0..page_size {
+            // SAFETY: (i * page_size + slot) < pages.len() * page_size = len / 8.
+            unsafe {
+                base.add((i * page_size + slot) * 8)
+                    .cast::<i64>()
+                    .write_unaligned(first + slot as i64)
+            };
+        }
+    }
+    Ok(obj)
 }

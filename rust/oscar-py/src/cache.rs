@@ -15,7 +15,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use std::sync::{Mutex, MutexGuard};
 
-use crate::buffer::{int64_array, int64_array_from, ints};
+use crate::buffer::{int64_array, int64_array_from, ints, token_index_bytearray};
 
 create_exception!(
     _native,
@@ -71,6 +71,17 @@ fn page_ids(obj: &PyAny, num_pages: usize) -> PyResult<Vec<PageId>> {
                 .ok()
                 .filter(|&q| (q as usize) < num_pages)
                 .ok_or_else(|| cache_error(CacheError::PageOutOfRange { page: p, num_pages }))
+        })
+        .collect()
+}
+
+/// Per-page weights as `u32` (the core checks that each is >= 1).
+fn weight_list(w: &PyAny) -> PyResult<Vec<u32>> {
+    ints(w, "weights")?
+        .into_iter()
+        .map(|x| {
+            u32::try_from(x)
+                .map_err(|_| PyValueError::new_err(format!("weights must be in 1..2^32, got {x}")))
         })
         .collect()
 }
@@ -196,6 +207,14 @@ impl PageAllocator {
         let ps = page_size_arg(page_size)?;
         let pages = self.inner.alloc(count("n", n)?).map_err(cache_error)?;
         token_index_array(py, &pages, ps)
+    }
+
+    /// `alloc_tokens` as a `bytearray` of native int64 (one allocation, no copy).
+    #[pyo3(text_signature = "($self, n, page_size)")]
+    fn alloc_token_buffer(&mut self, py: Python<'_>, n: i64, page_size: i64) -> PyResult<PyObject> {
+        let ps = page_size_arg(page_size)?;
+        let pages = self.inner.alloc(count("n", n)?).map_err(cache_error)?;
+        token_index_bytearray(py, &pages, ps)
     }
 
     /// Gives each owner (allocated, without companions) per_page companions; returns them.
@@ -565,6 +584,18 @@ macro_rules! tree_methods {
                 token_index_array(py, &pages, ps)
             }
 
+            /// `path_token_indices` as a `bytearray` of native int64 (one allocation, no
+            /// copy; what `torch.frombuffer` wraps).
+            #[pyo3(text_signature = "($self, node)")]
+            fn path_token_buffer(&self, py: Python<'_>, node: u64) -> PyResult<PyObject> {
+                let (pages, ps) = walk(py, &self.inner, |c| {
+                    let t = $view(&*c);
+                    t.path_pages(NodeHandle::from_raw(node)).map(|p| (p, t.page_size()))
+                })?
+                .map_err(cache_error)?;
+                token_index_bytearray(py, &pages, ps)
+            }
+
             /// Tokens on the path from the root to `node`.
             #[pyo3(text_signature = "($self, node)")]
             fn depth_tokens(&self, py: Python<'_>, node: u64) -> PyResult<usize> {
@@ -642,18 +673,7 @@ tree_methods!(RadixTree, tree_view, {
     ) -> PyResult<(usize, PyObject, u64)> {
         let toks = crate::buffer::tokens(tokens, limit_arg(limit)?)?;
         let pages = page_ids(pages, read(&self.inner)?.num_pages())?;
-        let weights = weights
-            .map(|w| {
-                ints(w, "weights")?
-                    .into_iter()
-                    .map(|x| {
-                        u32::try_from(x).map_err(|_| {
-                            PyValueError::new_err(format!("weights must be in 1..2^32, got {x}"))
-                        })
-                    })
-                    .collect::<PyResult<Vec<u32>>>()
-            })
-            .transpose()?;
+        let weights = weights.map(weight_list).transpose()?;
         let (out, ps) = walk(py, &self.inner, |t| {
             t.insert_weighted(namespace, &toks, &pages, weights.as_deref())
                 .map(|o| (o, t.page_size()))
@@ -664,6 +684,50 @@ tree_methods!(RadixTree, tree_view, {
             page_array(py, &out.duplicates)?,
             out.node.raw(),
         ))
+    }
+
+    /// `insert` with the key's KV locations (SGLang's `page * page_size + slot` indices, at
+    /// least `limit` of them) in place of page ids: page `i` is `locations[i * page_size] //
+    /// page_size`, read straight from the buffer. `duplicates` is None when there are none.
+    #[args(namespace = "None", limit = "None", weights = "None")]
+    #[pyo3(text_signature = "($self, tokens, locations, namespace=None, limit=None, weights=None)")]
+    fn insert_locations(
+        &self,
+        py: Python<'_>,
+        tokens: &PyAny,
+        locations: &PyAny,
+        namespace: Option<&str>,
+        limit: Option<i64>,
+        weights: Option<&PyAny>,
+    ) -> PyResult<(usize, Option<PyObject>, u64)> {
+        let toks = crate::buffer::tokens(tokens, limit_arg(limit)?)?;
+        let (ps, num_pages) = {
+            let t = read(&self.inner)?;
+            (t.page_size(), t.num_pages())
+        };
+        let whole = toks.len() / ps * ps;
+        let heads = crate::buffer::ints_every(locations, "locations", ps, whole)?;
+        let pages = heads
+            .into_iter()
+            .map(|loc| {
+                let page = loc.div_euclid(ps as i64);
+                u32::try_from(page)
+                    .ok()
+                    .filter(|&q| (q as usize) < num_pages)
+                    .ok_or_else(|| cache_error(CacheError::PageOutOfRange { page, num_pages }))
+            })
+            .collect::<PyResult<Vec<PageId>>>()?;
+        let weights = weights.map(weight_list).transpose()?;
+        let out = walk(py, &self.inner, |t| {
+            t.insert_weighted(namespace, &toks, &pages, weights.as_deref())
+        })?
+        .map_err(cache_error)?;
+        let dups = if out.duplicates.is_empty() {
+            None
+        } else {
+            Some(page_array(py, &out.duplicates)?)
+        };
+        Ok((out.prefix_pages * ps, dups, out.node.raw()))
     }
 
     /// Evicts unlocked leaves, least recently used first, until at least `num_pages` pages

@@ -340,9 +340,11 @@ requests = pytest.importorskip("requests")
 
 LIBRARY = LIBRARY_SYSTEM_LONG
 SMALL_POOL = ["--max-total-tokens", "4096"]
-VARIANTS = {"one-flag": [], "bits-4": ["--kv-quant-bits", "4"],
-            "k-group-128": ["--kv-quant-k-group", "128"],
-            "sink-4": ["--kv-quant-sink-bits", "4"]}  # fmt: skip
+# The option servers report cached tokens (their second request checks the cache hit).
+REPORT = ["--enable-cache-report"]
+VARIANTS = {"one-flag": [], "bits-4": ["--kv-quant-bits", "4", *REPORT],
+            "k-group-128": ["--kv-quant-k-group", "128", *REPORT],
+            "sink-4": ["--kv-quant-sink-bits", "4", *REPORT]}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

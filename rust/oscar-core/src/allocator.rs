@@ -203,7 +203,9 @@ impl PageAllocator {
         Ok(())
     }
 
-    fn check_owner(&self, p: PageId) -> Result<(), CacheError> {
+    /// `p` is a page a caller may hold: in the pool, not reserved, not a companion, and
+    /// allocated (one check for `free`, `retain` and companion owners).
+    fn check_held(&self, p: PageId) -> Result<(), CacheError> {
         check_page(p, self.num_pages())?;
         if (p as usize) < self.reserved {
             return Err(CacheError::ReservedPage { page: p });
@@ -214,6 +216,11 @@ impl PageAllocator {
         if self.refcount[p as usize] == 0 {
             return Err(CacheError::PageNotAllocated { page: p });
         }
+        Ok(())
+    }
+
+    fn check_owner(&self, p: PageId) -> Result<(), CacheError> {
+        self.check_held(p)?;
         if self.companions.contains_key(&p) {
             return Err(CacheError::InvalidArgument {
                 name: "owners",
@@ -421,23 +428,8 @@ impl PageAllocator {
     /// nothing changed: an id outside the pool, a reserved page, a companion, or more drops
     /// than references (double free).
     pub fn free(&mut self, pages: &[PageId]) -> Result<(), CacheError> {
-        let n = self.num_pages();
         for (i, &p) in pages.iter().enumerate() {
-            let err = match check_page(p, n) {
-                Err(e) => Some(e),
-                Ok(()) if (p as usize) < self.reserved => {
-                    Some(CacheError::ReservedPage { page: p })
-                }
-                Ok(()) if self.owner[p as usize] != NO_OWNER => Some(CacheError::CompanionPage {
-                    page: p,
-                    owner: self.owner[p as usize],
-                }),
-                Ok(()) if self.refcount[p as usize] == 0 => {
-                    Some(CacheError::PageNotAllocated { page: p })
-                }
-                Ok(()) => None,
-            };
-            if let Some(e) = err {
+            if let Err(e) = self.check_held(p) {
                 // Undo the drops of this call so that the error leaves the counts as they were.
                 for &q in &pages[..i] {
                     self.refcount[q as usize] += 1;
@@ -479,18 +471,8 @@ impl PageAllocator {
     /// Adds one reference to each page; every page must be allocated (and not reserved or a
     /// companion). Nothing changes on error.
     pub fn retain(&mut self, pages: &[PageId]) -> Result<(), CacheError> {
-        let n = self.num_pages();
         for &p in pages {
-            check_page(p, n)?;
-            if (p as usize) < self.reserved {
-                return Err(CacheError::ReservedPage { page: p });
-            }
-            if let Some(owner) = self.owner_of(p) {
-                return Err(CacheError::CompanionPage { page: p, owner });
-            }
-            if self.refcount[p as usize] == 0 {
-                return Err(CacheError::PageNotAllocated { page: p });
-            }
+            self.check_held(p)?;
         }
         for (i, &p) in pages.iter().enumerate() {
             let c = &mut self.refcount[p as usize];

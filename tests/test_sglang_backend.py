@@ -353,6 +353,19 @@ class MetaWorld:
         self.backend = OscarAttnBackend(runner)
         self.layers = [RadixAttention(HQ, D, 1 / math.sqrt(D), HK, layer_id=i) for i in (0, 1)]
 
+    def graph_decode(self, slots: list[int]) -> None:
+        """The CUDA-graph decode path on meta: buffers, capture and replay metadata, then
+        every layer's forward, for ``slots`` padded to a captured batch of 8."""
+        from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+        self.backend.init_cuda_graph_state(max_bs=8, max_num_tokens=8)
+        fb = _fb(ForwardMode.DECODE, slots + [0] * 4, [129, 128, 1000, 1] + [1] * 4, device="meta")
+        self.backend.init_forward_metadata_out_graph(fb, in_capture=True)
+        self.backend.init_forward_metadata_in_graph(fb)
+        for layer in self.layers:
+            q, k, v = (torch.empty(8, h * D, device="meta") for h in (HQ, HK, HK))
+            assert self.backend.forward(q, k, v, layer, fb).device.type == "meta"
+
     def forward(self, fb, tokens: int):
         self.backend.init_forward_metadata(fb)
         outs = []
@@ -383,13 +396,7 @@ def test_meta_device_forward_has_no_host_sync(fold_v):
         kv = w.backend.forward_metadata.kv
         assert kv.page_table.device.type == "meta" and kv.page_table.shape[0] == len(slots)
     # And the CUDA-graph decode path: buffers, capture and replay metadata on meta too.
-    w.backend.init_cuda_graph_state(max_bs=8, max_num_tokens=8)
-    fb = _fb(ForwardMode.DECODE, slots + [0] * 4, [129, 128, 1000, 1] + [1] * 4, device="meta")
-    w.backend.init_forward_metadata_out_graph(fb, in_capture=True)
-    w.backend.init_forward_metadata_in_graph(fb)
-    for layer in w.layers:
-        q, k, v = (torch.empty(8, h * D, device="meta") for h in (HQ, HK, HK))
-        assert w.backend.forward(q, k, v, layer, fb).device.type == "meta"
+    w.graph_decode(slots)
 
 
 def test_meta_device_catches_a_host_read():

@@ -168,10 +168,13 @@ def extend(
             if s - n < T <= s:
                 blocks.append(at)
             at += s // T - (s - n) // T
-    sink_blocks = torch.tensor(blocks, dtype=torch.long).to(dev)
-    sink_first = page_ids[sink_blocks]
     if blocks:
+        sink_blocks = torch.tensor(blocks, dtype=torch.long).to(dev)
+        sink_first = page_ids[sink_blocks]
         page_ids = page_ids.index_fill(0, sink_blocks, -1)
+    else:  # no host-to-device copy when no first page completes
+        sink_blocks = torch.empty(0, dtype=torch.long, device=dev)
+        sink_first = torch.empty(0, dtype=torch.int32, device=dev)
 
     # Each residual page after the forward: positions from the last page's start; tokens at
     # or past the old prefix are new, the others keep their row (old or unused).

@@ -52,8 +52,9 @@ def bf16_bytes_per_token(kv_heads: int, head_dim: int) -> int:
 # Token ids and page ids are passed as 1-D int arrays (numpy int32/int64, array.array('q'),
 # memoryview: read straight from the buffer) or sequences of ints. Page ids come back as
 # array.array('q') (wrap with numpy.frombuffer / torch.frombuffer, no copy). Node handles are
-# ints; ROOT_NODE is the root of every namespace (locking it is a no-op). Calls that walk the
-# tree release the GIL. A failed call changes nothing.
+# ints; ROOT_NODE is the root of every namespace (locking it is a no-op). Calls that take
+# token ids read contiguous int64/int32/uint32 buffers in place and hold the GIL meanwhile;
+# reset and check_invariants release it. A failed call changes nothing.
 
 class _IntBuffer(Protocol):
     def __buffer__(self, flags: int, /) -> memoryview: ...
@@ -187,9 +188,12 @@ class RadixTree(_TreeView):
         namespace: str | None = None,
         limit: int | None = None,
         weights: _Ints | None = None,
+        kv_row: bool = False,
     ) -> tuple[int, array[int], int]:
         """(prefix_tokens, duplicates, node); the caller frees `duplicates`. `weights`: one
-        (>= 1) per page, what an adopted page counts for in sizes, locks and eviction."""
+        (>= 1) per page, what an adopted page counts for in sizes, locks and eviction.
+        `kv_row`: the pages are a request's KV row for these tokens; the tree's own pages at
+        the same positions are taken as its prefix without comparing tokens again."""
     def insert_locations(
         self,
         tokens: _Ints,
@@ -200,7 +204,9 @@ class RadixTree(_TreeView):
     ) -> tuple[int, array[int] | None, int]:
         """insert with the key's KV locations (at least as many as whole-page tokens) for the
         pages: page i is locations[i * page_size] // page_size, read in place. duplicates is
-        None when there are none."""
+        None when there are none. The locations are a KV row (as insert's kv_row=True)."""
+    def touch_path(self, node: int) -> None:
+        """Stamps the path to `node` as just used, as a match ending there would."""
     def evict(self, num_pages: int) -> array[int]:
         """Evicted page ids (LRU unlocked leaves, whole leaves); the caller frees them."""
     def reset(self) -> array[int]:

@@ -322,9 +322,11 @@ class OscarRadixCache(BasePrefixCache):
 
     def _insert_cache(
         self, req: Req, token_ids: Any, *, key_limit: int | None = None
-    ) -> tuple[RadixKey, int]:
+    ) -> tuple[RadixKey, int, int]:
         """RadixCache._insert_cache: insert the page-aligned key, split it at the prompt
-        boundary, free the request's duplicates of cached pages."""
+        boundary, free the request's duplicates of cached pages. Returns the key, its
+        length and the node where it ends. The pages are the request's KV row, so its
+        matched prefix (the tree's own pages) is not compared token by token again."""
         kv = req.kv
         n = len(token_ids) // self.page_size * self.page_size
         if key_limit is not None:
@@ -332,13 +334,17 @@ class OscarRadixCache(BasePrefixCache):
         kv_indices = self.req_to_token_pool.req_to_token[kv.req_pool_idx, : len(token_ids)]
         pages = self._pages_of(kv_indices, n)
         ns = _namespace(RadixKey(token_ids, req.extra_key, cache_salt=req.cache_salt))
-        prefix, dups, _node = self.tree.insert(token_ids, pages, ns, n, self._weights(pages))
+        prefix, dups, node = self.tree.insert(
+            token_ids, pages, ns, n, self._weights(pages), kv_row=True
+        )
         kv.cache_inserted_len = max(kv.cache_inserted_len, n)
         prompt_len = len(req.origin_input_ids) // self.page_size * self.page_size
         if 0 < prompt_len < n:
             # Split the leaf at the prompt boundary so eviction can drop the output KV
             # without the prompt; the re-insert only changes topology.
-            self.tree.insert(token_ids, pages[: prompt_len // self.page_size], ns, prompt_len)
+            self.tree.insert(
+                token_ids, pages[: prompt_len // self.page_size], ns, prompt_len, kv_row=True
+            )
         if prefix > kv.cache_protected_len and self._host_free is not None:
             # The request's own pages inside the cached prefix are exactly the duplicates.
             self._host_free(dups)
@@ -346,7 +352,7 @@ class OscarRadixCache(BasePrefixCache):
             self.token_to_kv_pool_allocator.free_segment(
                 kv_indices[kv.cache_protected_len : prefix], start_pos=kv.cache_protected_len
             )
-        return RadixKey(token_ids[:n], req.extra_key, cache_salt=req.cache_salt), n
+        return RadixKey(token_ids[:n], req.extra_key, cache_salt=req.cache_salt), n, node
 
     def checkpoint(self, req: Req, *, up_to: int, **kwargs: Any) -> None:
         if self.disable:
@@ -354,10 +360,11 @@ class OscarRadixCache(BasePrefixCache):
         token_ids = req.full_untruncated_fill_ids[:up_to]
         floor = req.kv.swa_evict_floor
         key_limit = math.ceil(floor / self.page_size) * self.page_size if floor > 0 else None
-        radix_key, n = self._insert_cache(req, token_ids, key_limit=key_limit)
-
-        matched, node = self.tree.match_len(token_ids, _namespace(radix_key), n)
-        assert matched == n, f"{matched=} {n=}"
+        radix_key, n, node = self._insert_cache(req, token_ids, key_limit=key_limit)
+        # RadixCache.checkpoint matches the key it just inserted, for the node and to stamp
+        # the path; the insert's node (kept by the prompt split, which splits above it) and
+        # a stamp of its path give both without a second walk over the tokens.
+        self.tree.touch_path(node)
         protected = req.kv.cache_protected_len
         if n > protected:
             new_indices = self._indices(self.tree.path_token_buffer(node))

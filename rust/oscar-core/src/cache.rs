@@ -9,7 +9,7 @@
 
 use crate::allocator::PageAllocator;
 use crate::error::{check_page, CacheError, PageId};
-use crate::radix::{InsertOutcome, MatchOutcome, NodeHandle, RadixTree, Token, TreeSizes};
+use crate::radix::{InsertOutcome, KeyToken, MatchOutcome, NodeHandle, RadixTree, TreeSizes};
 
 /// What [`PrefixCache::admit`] did for a new request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,15 +105,19 @@ impl PrefixCache {
     }
 
     /// See [`RadixTree::match_prefix`].
-    pub fn match_prefix(&mut self, namespace: Option<&str>, tokens: &[Token]) -> MatchOutcome {
+    pub fn match_prefix<K: KeyToken>(
+        &mut self,
+        namespace: Option<&str>,
+        tokens: &[K],
+    ) -> MatchOutcome {
         self.tree.match_prefix(namespace, tokens)
     }
 
     /// See [`RadixTree::match_prefix_into`].
-    pub fn match_prefix_into(
+    pub fn match_prefix_into<K: KeyToken>(
         &mut self,
         namespace: Option<&str>,
-        tokens: &[Token],
+        tokens: &[K],
         pages: &mut Vec<PageId>,
     ) -> NodeHandle {
         self.tree.match_prefix_into(namespace, tokens, pages)
@@ -122,11 +126,23 @@ impl PrefixCache {
     /// Hands a request's whole pages to the tree (see [`RadixTree::insert`]) and frees the
     /// request's duplicates of pages the tree already had; the returned `duplicates` are
     /// already free. Every page must be allocated.
-    pub fn insert(
+    pub fn insert<K: KeyToken>(
         &mut self,
         namespace: Option<&str>,
-        tokens: &[Token],
+        tokens: &[K],
         pages: &[PageId],
+    ) -> Result<InsertOutcome, CacheError> {
+        self.insert_pages(namespace, tokens, pages, false)
+    }
+
+    /// `insert`; with `row`, `pages` are the request's KV row (see
+    /// [`RadixTree::insert_row`]).
+    fn insert_pages<K: KeyToken>(
+        &mut self,
+        namespace: Option<&str>,
+        tokens: &[K],
+        pages: &[PageId],
+        row: bool,
     ) -> Result<InsertOutcome, CacheError> {
         for &p in pages {
             check_page(p, self.num_pages())?;
@@ -134,7 +150,11 @@ impl PrefixCache {
                 return Err(CacheError::PageNotAllocated { page: p });
             }
         }
-        let out = self.tree.insert(namespace, tokens, pages)?;
+        let out = if row {
+            self.tree.insert_row(namespace, tokens, pages, None)?
+        } else {
+            self.tree.insert(namespace, tokens, pages)?
+        };
         // The tree checked that the duplicates are distinct and not its own; they are
         // allocated (checked above), so this cannot fail.
         self.alloc
@@ -147,10 +167,10 @@ impl PrefixCache {
     /// needs pages for `total_len` tokens: matches the prompt's cached prefix, locks it,
     /// evicts the shortfall and allocates the remaining pages, all or nothing (on
     /// `OutOfPages` the lock is dropped again and no page is taken).
-    pub fn admit(
+    pub fn admit<K: KeyToken>(
         &mut self,
         namespace: Option<&str>,
-        tokens: &[Token],
+        tokens: &[K],
         total_len: usize,
     ) -> Result<Admission, CacheError> {
         let mut pages = Vec::new();
@@ -188,10 +208,10 @@ impl PrefixCache {
     /// remaining pages (the partial last page, or all of them without `insert`) and drops
     /// its lock on `node`. `pages` holds the request's pages in token order, the tree's
     /// own included. Checks everything first: on `Err` nothing changed.
-    pub fn release(
+    pub fn release<K: KeyToken>(
         &mut self,
         namespace: Option<&str>,
-        tokens: &[Token],
+        tokens: &[K],
         pages: &[PageId],
         node: NodeHandle,
         insert: bool,
@@ -233,7 +253,8 @@ impl PrefixCache {
             }
         }
         let out = if insert {
-            self.insert(namespace, &tokens[..whole * self.page_size()], kept)?
+            // `pages` is the request's row: its matched prefix is the tree's own pages.
+            self.insert_pages(namespace, &tokens[..whole * self.page_size()], kept, true)?
         } else {
             InsertOutcome {
                 prefix_pages: 0,
@@ -302,6 +323,7 @@ impl PrefixCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::radix::Token;
 
     fn toks(pages: &[u32], ps: usize) -> Vec<Token> {
         pages

@@ -31,5 +31,6 @@ pub use layout::{
 };
 pub use pool::PoolLayout;
 pub use radix::{
-    InsertOutcome, MatchOutcome, NodeHandle, NodeInfo, RadixTree, Token, TreeSizes, MAX_PAGE_SIZE,
+    InsertOutcome, KeyToken, MatchOutcome, NodeHandle, NodeInfo, RadixTree, Token, TreeSizes,
+    MAX_PAGE_SIZE,
 };

@@ -27,6 +27,97 @@ use crate::error::{check_page, CacheError, PageId};
 /// A token id.
 pub type Token = u32;
 
+/// A token id as a caller holds it: the tree's own `u32`, or a wider integer read in place
+/// (SGLang's `array('q')` token ids) so that a walk needs no converted copy of the key.
+/// A value outside `0..=u32::MAX` is no token: it equals no stored id, and `insert` rejects
+/// it before changing anything.
+pub trait KeyToken: Copy {
+    /// The token id, or `None` for a value that is not one.
+    fn token(self) -> Option<Token>;
+    /// Whether this value is the id `t`.
+    fn is(self, t: Token) -> bool;
+    /// The low 32 bits: what the page hash reads (an invalid value hashes somewhere, then
+    /// fails every comparison).
+    fn bits(self) -> u32;
+    /// The value as given (for error messages).
+    fn value(self) -> i64;
+    /// Whether `key` (a page of this type) equals the stored `page`; one pass without early
+    /// exit, which vectorizes.
+    #[inline]
+    fn page_eq(key: &[Self], page: &[Token]) -> bool {
+        key.len() == page.len() && key.iter().zip(page).fold(true, |ok, (k, &t)| ok & k.is(t))
+    }
+}
+
+impl KeyToken for u32 {
+    #[inline(always)]
+    fn token(self) -> Option<Token> {
+        Some(self)
+    }
+    #[inline(always)]
+    fn is(self, t: Token) -> bool {
+        self == t
+    }
+    #[inline(always)]
+    fn bits(self) -> u32 {
+        self
+    }
+    fn value(self) -> i64 {
+        self.into()
+    }
+    #[inline]
+    fn page_eq(key: &[Self], page: &[Token]) -> bool {
+        key == page
+    }
+}
+
+impl KeyToken for i32 {
+    #[inline(always)]
+    fn token(self) -> Option<Token> {
+        Token::try_from(self).ok()
+    }
+    #[inline(always)]
+    fn is(self, t: Token) -> bool {
+        self >= 0 && self as u32 == t
+    }
+    #[inline(always)]
+    fn bits(self) -> u32 {
+        self as u32
+    }
+    fn value(self) -> i64 {
+        self.into()
+    }
+}
+
+impl KeyToken for i64 {
+    #[inline(always)]
+    fn token(self) -> Option<Token> {
+        Token::try_from(self).ok()
+    }
+    #[inline(always)]
+    fn is(self, t: Token) -> bool {
+        self == t as i64
+    }
+    #[inline(always)]
+    fn bits(self) -> u32 {
+        self as u32
+    }
+    fn value(self) -> i64 {
+        self
+    }
+    #[inline]
+    fn page_eq(key: &[Self], page: &[Token]) -> bool {
+        // OR of the differences: branch-free integer ops that vectorize (a bool fold of
+        // 64-bit compares did not).
+        key.len() == page.len()
+            && key
+                .iter()
+                .zip(page)
+                .fold(0u64, |acc, (&k, &t)| acc | (k ^ i64::from(t)) as u64)
+                == 0
+    }
+}
+
 /// Largest accepted `page_size`.
 pub const MAX_PAGE_SIZE: usize = 1 << 16;
 
@@ -196,6 +287,19 @@ pub struct NodeInfo<'a> {
     pub num_children: usize,
 }
 
+/// `key` as stored token ids; a value that is no token id is an `InvalidArgument`.
+fn leaf_token_ids<K: KeyToken>(key: &[K]) -> Result<Vec<Token>, CacheError> {
+    let out: Vec<Token> = key.iter().map(|k| k.bits()).collect();
+    match key.iter().find(|k| k.token().is_none()) {
+        None => Ok(out),
+        Some(&bad) => Err(CacheError::InvalidArgument {
+            name: "token ids",
+            rule: format!("must be in 0..={}", Token::MAX),
+            got: bad.value(),
+        }),
+    }
+}
+
 /// Radix tree of whole pages; see the module documentation.
 #[derive(Debug, Clone)]
 pub struct RadixTree {
@@ -208,9 +312,12 @@ pub struct RadixTree {
     lru: BTreeSet<(u64, u32)>,
     clock: u64,
     in_tree: Vec<bool>,
+    /// The node holding each page while it is in the tree (stale otherwise).
+    page_node: Vec<u32>,
     // The weight of each page while it is in the tree (set when the tree adopts it).
     page_weight: Vec<u32>,
-    hasher: RandomState,
+    /// Per-tree random seed of the page hash.
+    seed: u64,
     sizes: TreeSizes,
     // Scratch for insert's validation: stamp[p] == stamp_gen marks page p as seen.
     stamp: Vec<u32>,
@@ -238,8 +345,9 @@ impl RadixTree {
             lru: BTreeSet::new(),
             clock: 0,
             in_tree: vec![false; num_pages],
+            page_node: vec![NIL; num_pages],
             page_weight: vec![1; num_pages],
-            hasher: RandomState::new(),
+            seed: RandomState::new().hash_one(0x6f73_6361_725f_6b76_u64),
             sizes: TreeSizes::default(),
             stamp: vec![0; num_pages],
             stamp_gen: 0,
@@ -298,6 +406,9 @@ impl RadixTree {
                 (self.nodes.len() - 1) as u32
             }
         };
+        for &p in &pages {
+            self.page_node[p as usize] = idx;
+        }
         let n = &mut self.nodes[idx as usize];
         n.parent = parent;
         n.alive = true;
@@ -371,19 +482,52 @@ impl RadixTree {
 
     // ----- children -----------------------------------------------------------------------
 
-    fn page_hash(&self, page: &[Token]) -> u64 {
-        self.hasher.hash_one(page)
+    /// A seeded multiply-xor hash of a page's token ids in four independent lanes (the
+    /// walk hashes one page per node it enters; SipHash over 512 bytes cost more than the
+    /// comparisons). Not a keyed PRF: colliding pages only share a bucket, where
+    /// `find_child` compares them (`Child::Many`).
+    fn page_hash<K: KeyToken>(&self, page: &[K]) -> u64 {
+        const M: u64 = 0x9e37_79b9_7f4a_7c15;
+        let pair = |c: &[K]| c[0].bits() as u64 | (c[1].bits() as u64) << 32;
+        let mut lanes = [
+            self.seed,
+            self.seed ^ 0x243f_6a88_85a3_08d3,
+            self.seed ^ 0x1319_8a2e_0370_7344,
+            self.seed ^ 0xa409_3822_299f_31d0,
+        ];
+        let mut chunks = page.chunks_exact(8);
+        for c in &mut chunks {
+            for (l, lane) in lanes.iter_mut().enumerate() {
+                *lane = (*lane ^ pair(&c[2 * l..])).wrapping_mul(M).rotate_left(29);
+            }
+        }
+        let mut h = page.len() as u64;
+        for lane in lanes {
+            h = (h ^ lane).wrapping_mul(M).rotate_left(31);
+        }
+        for k in chunks.remainder() {
+            h = (h ^ k.bits() as u64).wrapping_mul(M).rotate_left(31);
+        }
+        // splitmix64's finalizer: every input bit reaches the bucket bits.
+        h ^= h >> 30;
+        h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        h ^= h >> 27;
+        h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+        h ^ (h >> 31)
     }
 
     fn first_page(&self, idx: u32) -> &[Token] {
         &self.nodes[idx as usize].tokens[..self.page_size]
     }
 
-    fn find_child(&self, parent: u32, page: &[Token]) -> Option<u32> {
+    fn find_child<K: KeyToken>(&self, parent: u32, page: &[K]) -> Option<u32> {
         let h = self.page_hash(page);
         match self.nodes[parent as usize].children.get(&h)? {
-            Child::One(c) => (self.first_page(*c) == page).then_some(*c),
-            Child::Many(v) => v.iter().copied().find(|&c| self.first_page(c) == page),
+            Child::One(c) => K::page_eq(page, self.first_page(*c)).then_some(*c),
+            Child::Many(v) => v
+                .iter()
+                .copied()
+                .find(|&c| K::page_eq(page, self.first_page(c))),
         }
     }
 
@@ -472,12 +616,12 @@ impl RadixTree {
     }
 
     /// Number of whole leading pages of `key` equal to the pages of node `idx`.
-    fn common_pages(&self, idx: u32, key: &[Token]) -> usize {
+    fn common_pages<K: KeyToken>(&self, idx: u32, key: &[K]) -> usize {
         let ps = self.page_size;
         let node = &self.nodes[idx as usize].tokens;
         node.chunks_exact(ps)
             .zip(key.chunks_exact(ps))
-            .take_while(|(a, b)| a == b)
+            .take_while(|(a, b)| K::page_eq(b, a))
             .count()
     }
 
@@ -519,7 +663,11 @@ impl RadixTree {
     /// Longest cached page-aligned prefix of `tokens` in `namespace`; a trailing partial
     /// page is ignored. Stamps the matched path as used and, when the match ends inside a
     /// node, splits it there so that the returned node covers exactly the matched pages.
-    pub fn match_prefix(&mut self, namespace: Option<&str>, tokens: &[Token]) -> MatchOutcome {
+    pub fn match_prefix<K: KeyToken>(
+        &mut self,
+        namespace: Option<&str>,
+        tokens: &[K],
+    ) -> MatchOutcome {
         let mut pages = Vec::new();
         let node = self.match_prefix_into(namespace, tokens, &mut pages);
         MatchOutcome { pages, node }
@@ -527,10 +675,10 @@ impl RadixTree {
 
     /// Like [`match_prefix`](Self::match_prefix), appending the page ids to `pages`;
     /// returns the node where the match ends.
-    pub fn match_prefix_into(
+    pub fn match_prefix_into<K: KeyToken>(
         &mut self,
         namespace: Option<&str>,
-        tokens: &[Token],
+        tokens: &[K],
         pages: &mut Vec<PageId>,
     ) -> NodeHandle {
         let ps = self.page_size;
@@ -566,11 +714,11 @@ impl RadixTree {
     /// ended on) that a child of `node` starts with, when that run is shorter than a page:
     /// `(the child's first page id, run length)`, or `None` when no child shares a token.
     /// A prefix may so end inside a cached page. Read-only: nothing is stamped or locked.
-    pub fn partial_child(
+    pub fn partial_child<K: KeyToken>(
         &self,
         node: NodeHandle,
         namespace: Option<&str>,
-        rest: &[Token],
+        rest: &[K],
     ) -> Result<Option<(PageId, usize)>, CacheError> {
         let idx = match self.resolve(node)? {
             Some(idx) => idx,
@@ -586,7 +734,7 @@ impl RadixTree {
                 .first_page(child)
                 .iter()
                 .zip(&rest[..want])
-                .take_while(|(a, b)| a == b)
+                .take_while(|(&a, b)| b.is(a))
                 .count();
             if run > 0 && best.is_none_or(|(_, b)| run > b) {
                 best = Some((self.nodes[child as usize].pages[0], run));
@@ -603,10 +751,10 @@ impl RadixTree {
     /// Errors, with nothing changed: a wrong number of pages, a page id out of range, a page
     /// to adopt that the tree already holds, a caller page inside the prefix that the tree
     /// holds elsewhere, or the same page twice.
-    pub fn insert(
+    pub fn insert<K: KeyToken>(
         &mut self,
         namespace: Option<&str>,
-        tokens: &[Token],
+        tokens: &[K],
         pages: &[PageId],
     ) -> Result<InsertOutcome, CacheError> {
         self.insert_weighted(namespace, tokens, pages, None)
@@ -615,12 +763,42 @@ impl RadixTree {
     /// Like [`insert`](Self::insert), with one weight (>= 1) per page: a page the tree adopts
     /// counts its weight in [`TreeSizes`], in lock deltas and toward eviction targets (the
     /// pages of the prefix already cached keep theirs).
-    pub fn insert_weighted(
+    pub fn insert_weighted<K: KeyToken>(
         &mut self,
         namespace: Option<&str>,
-        tokens: &[Token],
+        tokens: &[K],
         pages: &[PageId],
         weights: Option<&[u32]>,
+    ) -> Result<InsertOutcome, CacheError> {
+        self.insert_impl(namespace, tokens, pages, weights, false)
+    }
+
+    /// Like [`insert_weighted`](Self::insert_weighted) for a request's KV row: `pages` are
+    /// the pages holding the KV of `tokens`, so where they are the tree's own pages at the
+    /// same positions (a matched prefix the request reused) the tree takes them as that
+    /// prefix without comparing its token ids again; the walk compares tokens from the
+    /// first node they do not cover whole. A page holds the KV of one token sequence, so
+    /// for such a caller the outcome is [`insert_weighted`](Self::insert_weighted)'s (debug
+    /// builds check it); handing tree pages for other tokens is a caller bug this does not
+    /// detect. SGLang's scheduler inserts rows whose prefix it matched at admission: the
+    /// second full comparison of every request's history is what this skips.
+    pub fn insert_row<K: KeyToken>(
+        &mut self,
+        namespace: Option<&str>,
+        tokens: &[K],
+        pages: &[PageId],
+        weights: Option<&[u32]>,
+    ) -> Result<InsertOutcome, CacheError> {
+        self.insert_impl(namespace, tokens, pages, weights, true)
+    }
+
+    fn insert_impl<K: KeyToken>(
+        &mut self,
+        namespace: Option<&str>,
+        tokens: &[K],
+        pages: &[PageId],
+        weights: Option<&[u32]>,
+        row: bool,
     ) -> Result<InsertOutcome, CacheError> {
         let ps = self.page_size;
         let n_pages = tokens.len() / ps;
@@ -655,6 +833,16 @@ impl RadixTree {
         let root = self.root_of(namespace);
         let mut pos = 0;
         if let Some(mut node) = root {
+            while row && pos < n_pages {
+                let Some(child) = self.row_child(node, &pages[pos..]) else {
+                    break;
+                };
+                let m = self.nodes[child as usize].pages.len();
+                debug_assert_eq!(self.common_pages(child, &tokens[pos * ps..]), m);
+                path.push((child, m));
+                pos += m;
+                node = child;
+            }
             while pos < n_pages {
                 let Some(child) = self.find_child(node, &tokens[pos * ps..(pos + 1) * ps]) else {
                     break;
@@ -669,10 +857,15 @@ impl RadixTree {
             }
         }
         let checked = self.check_insert_pages(&path, pages, pos);
-        if let Err(e) = checked {
-            self.path = path;
-            return Err(e);
-        }
+        // The new leaf's token ids, converted (and checked) before anything changes.
+        let leaf_tokens = checked.and_then(|()| leaf_token_ids(&tokens[pos * ps..n_pages * ps]));
+        let leaf_tokens = match leaf_tokens {
+            Ok(t) => t,
+            Err(e) => {
+                self.path = path;
+                return Err(e);
+            }
+        };
 
         let mut duplicates = Vec::new();
         let mut at = 0;
@@ -712,7 +905,6 @@ impl RadixTree {
         }
         self.path = path;
         if pos < n_pages {
-            let leaf_tokens = tokens[pos * ps..n_pages * ps].to_vec();
             let leaf_pages = pages[pos..].to_vec();
             for (i, &p) in leaf_pages.iter().enumerate() {
                 self.in_tree[p as usize] = true;
@@ -734,6 +926,34 @@ impl RadixTree {
             duplicates,
             node: self.handle(node),
         })
+    }
+
+    /// The child of `parent` whose pages `row` starts with, all of them, by page id.
+    fn row_child(&self, parent: u32, row: &[PageId]) -> Option<u32> {
+        let first = row[0] as usize;
+        if !self.in_tree[first] {
+            return None;
+        }
+        let c = self.page_node[first];
+        let n = &self.nodes[c as usize];
+        (n.parent == parent && row.starts_with(&n.pages)).then_some(c)
+    }
+
+    /// Stamps the path from the root to `node` as used, with one new tick, as a match
+    /// that ends at `node` does (SGLang's checkpoint matches the key it just inserted;
+    /// this gives the same recency without comparing the tokens again). No-op on ROOT.
+    pub fn touch_path(&mut self, node: NodeHandle) -> Result<(), CacheError> {
+        let Some(mut idx) = self.resolve(node)? else {
+            return Ok(());
+        };
+        let t = self.tick();
+        loop {
+            self.touch(idx, t);
+            if self.is_root_idx(idx) {
+                return Ok(());
+            }
+            idx = self.nodes[idx as usize].parent;
+        }
     }
 
     fn check_insert_pages(
@@ -1034,6 +1254,12 @@ impl RadixTree {
                     return Err(format!("page {p} is in the tree twice or not marked"));
                 }
                 seen[i] = true;
+                if self.page_node[i] != idx {
+                    return Err(format!(
+                        "page {p} of node {idx} maps to node {}",
+                        self.page_node[i]
+                    ));
+                }
                 weight += self.page_weight[i] as usize;
             }
             if weight != n.weight {
@@ -1440,6 +1666,121 @@ mod tests {
         );
         assert_eq!(t.partial_child(root, Some("other"), &[1]).unwrap(), None);
         t.check_invariants().unwrap();
+    }
+
+    fn wide(t: &[Token]) -> Vec<i64> {
+        t.iter().map(|&x| i64::from(x)).collect()
+    }
+
+    #[test]
+    fn wide_keys_walk_like_token_ids() {
+        let mut t = tree();
+        let ins = t.insert(None, &toks(&[1, 2, 3]), &[10, 11, 12]).unwrap();
+        assert_eq!(
+            t.page_hash(&toks(&[7, 8])),
+            t.page_hash(&wide(&toks(&[7, 8])))
+        );
+        let m = t.match_prefix(None, &wide(&toks(&[1, 2, 3, 4])));
+        assert_eq!((m.pages, m.node), (vec![10, 11, 12], ins.node));
+        // A value that is no token id matches nothing (its low bits equal page 2's ids).
+        let mut k = wide(&toks(&[1, 2]));
+        k[2] += 1 << 32;
+        assert_eq!(t.match_prefix(None, &k).pages, vec![10]);
+        assert_eq!(t.partial_child(m.node, None, &[-1i64]).unwrap(), None);
+        // insert rejects it where it would be stored, changing nothing.
+        let before: Vec<_> = t
+            .nodes()
+            .map(|n| (n.tokens.to_vec(), n.pages.to_vec()))
+            .collect();
+        let (clock, sizes) = (t.clock(), t.sizes());
+        let err = t.insert(None, &k, &[10, 20]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                CacheError::InvalidArgument {
+                    name: "token ids",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let after: Vec<_> = t
+            .nodes()
+            .map(|n| (n.tokens.to_vec(), n.pages.to_vec()))
+            .collect();
+        assert_eq!((before, clock, sizes), (after, t.clock(), t.sizes()));
+        let ok = t.insert(None, &wide(&toks(&[1, 5])), &[10, 20]).unwrap();
+        assert_eq!(ok.prefix_pages, 1);
+        assert_eq!(t.match_prefix(None, &toks(&[1, 5])).pages, vec![10, 20]);
+        t.check_invariants().unwrap();
+    }
+
+    /// Small deterministic generator for the equivalence test below.
+    fn lcg(state: &mut u64) -> u64 {
+        *state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        *state >> 33
+    }
+
+    #[test]
+    fn insert_row_is_insert_for_kv_rows() {
+        // Requests as the scheduler makes them: match a key, reuse the matched pages, take
+        // fresh pages for the rest (sometimes pages of a prefix another request inserted
+        // meanwhile: duplicates), insert the row; interleaved splits and evictions.
+        let mut by_tokens = RadixTree::new(4096, PS).unwrap();
+        let mut by_row = by_tokens.clone();
+        let mut next_page = 0u32;
+        let mut rng = 7u64;
+        for step in 0..400 {
+            let len = 1 + lcg(&mut rng) as usize % 12;
+            let syms: Vec<u32> = (0..len).map(|_| (lcg(&mut rng) % 3) as u32).collect();
+            let key = toks(&syms);
+            let ns = [None, Some("a")][lcg(&mut rng) as usize % 2];
+            let m = by_tokens.match_prefix(ns, &key);
+            assert_eq!(m, by_row.match_prefix(ns, &key));
+            let mut row = m.pages.clone();
+            if lcg(&mut rng).is_multiple_of(4) && !row.is_empty() {
+                // The request computed its own copy of a page the tree holds.
+                row.truncate(row.len() - 1);
+            }
+            while row.len() < len {
+                row.push(next_page);
+                next_page += 1;
+            }
+            let a = by_tokens.insert(ns, &key, &row);
+            let b = by_row.insert_row(ns, &wide(&key), &row, None);
+            assert_eq!(a, b, "step {step}");
+            if step % 37 == 0 {
+                assert_eq!(by_tokens.evict(5), by_row.evict(5));
+            }
+            let info = |t: &RadixTree| {
+                t.nodes()
+                    .map(|n| (n.handle, n.pages.to_vec(), n.last_access))
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(info(&by_tokens), info(&by_row), "step {step}");
+        }
+        by_row.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn touch_path_stamps_like_a_match() {
+        let mut matched = tree();
+        matched.insert(None, &toks(&[1, 2, 3]), &[0, 1, 2]).unwrap();
+        matched.insert(None, &toks(&[1, 4]), &[0, 3]).unwrap();
+        let node = matched.insert(None, &toks(&[5, 6]), &[4, 5]).unwrap().node;
+        let mut touched = matched.clone();
+        matched.match_prefix(None, &toks(&[5, 6]));
+        touched.touch_path(node).unwrap();
+        let stamps = |t: &RadixTree| t.nodes().map(|n| n.last_access).collect::<Vec<_>>();
+        assert_eq!(stamps(&matched), stamps(&touched));
+        assert_eq!(matched.evict(10), touched.evict(10));
+        assert!(touched.touch_path(NodeHandle::ROOT).is_ok());
+        assert!(matches!(
+            touched.touch_path(node),
+            Err(CacheError::StaleNode { .. })
+        ));
     }
 
     #[test]

@@ -394,20 +394,108 @@ fn token_range_error(i: usize, v: &str) -> PyErr {
     ))
 }
 
-/// Token ids as `u32`, at most `limit` of them; a value outside `0..=u32::MAX` is a
-/// `ValueError` naming its index.
-pub(crate) fn tokens(obj: &PyAny, limit: Option<usize>) -> PyResult<Vec<u32>> {
-    let limit = limit.unwrap_or(usize::MAX);
-    if let Some(view) = IntView::get(obj, "token ids", limit)? {
-        return view
-            .dispatch(ToTokens)
-            .map_err(|(i, v)| token_range_error(i, &v));
+/// Token ids of one call, at most `limit` of them: a value outside `0..=u32::MAX` is a
+/// `ValueError` naming its index. Contiguous aligned int64 / int32 / uint32 buffers
+/// (SGLang's `array('q')`, numpy arrays) are read in place, with one read-only check pass
+/// and no copy: the tree walk compares them against its own ids directly (the copy and its
+/// allocation cost more than the walk). Anything else is copied into `u32`, checked.
+pub(crate) struct TokenIds {
+    // Keeps the exporter's buffer alive and unresizable while `keys` borrows it.
+    view: Option<IntView>,
+    owned: Vec<u32>,
+}
+
+/// Borrowed token ids, in the element type they came in.
+pub(crate) enum Keys<'a> {
+    I64(&'a [i64]),
+    I32(&'a [i32]),
+    U32(&'a [u32]),
+}
+
+/// Evaluates `$body` with `$k` bound to the slice of whichever `Keys` variant `$keys` is
+/// (the body is instantiated once per element type).
+macro_rules! with_keys {
+    ($keys:expr, |$k:ident| $body:expr) => {
+        match $keys {
+            $crate::buffer::Keys::I64($k) => $body,
+            $crate::buffer::Keys::I32($k) => $body,
+            $crate::buffer::Keys::U32($k) => $body,
+        }
+    };
+}
+pub(crate) use with_keys;
+
+impl TokenIds {
+    pub(crate) fn get(obj: &PyAny, limit: Option<usize>) -> PyResult<TokenIds> {
+        Self::get_checked(obj, limit, true)
     }
-    let raw = sequence_ints(obj, "token ids", limit)?;
-    if let Some(i) = raw.iter().position(|&v| !v.token_ok()) {
-        return Err(token_range_error(i, &raw[i].to_string()));
+
+    /// Like `get`, leaving in-place buffers unchecked: for a KV-row insert, which reads
+    /// only the tokens past the tree's own pages, and whose core checks those it stores
+    /// (a check pass here would read the whole history for nothing).
+    pub(crate) fn get_for_row(obj: &PyAny, limit: Option<usize>) -> PyResult<TokenIds> {
+        Self::get_checked(obj, limit, false)
     }
-    Ok(raw.into_iter().map(|v| v as u32).collect())
+
+    fn get_checked(obj: &PyAny, limit: Option<usize>, check: bool) -> PyResult<TokenIds> {
+        let limit = limit.unwrap_or(usize::MAX);
+        let Some(view) = IntView::get(obj, "token ids", limit)? else {
+            let raw = sequence_ints(obj, "token ids", limit)?;
+            if let Some(i) = raw.iter().position(|&v| !v.token_ok()) {
+                return Err(token_range_error(i, &raw[i].to_string()));
+            }
+            let owned = raw.into_iter().map(|v| v as u32).collect();
+            return Ok(TokenIds { view: None, owned });
+        };
+        let in_place = view.stride == view.itemsize as isize
+            && matches!((view.itemsize, view.signed), (8, true) | (4, _))
+            && (view.base as usize).is_multiple_of(view.itemsize);
+        if !in_place {
+            let owned = view
+                .dispatch(ToTokens)
+                .map_err(|(i, v)| token_range_error(i, &v))?;
+            return Ok(TokenIds { view: None, owned });
+        }
+        let ids = TokenIds {
+            view: Some(view),
+            owned: Vec::new(),
+        };
+        if !check {
+            return Ok(ids);
+        }
+        let bad = with_keys!(ids.keys(), |k| k
+            .iter()
+            .fold(0, |acc, v| acc | v.bad_bits()));
+        if bad != 0 {
+            let (i, v) = with_keys!(ids.keys(), |k| k
+                .iter()
+                .enumerate()
+                .find(|(_, v)| !v.token_ok())
+                .map(|(i, v)| (i, v.to_string()))
+                .unwrap_or_default());
+            return Err(token_range_error(i, &v));
+        }
+        Ok(ids)
+    }
+
+    pub(crate) fn keys(&self) -> Keys<'_> {
+        let Some(v) = &self.view else {
+            return Keys::U32(&self.owned);
+        };
+        // SAFETY: `get` kept the view only for n contiguous items of `itemsize` bytes at an
+        // address aligned to `itemsize`; the exporter keeps them allocated, and refuses to
+        // resize, until `_view` is released, which happens when `self` drops, after the
+        // borrow ends. Callers hold the GIL while they read (they take `&PyAny`-derived
+        // values and never release it around the walk), so no Python code writes the
+        // buffer meanwhile; native code writing it without the GIL would race any reader.
+        unsafe {
+            match (v.itemsize, v.signed) {
+                (8, _) => Keys::I64(std::slice::from_raw_parts(v.base.cast(), v.n)),
+                (_, true) => Keys::I32(std::slice::from_raw_parts(v.base.cast(), v.n)),
+                (_, false) => Keys::U32(std::slice::from_raw_parts(v.base.cast(), v.n)),
+            }
+        }
+    }
 }
 
 /// Plain integers (page ids before range checks by the core). Unsigned 64-bit values above

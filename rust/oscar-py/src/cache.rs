@@ -3,8 +3,11 @@
 //!
 //! Token ids and page ids come in as int arrays (read from the buffer, no Python object per
 //! element) or sequences; page ids go out as `array.array('q')`. Node handles are Python
-//! ints (`ROOT_NODE` for the root). Every call that walks the tree runs with the GIL
-//! released, under a mutex that serializes threads sharing one object. Errors are typed: `OutOfPages` (RuntimeError), `InvalidPage`, `InvalidNode`,
+//! ints (`ROOT_NODE` for the root). Calls that take token ids read the caller's buffer in
+//! place and so keep the GIL (no Python thread can change the buffer under the walk); so do
+//! the other short calls, for which releasing it costs more than the call. Long walks
+//! (`reset`, `check_invariants`, allocator scans) release it. A mutex serializes threads
+//! sharing one object. Errors are typed: `OutOfPages` (RuntimeError), `InvalidPage`, `InvalidNode`,
 //! `LockUnderflow` (ValueErrors), plain ValueError / TypeError for other bad arguments; a
 //! failed call changes nothing.
 
@@ -15,7 +18,9 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use std::sync::{Mutex, MutexGuard};
 
-use crate::buffer::{int64_array, int64_array_from, ints, token_index_bytearray};
+use crate::buffer::{
+    int64_array, int64_array_from, ints, token_index_bytearray, with_keys, TokenIds,
+};
 
 create_exception!(
     _native,
@@ -426,6 +431,14 @@ fn walk<T: Send, R: Send>(
     })
 }
 
+/// Runs `f` on the locked state with the GIL held: for calls that read a caller's buffer in
+/// place (`TokenIds`), which no Python thread may change meanwhile, and for calls too short
+/// to pay for releasing the GIL. No deadlock with `walk`: whoever holds the mutex there
+/// never waits for the GIL.
+fn locked<T, R>(state: &Mutex<T>, f: impl FnOnce(&mut T) -> R) -> PyResult<R> {
+    Ok(f(&mut *state.lock().map_err(|_| poisoned())?))
+}
+
 /// The locked state, for short reads under the GIL.
 fn read<T>(state: &Mutex<T>) -> PyResult<MutexGuard<'_, T>> {
     state.lock().map_err(|_| poisoned())
@@ -491,10 +504,11 @@ macro_rules! tree_methods {
                 limit: Option<i64>,
                 lock: bool,
             ) -> PyResult<(PyObject, usize, u64)> {
-                let toks = crate::buffer::tokens(tokens, limit_arg(limit)?)?;
-                let (pages, node, ps) = walk(py, &self.inner, |c| {
+                let ids = TokenIds::get(tokens, limit_arg(limit)?)?;
+                let (pages, node, ps) = locked(&self.inner, |c| {
                     let mut pages = Vec::new();
-                    let node = c.match_prefix_into(namespace, &toks, &mut pages);
+                    let node =
+                        with_keys!(ids.keys(), |k| c.match_prefix_into(namespace, k, &mut pages));
                     let locked = if lock { c.lock(node).map(|_| ()) } else { Ok(()) };
                     locked.map(|()| (pages, node, $view(&*c).page_size()))
                 })?
@@ -507,15 +521,15 @@ macro_rules! tree_methods {
             #[pyo3(text_signature = "($self, tokens, namespace=None, limit=None)")]
             fn match_len(
                 &self,
-                py: Python<'_>,
                 tokens: &PyAny,
                 namespace: Option<&str>,
                 limit: Option<i64>,
             ) -> PyResult<(usize, u64)> {
-                let toks = crate::buffer::tokens(tokens, limit_arg(limit)?)?;
-                let (matched, node) = walk(py, &self.inner, |c| {
+                let ids = TokenIds::get(tokens, limit_arg(limit)?)?;
+                let (matched, node) = locked(&self.inner, |c| {
                     let mut pages = Vec::new();
-                    let node = c.match_prefix_into(namespace, &toks, &mut pages);
+                    let node =
+                        with_keys!(ids.keys(), |k| c.match_prefix_into(namespace, k, &mut pages));
                     (pages.len() * $view(&*c).page_size(), node)
                 })?;
                 Ok((matched, node.raw()))
@@ -532,25 +546,25 @@ macro_rules! tree_methods {
                 rest: &PyAny,
                 namespace: Option<&str>,
             ) -> PyResult<Option<(u32, usize)>> {
-                let toks = crate::buffer::tokens(rest, None)?;
+                let ids = TokenIds::get(rest, None)?;
                 let g = read(&self.inner)?;
-                $view(&*g)
-                    .partial_child(NodeHandle::from_raw(node), namespace, &toks)
+                let node = NodeHandle::from_raw(node);
+                with_keys!(ids.keys(), |k| $view(&*g).partial_child(node, namespace, k))
                     .map_err(cache_error)
             }
 
             /// Locks the path to `node` (no eviction until `unlock`); returns the pages that
             /// became protected. No-op on ROOT_NODE.
             #[pyo3(text_signature = "($self, node)")]
-            fn lock(&self, py: Python<'_>, node: u64) -> PyResult<usize> {
-                walk(py, &self.inner, |c| c.lock(NodeHandle::from_raw(node)))?
+            fn lock(&self, node: u64) -> PyResult<usize> {
+                locked(&self.inner, |c| c.lock(NodeHandle::from_raw(node)))?
                     .map_err(cache_error)
             }
 
             /// Releases one lock on `node`; LockUnderflow if it holds none (nothing changed).
             #[pyo3(text_signature = "($self, node)")]
-            fn unlock(&self, py: Python<'_>, node: u64) -> PyResult<usize> {
-                walk(py, &self.inner, |c| c.unlock(NodeHandle::from_raw(node)))?
+            fn unlock(&self, node: u64) -> PyResult<usize> {
+                locked(&self.inner, |c| c.unlock(NodeHandle::from_raw(node)))?
                     .map_err(cache_error)
             }
 
@@ -588,7 +602,7 @@ macro_rules! tree_methods {
             /// copy; what `torch.frombuffer` wraps).
             #[pyo3(text_signature = "($self, node)")]
             fn path_token_buffer(&self, py: Python<'_>, node: u64) -> PyResult<PyObject> {
-                let (pages, ps) = walk(py, &self.inner, |c| {
+                let (pages, ps) = locked(&self.inner, |c| {
                     let t = $view(&*c);
                     t.path_pages(NodeHandle::from_raw(node)).map(|p| (p, t.page_size()))
                 })?
@@ -660,8 +674,16 @@ tree_methods!(RadixTree, tree_view, {
     /// `(prefix_tokens, duplicates, node)`. `duplicates` are the caller's pages inside the
     /// already-cached prefix that the tree did not take: the caller frees them. `weights`
     /// (one >= 1 per page, default 1): what each adopted page counts for in the sizes.
-    #[args(namespace = "None", limit = "None", weights = "None")]
-    #[pyo3(text_signature = "($self, tokens, pages, namespace=None, limit=None, weights=None)")]
+    /// With `kv_row=True` the pages are a request's KV row for these tokens: where they are
+    /// the tree's own pages at the same positions (its matched prefix) they are taken as
+    /// that prefix without comparing tokens again (handing tree pages for other tokens is a
+    /// caller bug this does not detect).
+    #[args(namespace = "None", limit = "None", weights = "None", kv_row = "false")]
+    #[pyo3(
+        text_signature = "($self, tokens, pages, namespace=None, limit=None, weights=None, \
+                          kv_row=False)"
+    )]
+    #[allow(clippy::too_many_arguments)]
     fn insert(
         &self,
         py: Python<'_>,
@@ -670,13 +692,23 @@ tree_methods!(RadixTree, tree_view, {
         namespace: Option<&str>,
         limit: Option<i64>,
         weights: Option<&PyAny>,
+        kv_row: bool,
     ) -> PyResult<(usize, PyObject, u64)> {
-        let toks = crate::buffer::tokens(tokens, limit_arg(limit)?)?;
+        let ids = if kv_row {
+            TokenIds::get_for_row(tokens, limit_arg(limit)?)?
+        } else {
+            TokenIds::get(tokens, limit_arg(limit)?)?
+        };
         let pages = page_ids(pages, read(&self.inner)?.num_pages())?;
         let weights = weights.map(weight_list).transpose()?;
-        let (out, ps) = walk(py, &self.inner, |t| {
-            t.insert_weighted(namespace, &toks, &pages, weights.as_deref())
-                .map(|o| (o, t.page_size()))
+        let (out, ps) = locked(&self.inner, |t| {
+            let w = weights.as_deref();
+            with_keys!(ids.keys(), |k| if kv_row {
+                t.insert_row(namespace, k, &pages, w)
+            } else {
+                t.insert_weighted(namespace, k, &pages, w)
+            })
+            .map(|o| (o, t.page_size()))
         })?
         .map_err(cache_error)?;
         Ok((
@@ -689,6 +721,8 @@ tree_methods!(RadixTree, tree_view, {
     /// `insert` with the key's KV locations (SGLang's `page * page_size + slot` indices, at
     /// least `limit` of them) in place of page ids: page `i` is `locations[i * page_size] //
     /// page_size`, read straight from the buffer. `duplicates` is None when there are none.
+    /// The locations are a KV row, so the tree's own pages among them are taken as its
+    /// prefix without comparing tokens (as `insert(..., kv_row=True)`).
     #[args(namespace = "None", limit = "None", weights = "None")]
     #[pyo3(text_signature = "($self, tokens, locations, namespace=None, limit=None, weights=None)")]
     fn insert_locations(
@@ -700,12 +734,12 @@ tree_methods!(RadixTree, tree_view, {
         limit: Option<i64>,
         weights: Option<&PyAny>,
     ) -> PyResult<(usize, Option<PyObject>, u64)> {
-        let toks = crate::buffer::tokens(tokens, limit_arg(limit)?)?;
+        let ids = TokenIds::get_for_row(tokens, limit_arg(limit)?)?;
         let (ps, num_pages) = {
             let t = read(&self.inner)?;
             (t.page_size(), t.num_pages())
         };
-        let whole = toks.len() / ps * ps;
+        let whole = with_keys!(ids.keys(), |k| k.len()) / ps * ps;
         let heads = crate::buffer::ints_every(locations, "locations", ps, whole)?;
         let pages = heads
             .into_iter()
@@ -718,8 +752,13 @@ tree_methods!(RadixTree, tree_view, {
             })
             .collect::<PyResult<Vec<PageId>>>()?;
         let weights = weights.map(weight_list).transpose()?;
-        let out = walk(py, &self.inner, |t| {
-            t.insert_weighted(namespace, &toks, &pages, weights.as_deref())
+        let out = locked(&self.inner, |t| {
+            with_keys!(ids.keys(), |k| t.insert_row(
+                namespace,
+                k,
+                &pages,
+                weights.as_deref()
+            ))
         })?
         .map_err(cache_error)?;
         let dups = if out.duplicates.is_empty() {
@@ -730,12 +769,19 @@ tree_methods!(RadixTree, tree_view, {
         Ok((out.prefix_pages * ps, dups, out.node.raw()))
     }
 
+    /// Stamps the path to `node` as just used (one new tick), as a match ending there
+    /// would, without comparing tokens. No-op on ROOT_NODE.
+    #[pyo3(text_signature = "($self, node)")]
+    fn touch_path(&self, node: u64) -> PyResult<()> {
+        locked(&self.inner, |t| t.touch_path(NodeHandle::from_raw(node)))?.map_err(cache_error)
+    }
+
     /// Evicts unlocked leaves, least recently used first, until at least `num_pages` pages
     /// are out; returns them (the caller frees them).
     #[pyo3(text_signature = "($self, num_pages)")]
     fn evict(&self, py: Python<'_>, num_pages: i64) -> PyResult<PyObject> {
         let n = count("num_pages", num_pages)?;
-        let freed = walk(py, &self.inner, |t| t.evict(n))?;
+        let freed = locked(&self.inner, |t| t.evict(n))?;
         page_array(py, &freed)
     }
 
@@ -834,11 +880,10 @@ tree_methods!(PrefixCache, cache_view, {
         namespace: Option<&str>,
         limit: Option<i64>,
     ) -> PyResult<(usize, PyObject, u64)> {
-        let toks = crate::buffer::tokens(tokens, limit_arg(limit)?)?;
+        let ids = TokenIds::get(tokens, limit_arg(limit)?)?;
         let pages = page_ids(pages, read(&self.inner)?.num_pages())?;
-        let (out, ps) = walk(py, &self.inner, |c| {
-            c.insert(namespace, &toks, &pages)
-                .map(|o| (o, c.page_size()))
+        let (out, ps) = locked(&self.inner, |c| {
+            with_keys!(ids.keys(), |k| c.insert(namespace, k, &pages)).map(|o| (o, c.page_size()))
         })?
         .map_err(cache_error)?;
         Ok((
@@ -863,10 +908,10 @@ tree_methods!(PrefixCache, cache_view, {
         namespace: Option<&str>,
         limit: Option<i64>,
     ) -> PyResult<(PyObject, usize, u64, usize)> {
-        let toks = crate::buffer::tokens(tokens, limit_arg(limit)?)?;
+        let ids = TokenIds::get(tokens, limit_arg(limit)?)?;
         let total = count("total_tokens", total_tokens)?;
-        let (a, ps) = walk(py, &self.inner, |c| {
-            c.admit(namespace, &toks, total).map(|a| (a, c.page_size()))
+        let (a, ps) = locked(&self.inner, |c| {
+            with_keys!(ids.keys(), |k| c.admit(namespace, k, total)).map(|a| (a, c.page_size()))
         })?
         .map_err(cache_error)?;
         Ok((
@@ -888,7 +933,6 @@ tree_methods!(PrefixCache, cache_view, {
     #[allow(clippy::too_many_arguments)]
     fn release(
         &self,
-        py: Python<'_>,
         tokens: &PyAny,
         pages: &PyAny,
         node: u64,
@@ -896,12 +940,14 @@ tree_methods!(PrefixCache, cache_view, {
         insert: bool,
         limit: Option<i64>,
     ) -> PyResult<usize> {
-        let toks = crate::buffer::tokens(tokens, limit_arg(limit)?)?;
+        // The pages are the request's row: only the tokens past the tree's own are read.
+        let ids = TokenIds::get_for_row(tokens, limit_arg(limit)?)?;
         let pages = page_ids(pages, read(&self.inner)?.num_pages())?;
         let node = NodeHandle::from_raw(node);
-        walk(py, &self.inner, |c| {
-            c.release(namespace, &toks, &pages, node, insert)
-                .map(|o| o.prefix_pages * c.page_size())
+        locked(&self.inner, |c| {
+            with_keys!(ids.keys(), |k| c
+                .release(namespace, k, &pages, node, insert))
+            .map(|o| o.prefix_pages * c.page_size())
         })?
         .map_err(cache_error)
     }
@@ -909,9 +955,9 @@ tree_methods!(PrefixCache, cache_view, {
     /// Evicts (LRU, unlocked leaves) at least `num_pages` pages if possible and frees them;
     /// returns the number freed.
     #[pyo3(text_signature = "($self, num_pages)")]
-    fn evict(&self, py: Python<'_>, num_pages: i64) -> PyResult<usize> {
+    fn evict(&self, num_pages: i64) -> PyResult<usize> {
         let n = count("num_pages", num_pages)?;
-        walk(py, &self.inner, |c| c.evict(n))
+        locked(&self.inner, |c| c.evict(n))
     }
 
     /// Empties the tree and frees its pages; request pages stay allocated.

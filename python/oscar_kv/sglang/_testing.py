@@ -199,6 +199,12 @@ class SchedulerHarness:
         """Publishes what the request computed so far (chunked prefill / decode step)."""
         req.refresh_fill_ids()
         self.cache.checkpoint(req, up_to=req.kv.kv_committed_len)
+        # The scheduler's invariant after a checkpoint: the row's protected part is the
+        # locked node's path (the tree's pages, duplicates repointed).
+        n = req.kv.cache_protected_len
+        row = self.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :n]
+        path = self.cache.path_device_indices(req.last_node)
+        assert row.tolist() == path.tolist(), f"request {req.rid}: row is not the tree's path"
 
     def finish(self, req, insert: bool = True) -> None:
         from sglang.srt.mem_cache.common import release_kv_cache

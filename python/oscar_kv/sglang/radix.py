@@ -105,6 +105,12 @@ def _namespace(key: RadixKey) -> str | None:
     return repr((key.extra_key, key.cache_salt))
 
 
+def _request_namespace(req: Req) -> str | None:
+    """The namespace of a request's keys (``RadixKey`` maps an empty salt to None)."""
+    salt = req.cache_salt or None
+    return None if req.extra_key is None and salt is None else repr((req.extra_key, salt))
+
+
 class OscarRadixCache(BasePrefixCache):
     """SGLang prefix cache whose radix tree lives in Rust; see the module docstring."""
 
@@ -322,18 +328,19 @@ class OscarRadixCache(BasePrefixCache):
 
     def _insert_cache(
         self, req: Req, token_ids: Any, *, key_limit: int | None = None
-    ) -> tuple[RadixKey, int, int]:
+    ) -> tuple[str | None, int, int, bool]:
         """RadixCache._insert_cache: insert the page-aligned key, split it at the prompt
-        boundary, free the request's duplicates of cached pages. Returns the key, its
-        length and the node where it ends. The pages are the request's KV row, so its
-        matched prefix (the tree's own pages) is not compared token by token again."""
+        boundary, free the request's duplicates of cached pages. Returns the namespace, the
+        key's length, the node where it ends and whether the request had duplicates. The
+        pages are the request's KV row, so its matched prefix (the tree's own pages) is not
+        compared token by token again."""
         kv = req.kv
         n = len(token_ids) // self.page_size * self.page_size
         if key_limit is not None:
             n = min(n, key_limit)
         kv_indices = self.req_to_token_pool.req_to_token[kv.req_pool_idx, : len(token_ids)]
         pages = self._pages_of(kv_indices, n)
-        ns = _namespace(RadixKey(token_ids, req.extra_key, cache_salt=req.cache_salt))
+        ns = _request_namespace(req)
         prefix, dups, node = self.tree.insert(
             token_ids, pages, ns, n, self._weights(pages), kv_row=True
         )
@@ -352,7 +359,7 @@ class OscarRadixCache(BasePrefixCache):
             self.token_to_kv_pool_allocator.free_segment(
                 kv_indices[kv.cache_protected_len : prefix], start_pos=kv.cache_protected_len
             )
-        return RadixKey(token_ids[:n], req.extra_key, cache_salt=req.cache_salt), n, node
+        return ns, n, node, len(dups) > 0
 
     def checkpoint(self, req: Req, *, up_to: int, **kwargs: Any) -> None:
         if self.disable:
@@ -360,13 +367,16 @@ class OscarRadixCache(BasePrefixCache):
         token_ids = req.full_untruncated_fill_ids[:up_to]
         floor = req.kv.swa_evict_floor
         key_limit = math.ceil(floor / self.page_size) * self.page_size if floor > 0 else None
-        radix_key, n, node = self._insert_cache(req, token_ids, key_limit=key_limit)
+        ns, n, node, had_duplicates = self._insert_cache(req, token_ids, key_limit=key_limit)
         # RadixCache.checkpoint matches the key it just inserted, for the node and to stamp
         # the path; the insert's node (kept by the prompt split, which splits above it) and
         # a stamp of its path give both without a second walk over the tokens.
         self.tree.touch_path(node)
         protected = req.kv.cache_protected_len
-        if n > protected:
+        if n > protected and had_duplicates:
+            # Repoint the row onto the tree's pages. Without duplicates the row already is
+            # the tree's path: its protected prefix came from the tree, and the tree adopted
+            # every page past it.
             new_indices = self._indices(self.tree.path_token_buffer(node))
             self.req_to_token_pool.write(
                 (req.kv.req_pool_idx, slice(protected, n)), new_indices[protected:]
@@ -379,7 +389,7 @@ class OscarRadixCache(BasePrefixCache):
         req.last_node = node
         finished = self._residual is not None and req.finished() and key_limit is None
         if finished and len(token_ids) > n:
-            self._cache_tail(req, (node, _namespace(radix_key)), token_ids[n:])
+            self._cache_tail(req, (node, ns), token_ids[n:])
 
     def cache_unfinished_req(self, req: Req, chunked: bool = False) -> None:
         """Pre-0.5.23 name: publish what a running request computed so far."""

@@ -273,7 +273,9 @@ class OscarRadixCache(BasePrefixCache):
         if req is not None and self._residual is not None:
             self._matched.pop(req, None)
             if matched < n:
-                found = self._match_partial(node, ns, key.token_ids[matched:n])
+                # A partial match is shorter than a page: no need to copy the whole rest.
+                end = min(n, matched + self.page_size - 1)
+                found = self._match_partial(node, ns, key.token_ids[matched:end])
                 if found is not None:
                     self._matched[req] = found
                     partial = found.length

@@ -6,30 +6,59 @@ of --system-prompts system prompts of 1-8K tokens (Zipf-popular), turns of 16-25
 32-512 assistant tokens, every turn's prompt being the whole conversation so far; 10% of the
 conversations run under one of three LoRA namespaces (extra_key). Up to --active
 conversations are open at once and their turns interleave. Then SGLang's
-generated-shared-prefix shape (64 groups x 16 prompts, 2048-token system prompt, 128-token
+generated-shared-prefix shape (--gsp-groups groups x 16 prompts, 2048-token system prompt, 128-token
 question, 256 output tokens, shuffled). Requests run --batch at a time, like a running
-batch: a request is admitted (match, lock, evict the shortfall, allocate its pages) and
-finished when --batch newer ones are running (insert its whole pages, free duplicates and
-the partial last page, unlock). The pool (--pool-pages pages of 128 tokens) is far smaller
-than the trace, so eviction runs throughout.
+batch: a request is admitted when it arrives and finished when --batch newer ones are
+running; its whole KV (prompt and output) is allocated at admission. The pool (--pool-pages
+pages of 128 tokens) is far smaller than the trace, so eviction runs throughout.
 
 Every implementation does the same bookkeeping through its Python-facing API, token ids
-passed as array('q') buffers, and only those calls are timed:
+passed as array('q') buffers, and only those calls (and what the scheduler does around
+them) are timed; building requests and token arrays is not:
 - oscar: ``oscar_kv._native.PrefixCache`` (Rust tree + Rust page allocator) through its
-  request-level calls ``admit`` / ``release``;
+  request-level calls ``admit`` (match, lock, evict the shortfall, allocate) / ``release``
+  (insert the whole pages, free duplicates and the partial last page, unlock);
 - oscar-fine (detail CSV only): the same cache through one call per step (match_prefix,
-  lock, evict, alloc, insert, free, unlock), as the SGLang drivers below make them;
+  lock, evict, alloc, insert, free, unlock);
 - sglang-python: ``RadixCache`` + SGLang's ``PagedTokenToKVPoolAllocator`` (CPU tensors);
 - sglang-rust: ``UnifiedRadixCache`` with tree_core_backend="rust" + the same allocator;
 - oscar-sglang-backend (detail CSV only): what a ``--kv-quant oscar`` server builds:
   ``oscar_kv.sglang.radix.OscarRadixCache`` over ``oscar_kv.sglang.allocator.OscarPageAllocator``
-  (the Rust page allocator), driven through the same SGLang calls as the two above.
+  (the Rust page allocator).
+The three SGLang-API caches run one driver, the calls a live SGLang 0.5.23 scheduler makes,
+on SGLang ``Req`` objects and a CPU ``ReqToTokenPool`` (--batch + 4 rows of MAX_CONTEXT):
+- admission (``Sglang.admit``): ``common.match_kv_cache`` (``match_prefix`` with
+  ``MatchPrefixParams(key=RadixKey(...), req=req)``, as ``Req.init_next_round_input``),
+  ``req.lock = cache.lock(req.last_node)`` (``PrefillAdder``), then ``alloc_for_extend``'s
+  steps: ``cache.prefix_device_indices(req)``, ``ReqToTokenPool.alloc([req])``,
+  ``cache.evict_for_alloc`` of the shortfall (``allocator.evict_to_free_tokens``), the
+  allocator's page-aligned ``alloc``, ``ReqToTokenPool.write`` of the row,
+  ``cache.maybe_hand_to_session(req)``;
+- finish (``Sglang.finish``): the server's release path, ``common.release_kv_cache(req,
+  cache, checkpoint=True)``: ``claim_kv_row``, ``cache.checkpoint(req, up_to=owned_kv_len)``
+  (``RadixCache.checkpoint``: ``_insert_cache`` -- insert the whole pages, split the leaf at
+  the prompt boundary, free the request's duplicates -- then ``match_prefix``,
+  ``path_device_indices``, ``ReqToTokenPool.write`` of the row onto the tree's pages,
+  ``unlock`` / ``lock`` onto the new node; the other two take the same steps their own
+  way), ``free_kv_row`` of the rest of the row, ``unlock(req.lock)``, ``on_release``,
+  ``ReqToTokenPool.free(req)``.
+Where this differs from a server: the match is capped at the prompt (the server's
+``_compute_max_prefix_len`` caps it one token earlier), the eviction is the exact shortfall
+(``alloc_paged_token_slots_extend`` asks for one spare page per request), pages come from
+``alloc`` (``alloc_extend`` takes the same pages; on a host without Triton it runs a torch
+fallback no GPU server runs) and the output's KV is allocated with the prompt's.
+
 All implementations run in one process on the same event stream, each event handed to
 each of them in turn (rotating order), so machine noise hits them alike; then each runs
 alone in a subprocess (same imports everywhere) for its peak RSS. The matched length of
-every request, the evicted token total and the op count must agree across implementations.
+every request, the rejected requests and the evicted token total must agree across all
+implementations; the op count (and evict calls) across those with the same driver (the
+three SGLang-API caches; oscar and oscar-fine): the SGLang checkpoint's split at the prompt
+boundary leaves the output its own leaf, so LRU eviction frees fewer tokens per call than
+the Rust PrefixCache (one leaf per request) and evicts more often.
 
-ops = match_prefix + insert + evict calls. Writes benches/results/radix.csv
+An op is one request admission (1 + the evict calls it makes) or one request finish (1);
+ops_per_s is ops over the timed seconds. Writes benches/results/radix.csv
 (device,commit,impl,ops_per_s,matched_tokens_per_s,hit_rate,peak_rss_mb), radix_detail.csv
 and radix.png; commit is the checkout's HEAD (run it on committed code).
 
@@ -57,6 +86,18 @@ import numpy as np
 
 PAGE = 128
 VOCAB = 32000
+# Trace shape, inclusive ranges: system prompt, turns per conversation, user and assistant
+# tokens per turn; SGLang's generated-shared-prefix system prompt, question and output.
+SYSTEM_TOKENS = (1024, 8192)
+TURNS = (4, 16)
+USER_TOKENS = (16, 256)
+ASSISTANT_TOKENS = (32, 512)
+GSP_SYSTEM, GSP_QUESTION, GSP_OUTPUT = 2048, 128, 256
+# The longest request of any trace: the ReqToTokenPool's row length.
+MAX_CONTEXT = max(
+    SYSTEM_TOKENS[1] + TURNS[1] * (USER_TOKENS[1] + ASSISTANT_TOKENS[1]),
+    GSP_SYSTEM + GSP_QUESTION + GSP_OUTPUT,
+)
 IMPLS = ["oscar", "sglang-python", "sglang-rust", "oscar-fine", "oscar-sglang-backend"]
 HEADLINE = ["oscar", "sglang-python", "sglang-rust"]
 
@@ -71,7 +112,7 @@ def trace(args):
     def tokens(n: int) -> array:
         return array("q", rng.integers(1, VOCAB, n, dtype=np.int64).tobytes())
 
-    sys_lens = rng.integers(1024, 8193, args.system_prompts)
+    sys_lens = rng.integers(SYSTEM_TOKENS[0], SYSTEM_TOKENS[1] + 1, args.system_prompts)
     systems = [tokens(int(n)) for n in sys_lens]
     popularity = 1.0 / np.arange(1, args.system_prompts + 1) ** 0.8
     popularity /= popularity.sum()
@@ -99,13 +140,17 @@ def trace(args):
                 ns = f"lora-{int(rng.integers(1, 4))}"
             s = int(rng.choice(args.system_prompts, p=popularity))
             active.append(
-                {"history": array("q", systems[s]), "turns": int(rng.integers(4, 17)), "ns": ns}
+                {
+                    "history": array("q", systems[s]),
+                    "turns": int(rng.integers(TURNS[0], TURNS[1] + 1)),
+                    "ns": ns,
+                }
             )
             started += 1
         i = int(rng.integers(len(active)))
         conv = active[i]
-        prompt = conv["history"] + tokens(int(rng.integers(16, 257)))
-        full = prompt + tokens(int(rng.integers(32, 513)))
+        prompt = conv["history"] + tokens(int(rng.integers(USER_TOKENS[0], USER_TOKENS[1] + 1)))
+        full = prompt + tokens(int(rng.integers(ASSISTANT_TOKENS[0], ASSISTANT_TOKENS[1] + 1)))
         yield from admit(full, len(prompt), conv["ns"])
         conv["history"] = full
         conv["turns"] -= 1
@@ -113,14 +158,14 @@ def trace(args):
             active.pop(i)
 
     # SGLang's generated-shared-prefix dataset shape.
-    groups = [tokens(2048) for _ in range(args.gsp_groups)]
+    groups = [tokens(GSP_SYSTEM) for _ in range(args.gsp_groups)]
     reqs = [(g, q) for g in range(args.gsp_groups) for q in range(16)]
     order = rng.permutation(len(reqs))
-    questions = {r: tokens(128) for r in reqs}
+    questions = {r: tokens(GSP_QUESTION) for r in reqs}
     for k in order:
         g, q = reqs[k]
         prompt = groups[g] + questions[(g, q)]
-        yield from admit(prompt + tokens(256), len(prompt), None)
+        yield from admit(prompt + tokens(GSP_OUTPUT), len(prompt), None)
     while running:
         yield ("finish", running.popleft())
 
@@ -141,7 +186,11 @@ class Oscar:
         self.evictions = 0
         self.evicted_tokens = 0
 
-    def admit(self, toks: array, prompt_len: int, ns):
+    def request(self, rid: int, toks: array, prompt_len: int, ns):
+        return toks, prompt_len, ns
+
+    def admit(self, request):
+        toks, prompt_len, ns = request
         try:
             pages, matched, node, evicted = self.c.admit(toks, len(toks), ns, prompt_len)
         except self.n.OutOfPages:
@@ -162,6 +211,9 @@ class Oscar:
         self.c.unlock(node)
         return matched, None
 
+    def finishing(self, state) -> None:
+        pass
+
     def finish(self, state) -> None:
         toks, ns, node, pages = state
         self.c.release(toks, pages, node, ns)
@@ -175,7 +227,8 @@ class OscarFine(Oscar):
     """The same cache through its fine-grained calls, one per step, as a scheduler written
     against SGLang's BasePrefixCache would make them."""
 
-    def admit(self, toks: array, prompt_len: int, ns):
+    def admit(self, request):
+        toks, prompt_len, ns = request
         c = self.c
         pages, matched, node = c.match_prefix(toks, ns, prompt_len)
         c.lock(node)
@@ -202,28 +255,40 @@ class OscarFine(Oscar):
 
 
 class Sglang:
-    """A SGLang BasePrefixCache over SGLang's paged allocator (CPU tensors)."""
+    """A SGLang BasePrefixCache over a paged allocator (CPU tensors), driven through the
+    scheduler's own entry points on SGLang ``Req`` objects and a real ``ReqToTokenPool``."""
 
-    def __init__(self, pool_pages: int, kind: str):
+    def __init__(self, pool_pages: int, kind: str, batch: int):
         import torch
+        from sglang.srt.managers.schedule_batch import FINISH_LENGTH, Req
         from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
-        from sglang.srt.mem_cache.base_prefix_cache import (
-            EvictParams,
-            InsertParams,
-            MatchPrefixParams,
-        )
+        from sglang.srt.mem_cache.base_prefix_cache import EvictParams
         from sglang.srt.mem_cache.cache_init_params import CacheInitParams
-        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
-        from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey
+        from sglang.srt.mem_cache.common import match_kv_cache, release_kv_cache
+        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+        from sglang.srt.mem_cache.radix_cache import RadixCache
+        from sglang.srt.sampling.sampling_params import SamplingParams
         from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
 
+        # release_kv_cache reads get_spec() / get_serving(), which this publishes.
         set_global_server_args_for_scheduler(ServerArgs(model_path="dummy", page_size=PAGE))
-        self.torch = torch
-        self.EvictParams, self.InsertParams = EvictParams, InsertParams
-        self.MatchPrefixParams, self.RadixKey = MatchPrefixParams, RadixKey
-        size = pool_pages * PAGE
+        self.Req, self.FINISH_LENGTH = Req, FINISH_LENGTH
+        self.EvictParams = EvictParams
+        self.match_kv_cache, self.release_kv_cache = match_kv_cache, release_kv_cache
+        self.sampling = SamplingParams(temperature=0, max_new_tokens=ASSISTANT_TOKENS[1])
+        self.empty = torch.empty((0,), dtype=torch.int64)
+        self.size = pool_pages * PAGE
+        # At most --batch requests hold a row at once (run_trace finishes one before the
+        # next is admitted); the spare rows only guard against an off-by-one there.
+        self.rows = batch + 4
+        self.req_to_token_pool = ReqToTokenPool(
+            size=self.rows,
+            max_context_len=MAX_CONTEXT,
+            device="cpu",
+            enable_memory_saver=False,
+        )
         kv = MHATokenToKVPool(
-            size=size,
+            size=self.size,
             page_size=PAGE,
             dtype=torch.bfloat16,
             head_num=1,
@@ -241,14 +306,13 @@ class Sglang:
             alloc_cls = OscarPageAllocator
         else:
             alloc_cls = PagedTokenToKVPoolAllocator
-        self.alloc = alloc_cls(size, PAGE, torch.bfloat16, "cpu", kv, need_sort=False)
+        self.alloc = alloc_cls(self.size, PAGE, torch.bfloat16, "cpu", kv, need_sort=False)
         params = CacheInitParams(
             disable=False,
-            req_to_token_pool=None,
+            req_to_token_pool=self.req_to_token_pool,
             token_to_kv_pool_allocator=self.alloc,
             page_size=PAGE,
         )
-        self.unified = kind == "sglang-rust"
         if kind == "sglang-python":
             self.cache = RadixCache(params)
         elif kind == "sglang-rust":
@@ -270,43 +334,83 @@ class Sglang:
         self.evictions = 0
         self.evicted_tokens = 0
 
-    def admit(self, toks: array, prompt_len: int, ns):
-        cache, alloc = self.cache, self.alloc
-        key = self.RadixKey(toks, extra_key=ns, limit=prompt_len)
-        m = cache.match_prefix(self.MatchPrefixParams(key=key))
-        matched, node = m.device_prefix_len, m.last_device_node
-        lock = cache.lock(node)
-        prefix = cache.path_device_indices(node)[:matched]
-        need = -(-(len(toks) - matched) // PAGE) * PAGE
+    def request(self, rid: int, toks: array, prompt_len: int, ns):
+        """The request as the scheduler holds it when it first tries to admit it (untimed):
+        prompt in origin_input_ids, fill ids = the prompt (their own array, as
+        refresh_fill_ids builds them), no output yet."""
+        if len(toks) > MAX_CONTEXT:
+            raise ValueError(f"request of {len(toks)} tokens > MAX_CONTEXT {MAX_CONTEXT}")
+        req = self.Req(
+            rid=str(rid),
+            origin_input_text="",
+            origin_input_ids=toks[:prompt_len],
+            sampling_params=self.sampling,
+            extra_key=ns,
+        )
+        req.full_untruncated_fill_ids = toks[:prompt_len]
+        return req, toks
+
+    def admit(self, request):
+        """Req.init_next_round_input's match, PrefillAdder's lock, then alloc_for_extend:
+        prefix_device_indices, a row (alloc_req_slots), eviction of the shortfall, the
+        pages for the whole request (prompt and output at once), the row written."""
+        req, toks = request
+        cache, alloc, rtp = self.cache, self.alloc, self.req_to_token_pool
+        prompt_len, seq_len = len(req.origin_input_ids), len(toks)
+        # The server caps the match at prompt_len - 1 (_compute_max_prefix_len: one token
+        # is always computed); the trace caps it at the prompt, like oscar's admit.
+        m = self.match_kv_cache(
+            req, cache, req.full_untruncated_fill_ids, max_prefix_len=prompt_len
+        )
+        if m.cache_protected_len is None:
+            req.kv.cache_protected_len = req.prefix_len
+        matched = req.prefix_len
+        req.lock = cache.lock(req.last_node)
+        prefix = cache.prefix_device_indices(req) if matched else self.empty
+        rtp.alloc([req])
+        need = -(-(seq_len - matched) // PAGE) * PAGE
+        # allocator.evict_to_free_tokens's shortfall (without alloc_paged_token_slots_extend's
+        # spare page per request, which oscar's admit does not take either).
         short = need - alloc.available_size()
         if short > 0:
-            res = cache.evict(self.EvictParams(num_tokens=short))
+            res = cache.evict_for_alloc(self.EvictParams(num_tokens=short))
             self.evicted_tokens += res.num_tokens_evicted
             self.evictions += 1
+        # Page-aligned alloc() rather than alloc_extend(): on a host without Triton SGLang's
+        # alloc_extend runs a torch fallback a GPU server never runs; a fresh page-aligned
+        # extend takes exactly these pages either way.
         fresh = alloc.alloc(need)
         if fresh is None:
-            cache.unlock(lock)
+            # The scheduler would not have admitted it: give back the lock and the row.
+            cache.unlock(req.lock)
+            req.lock = None
+            rtp.free(req)
             return matched, None
-        return matched, (toks, ns, lock, self.torch.cat([prefix, fresh]), matched)
+        idx = req.kv.req_pool_idx
+        rtp.write((idx, slice(0, matched)), prefix)
+        rtp.write((idx, slice(matched, seq_len)), fresh[: seq_len - matched])
+        req.kv.kv_allocated_len = req.kv.kv_committed_len = seq_len
+        cache.maybe_hand_to_session(req)
+        return matched, request
+
+    def finishing(self, state) -> None:
+        """What decoding left on the request (untimed): its output ids, a finish reason."""
+        req, toks = state
+        req.output_ids = toks[len(req.origin_input_ids) :]
+        req.finished_reason = self.FINISH_LENGTH(length=len(req.output_ids))
 
     def finish(self, state) -> None:
-        toks, ns, lock, kv, matched = state
-        cache, alloc = self.cache, self.alloc
-        whole = len(toks) // PAGE * PAGE
-        key = self.RadixKey(toks, extra_key=ns, limit=whole)
-        if self.unified:
-            # The unified tree frees the request's duplicates itself past prev_prefix_len.
-            cache.insert(self.InsertParams(key=key, value=kv[:whole], prev_prefix_len=matched))
-        else:
-            res = cache.insert(self.InsertParams(key=key, value=kv[:whole]))
-            if res.prefix_len > matched:
-                alloc.free_segment(kv[matched : res.prefix_len], start_pos=matched)
-        if len(kv) > whole:
-            alloc.free_segment(kv[whole:], start_pos=whole)
-        cache.unlock(lock)
+        # The scheduler's finish: checkpoint (insert, free duplicates, repoint the row, move
+        # the lock), free the rest of the row, unlock, on_release, free the row.
+        self.release_kv_cache(state[0], self.cache, checkpoint=True)
 
     def check(self) -> None:
-        assert self.cache.protected_size() == 0
+        """Nothing locked, no row held, and every page free or evictable (no leak)."""
+        cache = self.cache
+        assert cache.protected_size() == 0, cache.protected_size()
+        assert self.req_to_token_pool.available_size() == self.rows
+        free, evictable = self.alloc.available_size(), cache.evictable_size()
+        assert free + evictable == self.size, (free, evictable, self.size)
 
 
 def sglang_importable() -> bool:
@@ -320,12 +424,12 @@ def sglang_importable() -> bool:
     return True
 
 
-def make_impl(name: str, pool_pages: int):
+def make_impl(name: str, pool_pages: int, batch: int):
     if name == "oscar":
         return Oscar(pool_pages)
     if name == "oscar-fine":
         return OscarFine(pool_pages)
-    return Sglang(pool_pages, name)
+    return Sglang(pool_pages, name, batch)
 
 
 _KEEP: list = []
@@ -335,7 +439,7 @@ def run_trace(args, names: list[str], keep: bool = False) -> dict[str, dict]:
     """Feeds every event of the trace to every implementation in turn (the order rotating
     from event to event), timing each call: machine noise hits all of them alike. With
     `keep`, the caches stay alive after the call (for measuring their memory)."""
-    impls = {n: make_impl(n, args.pool_pages) for n in names}
+    impls = {n: make_impl(n, args.pool_pages, args.batch) for n in names}
     res = {
         n: {
             "states": {},
@@ -356,9 +460,10 @@ def run_trace(args, names: list[str], keep: bool = False) -> dict[str, dict]:
             impl, r = impls[n], res[n]
             if ev[0] == "admit":
                 _, rid, toks, prompt_len, ns = ev
+                request = impl.request(rid, toks, prompt_len, ns)
                 evictions = impl.evictions
                 t0 = clock()
-                matched, state = impl.admit(toks, prompt_len, ns)
+                matched, state = impl.admit(request)
                 r["seconds"] += clock() - t0
                 r["ops"] += 1 + (impl.evictions - evictions)
                 r["requests"] += 1
@@ -372,6 +477,7 @@ def run_trace(args, names: list[str], keep: bool = False) -> dict[str, dict]:
             else:
                 state = r["states"].pop(ev[1], None)
                 if state is not None:
+                    impl.finishing(state)
                     t0 = clock()
                     impl.finish(state)
                     r["seconds"] += clock() - t0
@@ -423,14 +529,24 @@ def rss_mb() -> float:
 # ----- driver ----------------------------------------------------------------------------
 
 
+def driver(impl: str) -> str:
+    return "rust-prefix-cache" if impl in ("oscar", "oscar-fine") else "sglang-server"
+
+
 def check_agree(results: list[dict]) -> None:
+    """Same matches, rejections and evicted tokens everywhere; same ops and evict calls
+    among the implementations one driver runs (see the module docstring)."""
     first = results[0]
     for r in results[1:]:
         assert r["matched_sha1"] == first["matched_sha1"], (
             f"{r['impl']} matched other lengths than {first['impl']}"
         )
-        for key in ("hit_rate", "evicted_tokens", "rejected", "ops", "requests"):
+        for key in ("hit_rate", "evicted_tokens", "rejected", "requests"):
             assert r[key] == first[key], (key, r["impl"], r[key], first["impl"], first[key])
+    for r in results:
+        same = next(f for f in results if driver(f["impl"]) == driver(r["impl"]))
+        for key in ("ops", "evict_calls"):
+            assert r[key] == same[key], (key, r["impl"], r[key], same["impl"], same[key])
 
 
 def run_all(args) -> list[dict]:

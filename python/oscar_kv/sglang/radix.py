@@ -329,47 +329,60 @@ class OscarRadixCache(BasePrefixCache):
         return InsertResult(prefix_len=prefix, last_device_node=node)
 
     def _insert_cache(
-        self, req: Req, token_ids: Any, *, key_limit: int | None = None
+        self, req: Req, token_ids: Any, total: int, *, key_limit: int | None = None
     ) -> tuple[str | None, int, int, bool]:
-        """RadixCache._insert_cache: insert the page-aligned key, split it at the prompt
-        boundary, free the request's duplicates of cached pages. Returns the namespace, the
-        key's length, the node where it ends and whether the request had duplicates. The
-        pages are the request's KV row, so its matched prefix (the tree's own pages) is not
-        compared token by token again."""
+        """RadixCache._insert_cache for the first ``total`` of ``token_ids``: insert the
+        page-aligned key, split it at the prompt boundary, free the request's duplicates of
+        cached pages. Returns the namespace, the key's length, the node where it ends and
+        whether the request had duplicates. The pages are the request's KV row, so its
+        matched prefix (the tree's own pages) is not compared token by token again."""
         kv = req.kv
-        n = len(token_ids) // self.page_size * self.page_size
+        n = total // self.page_size * self.page_size
         if key_limit is not None:
             n = min(n, key_limit)
-        kv_indices = self.req_to_token_pool.req_to_token[kv.req_pool_idx, : len(token_ids)]
-        pages = self._pages_of(kv_indices, n)
+        kv_indices = self.req_to_token_pool.req_to_token[kv.req_pool_idx, :total]
         ns = _request_namespace(req)
-        prefix, dups, node = self.tree.insert(
-            token_ids, pages, ns, n, self._weights(pages), kv_row=True
-        )
-        kv.cache_inserted_len = max(kv.cache_inserted_len, n)
         prompt_len = len(req.origin_input_ids) // self.page_size * self.page_size
-        if 0 < prompt_len < n:
-            # Split the leaf at the prompt boundary so eviction can drop the output KV
-            # without the prompt; the re-insert only changes topology.
-            self.tree.insert(
-                token_ids, pages[: prompt_len // self.page_size], ns, prompt_len, kv_row=True
+        split = 0 < prompt_len < n
+        if self._on_host and (
+            self._host_free is None or not self.token_to_kv_pool_allocator.companion_pages
+        ):
+            # Every page weighs 1: the tree reads the page ids off the row in place.
+            locs = kv_indices.numpy()
+            prefix, dups, node = self.tree.insert_locations(token_ids, locs, ns, n)
+            if split:
+                # Split the leaf at the prompt boundary so eviction can drop the output KV
+                # without the prompt; the re-insert only changes topology.
+                self.tree.insert_locations(token_ids, locs, ns, prompt_len)
+        else:
+            pages = self._pages_of(kv_indices, n)
+            prefix, dups, node = self.tree.insert(
+                token_ids, pages, ns, n, self._weights(pages), kv_row=True
             )
+            if split:
+                prompt_pages = pages[: prompt_len // self.page_size]
+                self.tree.insert(token_ids, prompt_pages, ns, prompt_len, kv_row=True)
+        kv.cache_inserted_len = max(kv.cache_inserted_len, n)
+        had_duplicates = dups is not None and len(dups) > 0
         if prefix > kv.cache_protected_len and self._host_free is not None:
             # The request's own pages inside the cached prefix are exactly the duplicates.
-            self._host_free(dups)
+            if had_duplicates:
+                self._host_free(dups)
         elif prefix > kv.cache_protected_len:
             self.token_to_kv_pool_allocator.free_segment(
                 kv_indices[kv.cache_protected_len : prefix], start_pos=kv.cache_protected_len
             )
-        return ns, n, node, len(dups) > 0
+        return ns, n, node, had_duplicates
 
     def checkpoint(self, req: Req, *, up_to: int, **kwargs: Any) -> None:
         if self.disable:
             return
-        token_ids = req.full_untruncated_fill_ids[:up_to]
+        # The fill ids are read up to `total` in place (RadixCache copies the slice).
+        token_ids = req.full_untruncated_fill_ids
+        total = min(up_to, len(token_ids))
         floor = req.kv.swa_evict_floor
         key_limit = math.ceil(floor / self.page_size) * self.page_size if floor > 0 else None
-        ns, n, node, had_duplicates = self._insert_cache(req, token_ids, key_limit=key_limit)
+        ns, n, node, had_duplicates = self._insert_cache(req, token_ids, total, key_limit=key_limit)
         # RadixCache.checkpoint matches the key it just inserted, for the node and to stamp
         # the path; the insert's node (kept by the prompt split, which splits above it) and
         # a stamp of its path give both without a second walk over the tokens.
@@ -390,8 +403,8 @@ class OscarRadixCache(BasePrefixCache):
         req.lock = self.lock(node)
         req.last_node = node
         finished = self._residual is not None and req.finished() and key_limit is None
-        if finished and len(token_ids) > n:
-            self._cache_tail(req, (node, ns), token_ids[n:])
+        if finished and total > n:
+            self._cache_tail(req, (node, ns), token_ids[n:total])
 
     def cache_unfinished_req(self, req: Req, chunked: bool = False) -> None:
         """Pre-0.5.23 name: publish what a running request computed so far."""
@@ -446,9 +459,11 @@ class OscarRadixCache(BasePrefixCache):
         A prefix ending inside a page gets a fresh page for its own copy of that page; the
         request's residual page is filled from the source once the request holds a slot."""
         path = self.path_device_indices(req.last_node)
-        k = req.prefix_len - len(path)
-        partial = self._matched.pop(req, None)
-        if k <= 0:
+        k = req.prefix_len - path.shape[0]
+        partial = self._matched.pop(req, None) if self._matched else None
+        if k == 0:
+            return path
+        if k < 0:
             return path[: req.prefix_len]
         if partial is None or partial.length < k or not self._source_cached(partial):
             raise RuntimeError(
@@ -468,8 +483,10 @@ class OscarRadixCache(BasePrefixCache):
         return self.tree.contains_page(partial.page)
 
     def on_release(self, req: Req, *, checkpointed: bool) -> None:
-        self._matched.pop(req, None)
-        self._pending.pop(req, None)
+        if self._matched:
+            self._matched.pop(req, None)
+        if self._pending:
+            self._pending.pop(req, None)
 
     # ----- tails ----------------------------------------------------------------------------
 

@@ -58,6 +58,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from sglang.srt.mem_cache.base_prefix_cache import (
     BasePrefixCache,
@@ -167,6 +168,8 @@ class OscarRadixCache(BasePrefixCache):
         self._matched: weakref.WeakKeyDictionary[Req, PartialPage] = weakref.WeakKeyDictionary()
         self._pending: weakref.WeakKeyDictionary[Req, PartialPage] = weakref.WeakKeyDictionary()
         self._protect: set[int] = set()
+        self._rows_of: torch.Tensor | None = None  # the table self._rows views
+        self._rows: np.ndarray | None = None
         self._receipt = DecLockRefParams()
         if self._residual is not None:
             self._residual.reclaim_residual = self._reclaim_residual
@@ -190,6 +193,14 @@ class OscarRadixCache(BasePrefixCache):
         else:
             heads = value[: n_tokens : self.page_size].cpu().numpy()
         return heads // self.page_size if self.page_size > 1 else heads
+
+    def _host_row(self, idx: int) -> np.ndarray:
+        """Row ``idx`` of the host ``req_to_token`` table as a numpy view (a torch index
+        and ``.numpy()`` per call cost more than what reads the row)."""
+        table = self.req_to_token_pool.req_to_token
+        if self._rows_of is not table:
+            self._rows_of, self._rows = table, table.numpy()
+        return self._rows[idx]
 
     def _weights(self, pages: Any) -> Any:
         """Per page, 1 + its companion pages (OscarPageAllocator), so that the tree's sizes,
@@ -340,7 +351,6 @@ class OscarRadixCache(BasePrefixCache):
         n = total // self.page_size * self.page_size
         if key_limit is not None:
             n = min(n, key_limit)
-        kv_indices = self.req_to_token_pool.req_to_token[kv.req_pool_idx, :total]
         ns = _request_namespace(req)
         prompt_len = len(req.origin_input_ids) // self.page_size * self.page_size
         split = 0 < prompt_len < n
@@ -348,13 +358,14 @@ class OscarRadixCache(BasePrefixCache):
             self._host_free is None or not self.token_to_kv_pool_allocator.companion_pages
         ):
             # Every page weighs 1: the tree reads the page ids off the row in place.
-            locs = kv_indices.numpy()
+            locs = self._host_row(kv.req_pool_idx)[:total]
             prefix, dups, node = self.tree.insert_locations(token_ids, locs, ns, n)
             if split:
                 # Split the leaf at the prompt boundary so eviction can drop the output KV
                 # without the prompt; the re-insert only changes topology.
                 self.tree.insert_locations(token_ids, locs, ns, prompt_len)
         else:
+            kv_indices = self.req_to_token_pool.req_to_token[kv.req_pool_idx, :total]
             pages = self._pages_of(kv_indices, n)
             prefix, dups, node = self.tree.insert(
                 token_ids, pages, ns, n, self._weights(pages), kv_row=True
@@ -369,9 +380,9 @@ class OscarRadixCache(BasePrefixCache):
             if had_duplicates:
                 self._host_free(dups)
         elif prefix > kv.cache_protected_len:
-            self.token_to_kv_pool_allocator.free_segment(
-                kv_indices[kv.cache_protected_len : prefix], start_pos=kv.cache_protected_len
-            )
+            start = kv.cache_protected_len
+            dup_indices = self.req_to_token_pool.req_to_token[kv.req_pool_idx, start:prefix]
+            self.token_to_kv_pool_allocator.free_segment(dup_indices, start_pos=start)
         return ns, n, node, had_duplicates
 
     def checkpoint(self, req: Req, *, up_to: int, **kwargs: Any) -> None:
@@ -481,6 +492,36 @@ class OscarRadixCache(BasePrefixCache):
         if partial.tail is not None:
             return partial.tail.alive
         return self.tree.contains_page(partial.page)
+
+    def free_kv_row(self, kv: Any, ranges: list[tuple[int, int]]) -> None:
+        """``BasePrefixCache.free_kv_row`` on the host path: the page ids of the ranges go
+        straight from the row to the Rust allocator (the base class slices tensors and
+        routes each range through SGLang's segment helpers, which cost more than the
+        free). Same contract: ascending, disjoint ranges, each page freed once (adjacent
+        ranges merged first), starts page-aligned. Sliding windows never reach this cache
+        (rejected at construction), so nothing is SWA-dead."""
+        if self._host_free is None or not self._on_host:
+            super().free_kv_row(kv, ranges)
+            return
+        from sglang.srt.mem_cache.common import coalesce_ranges
+
+        ps = self.page_size
+        row = self._host_row(kv.req_pool_idx)
+        heads = []
+        prev_end = None
+        for start, end in coalesce_ranges(ranges):
+            if end <= start:
+                continue
+            if start % ps or (prev_end is not None and start // ps <= (prev_end - 1) // ps):
+                raise ValueError(
+                    f"oscar-kv: row range [{start}, {end}) is not page-aligned or shares a "
+                    f"page with the range ending at {prev_end}"
+                )
+            prev_end = end
+            heads.append(row[start:end:ps])
+        if heads:
+            locs = heads[0] if len(heads) == 1 else np.concatenate(heads)
+            self._host_free(locs // ps)
 
     def on_release(self, req: Req, *, checkpointed: bool) -> None:
         if self._matched:

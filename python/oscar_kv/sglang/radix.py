@@ -273,7 +273,10 @@ class OscarRadixCache(BasePrefixCache):
         key = params.key
         if self.disable or key.is_bigram:
             return self._empty_match_result
-        n = len(key)
+        # RadixKey.__len__ for a key that is not a bigram, without its two Python calls.
+        n = len(key.token_ids)
+        if key.limit is not None and key.limit < n:
+            n = key.limit
         ns = _namespace(key)
         if n < self.page_size:
             matched, node = 0, ROOT
@@ -471,7 +474,7 @@ class OscarRadixCache(BasePrefixCache):
         request's residual page is filled from the source once the request holds a slot."""
         path = self.path_device_indices(req.last_node)
         k = req.prefix_len - path.shape[0]
-        partial = self._matched.pop(req, None) if self._matched else None
+        partial = self._matched.pop(req, None) if self._residual is not None else None
         if k == 0:
             return path
         if k < 0:
@@ -503,13 +506,19 @@ class OscarRadixCache(BasePrefixCache):
         if self._host_free is None or not self._on_host:
             super().free_kv_row(kv, ranges)
             return
-        from sglang.srt.mem_cache.common import coalesce_ranges
-
         ps = self.page_size
         row = self._host_row(kv.req_pool_idx)
+        merged: list[list[int]] = []
+        for start, end in ranges:
+            # SGLang's coalesce_ranges: adjacent ranges merge, so a seam inside a page
+            # frees that page once.
+            if merged and start == merged[-1][1]:
+                merged[-1][1] = end
+            else:
+                merged.append([start, end])
         heads = []
         prev_end = None
-        for start, end in coalesce_ranges(ranges):
+        for start, end in merged:
             if end <= start:
                 continue
             if start % ps or (prev_end is not None and start // ps <= (prev_end - 1) // ps):
@@ -524,9 +533,8 @@ class OscarRadixCache(BasePrefixCache):
             self._host_free(locs // ps)
 
     def on_release(self, req: Req, *, checkpointed: bool) -> None:
-        if self._matched:
+        if self._residual is not None:  # the only case that keeps per-request state
             self._matched.pop(req, None)
-        if self._pending:
             self._pending.pop(req, None)
 
     # ----- tails ----------------------------------------------------------------------------

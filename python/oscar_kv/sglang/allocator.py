@@ -68,6 +68,8 @@ class OscarPageAllocator(BaseTokenToKVPoolAllocator):
         self._device = torch.device(device)
         self._on_host = self._device.type == "cpu"
         self.reclaim_pages: Callable[[int], int] | None = None
+        self._companions_of: Any = None
+        self._companions_n = 0
         self._pages = _native.PageAllocator(self.num_pages + 1, reserved=1)
         self.clear()
 
@@ -114,7 +116,12 @@ class OscarPageAllocator(BaseTokenToKVPoolAllocator):
     # ----- allocation -------------------------------------------------------------------
 
     def _companions(self) -> int:
-        return int(getattr(self._kvcache, "sink_companions", 0) or 0)
+        # Fixed by the pool at construction; read once per pool (a getattr that misses, on
+        # SGLang's own pools, costs more than the allocation it guards).
+        if self._companions_of is not self._kvcache:
+            self._companions_of = self._kvcache
+            self._companions_n = int(getattr(self._kvcache, "sink_companions", 0) or 0)
+        return self._companions_n
 
     def _tensor(self, values: array | bytearray) -> torch.Tensor:
         if not len(values):

@@ -72,6 +72,61 @@ def test_match_len_and_limit():
         t.match_len(toks(1), limit=-1)
 
 
+def sorted_state(t) -> tuple:
+    nodes, *sizes = snapshot(t)
+    return (sorted(nodes, key=lambda d: d["node"]), *sizes)
+
+
+def test_checkpoint_row_is_the_checkpoint_steps_in_one_call():
+    """checkpoint_row == insert_locations, the prompt-split re-insert, touch_path, unlock of
+    the old node and lock of the new one: same returns, tree, stamps and locks."""
+    rng = random.Random(3)
+    steps, one = n.RadixTree(4096, page_size=PS), n.RadixTree(4096, page_size=PS)
+    next_page = 1
+    locks: list[int] = []
+    for i in range(200):
+        syms = [rng.randrange(3) for _ in range(rng.randrange(1, 9))]
+        key = np.array(toks(*syms) + [7] * rng.randrange(PS), dtype=np.int64)
+        ns = rng.choice([None, "lora"])
+        matched, node = steps.match_len(key, ns)
+        assert (matched, node) == one.match_len(key, ns)
+        pages = list(steps.path_pages(node))
+        if pages and rng.random() < 0.2:
+            pages.pop()  # the request's own copy of a cached page: a duplicate
+        while len(pages) < len(syms):
+            pages.append(next_page)
+            next_page += 1
+        row = np.repeat(np.array(pages, dtype=np.int32) * PS, PS)
+        for t in (steps, one):
+            t.lock(node)
+        split = rng.randrange(len(key) + 1)
+        whole = len(key) // PS * PS
+        a = steps.insert_locations(key, row, ns, whole)
+        if 0 < split // PS * PS < whole:
+            steps.insert_locations(key, row, ns, split // PS * PS)
+        steps.touch_path(a[2])
+        steps.unlock(node)
+        steps.lock(a[2])
+        b = one.checkpoint_row(key, row, ns, whole, split_at=split, unlock=node)
+        assert (a[0], a[2]) == (b[0], b[2]) and list(a[1] or []) == list(b[1] or [])
+        # Sorted: children are listed in hash order, and each tree has its own hash seed.
+        assert sorted_state(steps) == sorted_state(one), i
+        locks.append(a[2])
+        if len(locks) > 4:
+            old = locks.pop(rng.randrange(len(locks)))
+            steps.unlock(old)
+            one.unlock(old)
+        if i % 17 == 0:
+            assert list(steps.evict(3)) == list(one.evict(3))
+    one.check_invariants()
+    t = n.RadixTree(16, page_size=PS)
+    unlocked = t.insert(toks(1), [1])[2]
+    before = snapshot(t)
+    with pytest.raises(n.LockUnderflow):
+        t.checkpoint_row(toks(1, 2), np.arange(PS, 3 * PS), unlock=unlocked)
+    assert snapshot(t) == before
+
+
 def test_insert_locations_and_location_buffers():
     t = n.RadixTree(16, page_size=PS)
     # Page i of the key is its location i * PS divided by PS; the other locations are unread.

@@ -205,6 +205,19 @@ class RadixTree(_TreeView):
         """insert with the key's KV locations (at least as many as whole-page tokens) for the
         pages: page i is locations[i * page_size] // page_size, read in place. duplicates is
         None when there are none. The locations are a KV row (as insert's kv_row=True)."""
+    def checkpoint_row(
+        self,
+        tokens: _Ints,
+        locations: _Ints,
+        namespace: str | None = None,
+        limit: int | None = None,
+        split_at: int = 0,
+        unlock: int = ...,
+    ) -> tuple[int, array[int] | None, int]:
+        """SGLang's checkpoint of a KV row in one call: insert_locations of the first
+        `limit` tokens, the re-insert of the first `split_at` (the prompt split), the key's
+        path stamped, the request's lock moved from `unlock` (default ROOT_NODE: none) to
+        the key's node. Returns insert_locations's triple."""
     def touch_path(self, node: int) -> None:
         """Stamps the path to `node` as just used, as a match ending there would."""
     def evict(self, num_pages: int) -> array[int]:

@@ -345,28 +345,30 @@ class OscarRadixCache(BasePrefixCache):
     def _insert_cache(
         self, req: Req, token_ids: Any, total: int, *, key_limit: int | None = None
     ) -> tuple[str | None, int, int, bool]:
-        """RadixCache._insert_cache for the first ``total`` of ``token_ids``: insert the
-        page-aligned key, split it at the prompt boundary, free the request's duplicates of
-        cached pages. Returns the namespace, the key's length, the node where it ends and
-        whether the request had duplicates. The pages are the request's KV row, so its
-        matched prefix (the tree's own pages) is not compared token by token again."""
+        """RadixCache._insert_cache and the rest of its checkpoint's tree work for the first
+        ``total`` of ``token_ids``: insert the page-aligned key, split it at the prompt
+        boundary, stamp the key's path as its re-match would, move the request's lock to
+        the key's node, free the request's duplicates of cached pages. Returns the
+        namespace, the key's length, the node where it ends and whether the request had
+        duplicates. The pages are the request's KV row, so its matched prefix (the tree's
+        own pages) is not compared token by token again."""
         kv = req.kv
         n = total // self.page_size * self.page_size
         if key_limit is not None:
             n = min(n, key_limit)
         ns = _request_namespace(req)
         prompt_len = len(req.origin_input_ids) // self.page_size * self.page_size
-        split = 0 < prompt_len < n
+        split = prompt_len if 0 < prompt_len < n else 0
         if self._on_host and (
             self._host_free is None or not self.token_to_kv_pool_allocator.companion_pages
         ):
-            # Every page weighs 1: the tree reads the page ids off the row in place.
-            locs = self._host_row(kv.req_pool_idx)[:total]
-            prefix, dups, node = self.tree.insert_locations(token_ids, locs, ns, n)
-            if split:
-                # Split the leaf at the prompt boundary so eviction can drop the output KV
-                # without the prompt; the re-insert only changes topology.
-                self.tree.insert_locations(token_ids, locs, ns, prompt_len)
+            # Every page weighs 1: one call, and the tree reads the page ids off the row in
+            # place.
+            old = req.lock.node if req.lock is not None else ROOT
+            prefix, dups, node = self.tree.checkpoint_row(
+                token_ids, self._host_row(kv.req_pool_idx)[:total], ns, n, split, old
+            )
+            req.lock = TreeLock(node, self._receipt)
         else:
             kv_indices = self.req_to_token_pool.req_to_token[kv.req_pool_idx, :total]
             pages = self._pages_of(kv_indices, n)
@@ -374,8 +376,17 @@ class OscarRadixCache(BasePrefixCache):
                 token_ids, pages, ns, n, self._weights(pages), kv_row=True
             )
             if split:
-                prompt_pages = pages[: prompt_len // self.page_size]
-                self.tree.insert(token_ids, prompt_pages, ns, prompt_len, kv_row=True)
+                # Split the leaf at the prompt boundary so eviction can drop the output KV
+                # without the prompt; the re-insert only changes topology.
+                self.tree.insert(
+                    token_ids, pages[: split // self.page_size], ns, split, kv_row=True
+                )
+            # RadixCache.checkpoint matches the key it just inserted, for the node and to
+            # stamp the path; the insert's node (kept by the prompt split, which splits
+            # above it) and a stamp of its path give both without a second walk.
+            self.tree.touch_path(node)
+            self.unlock(req.lock)
+            req.lock = self.lock(node)
         kv.cache_inserted_len = max(kv.cache_inserted_len, n)
         had_duplicates = dups is not None and len(dups) > 0
         if prefix > kv.cache_protected_len and self._host_free is not None:
@@ -396,12 +407,8 @@ class OscarRadixCache(BasePrefixCache):
         total = min(up_to, len(token_ids))
         floor = req.kv.swa_evict_floor
         key_limit = math.ceil(floor / self.page_size) * self.page_size if floor > 0 else None
-        ns, n, node, had_duplicates = self._insert_cache(req, token_ids, total, key_limit=key_limit)
-        # RadixCache.checkpoint matches the key it just inserted, for the node and to stamp
-        # the path; the insert's node (kept by the prompt split, which splits above it) and
-        # a stamp of its path give both without a second walk over the tokens.
-        self.tree.touch_path(node)
         protected = req.kv.cache_protected_len
+        ns, n, node, had_duplicates = self._insert_cache(req, token_ids, total, key_limit=key_limit)
         if n > protected and had_duplicates:
             # Repoint the row onto the tree's pages. Without duplicates the row already is
             # the tree's path: its protected prefix came from the tree, and the tree adopted
@@ -413,8 +420,6 @@ class OscarRadixCache(BasePrefixCache):
         # The partial last page stays in the request's row, not in the tree; a finished
         # request's residual page (that partial page's KV) becomes a tail of node.
         req.kv.cache_protected_len = n
-        self.unlock(req.lock)
-        req.lock = self.lock(node)
         req.last_node = node
         finished = self._residual is not None and req.finished() and key_limit is None
         if finished and total > n:

@@ -126,6 +126,25 @@ fn nodes_list(py: Python<'_>, tree: &oscar_core::RadixTree) -> PyResult<Vec<PyOb
     Ok(out)
 }
 
+/// The page of every `page_size`-th of the first `whole` KV locations (a KV row).
+fn row_pages(
+    locations: &PyAny,
+    ps: usize,
+    whole: usize,
+    num_pages: usize,
+) -> PyResult<Vec<PageId>> {
+    crate::buffer::ints_every(locations, "locations", ps, whole)?
+        .into_iter()
+        .map(|loc| {
+            let page = loc.div_euclid(ps as i64);
+            u32::try_from(page)
+                .ok()
+                .filter(|&q| (q as usize) < num_pages)
+                .ok_or_else(|| cache_error(CacheError::PageOutOfRange { page, num_pages }))
+        })
+        .collect()
+}
+
 fn invariants(r: Result<(), String>) -> PyResult<()> {
     r.map_err(|e| PyRuntimeError::new_err(format!("invariant broken: {e}")))
 }
@@ -740,17 +759,7 @@ tree_methods!(RadixTree, tree_view, {
             (t.page_size(), t.num_pages())
         };
         let whole = with_keys!(ids.keys(), |k| k.len()) / ps * ps;
-        let heads = crate::buffer::ints_every(locations, "locations", ps, whole)?;
-        let pages = heads
-            .into_iter()
-            .map(|loc| {
-                let page = loc.div_euclid(ps as i64);
-                u32::try_from(page)
-                    .ok()
-                    .filter(|&q| (q as usize) < num_pages)
-                    .ok_or_else(|| cache_error(CacheError::PageOutOfRange { page, num_pages }))
-            })
-            .collect::<PyResult<Vec<PageId>>>()?;
+        let pages = row_pages(locations, ps, whole, num_pages)?;
         let weights = weights.map(weight_list).transpose()?;
         let out = locked(&self.inner, |t| {
             with_keys!(ids.keys(), |k| t.insert_row(
@@ -759,6 +768,69 @@ tree_methods!(RadixTree, tree_view, {
                 &pages,
                 weights.as_deref()
             ))
+        })?
+        .map_err(cache_error)?;
+        let dups = if out.duplicates.is_empty() {
+            None
+        } else {
+            Some(page_array(py, &out.duplicates)?)
+        };
+        Ok((out.prefix_pages * ps, dups, out.node.raw()))
+    }
+
+    /// SGLang's `checkpoint` of a request's KV row in one call: `insert_locations` of the
+    /// first `limit` tokens, then, for `0 < split_at < limit`, the re-insert of the first
+    /// `split_at` tokens (SGLang splits the leaf at the prompt boundary: only topology and
+    /// recency change), the path to the key's node stamped as its re-match would, and the
+    /// request's lock moved from `unlock` (ROOT_NODE: none) to that node. Returns
+    /// `(prefix_tokens, duplicates or None, node)`, as `insert_locations`. Bad input,
+    /// including an `unlock` node without a lock, changes nothing (the one error after the
+    /// insert would be a lock count overflowing u32 on the key's node).
+    #[args(
+        namespace = "None",
+        limit = "None",
+        split_at = "0",
+        unlock = "u64::MAX"
+    )]
+    #[pyo3(
+        text_signature = "($self, tokens, locations, namespace=None, limit=None, split_at=0, \
+                          unlock=ROOT_NODE)"
+    )]
+    #[allow(clippy::too_many_arguments)]
+    fn checkpoint_row(
+        &self,
+        py: Python<'_>,
+        tokens: &PyAny,
+        locations: &PyAny,
+        namespace: Option<&str>,
+        limit: Option<i64>,
+        split_at: i64,
+        unlock: u64,
+    ) -> PyResult<(usize, Option<PyObject>, u64)> {
+        let ids = TokenIds::get_for_row(tokens, limit_arg(limit)?)?;
+        let (ps, num_pages) = {
+            let t = read(&self.inner)?;
+            (t.page_size(), t.num_pages())
+        };
+        let whole = with_keys!(ids.keys(), |k| k.len()) / ps * ps;
+        let pages = row_pages(locations, ps, whole, num_pages)?;
+        let split = count("split_at", split_at)? / ps * ps;
+        let old = NodeHandle::from_raw(unlock);
+        let out = locked(&self.inner, |t| {
+            // The old lock is checked first, so that a bad one changes nothing.
+            if !old.is_root() && t.lock_ref(old)? == 0 {
+                return Err(CacheError::LockUnderflow { handle: unlock });
+            }
+            with_keys!(ids.keys(), |k| {
+                let out = t.insert_row(namespace, k, &pages, None)?;
+                if 0 < split && split < whole {
+                    t.insert_row(namespace, &k[..split], &pages[..split / ps], None)?;
+                }
+                t.touch_path(out.node)?;
+                t.unlock(old)?;
+                t.lock(out.node)?;
+                Ok(out)
+            })
         })?
         .map_err(cache_error)?;
         let dups = if out.duplicates.is_empty() {

@@ -10,7 +10,10 @@ bookkeeping and lock counting in Rust:
 - ``insert(InsertParams) -> InsertResult``; ``checkpoint(req, up_to=...)`` (what the
   scheduler calls for chunked, decode and finishing requests): insert the request's whole
   pages, free its duplicates of cached pages, repoint its KV row onto the tree's pages and
-  move its lock, exactly as ``RadixCache.checkpoint``. The partial last page of a request
+  move its lock, with ``RadixCache.checkpoint``'s outcome and recency. On the host that is
+  one binding call (``RadixTree.checkpoint_row``): the row's own pages identify its cached
+  prefix by page id (no second comparison of the history's tokens, no re-match), and the
+  row is rewritten only when the request had duplicates. The partial last page of a request
   is never inserted. ``cache_finished_req`` / ``cache_unfinished_req`` are kept as
   aliases for callers written against older SGLang.
 - ``evict(EvictParams) -> EvictResult``: least recently used unlocked leaves first, whole

@@ -18,6 +18,8 @@ bookkeeping and lock counting in Rust:
   aliases for callers written against older SGLang.
 - ``evict(EvictParams) -> EvictResult``: least recently used unlocked leaves first, whole
   leaves, the freed pages returned to SGLang's allocator in one call.
+- ``free_kv_row(kv, ranges)`` (what ``release_kv_cache`` calls for the rest of the row): on
+  the host the ranges' page ids go from a numpy view of the row to the Rust allocator.
 - ``inc_lock_ref`` / ``dec_lock_ref`` (and the base ``lock`` / ``unlock``), sizes,
   ``reset``, ``path_device_indices``, ``dfs_weight_order``, ``all_values_flatten``,
   ``sanity_check``, ``pretty_print``.

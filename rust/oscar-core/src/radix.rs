@@ -521,8 +521,23 @@ impl RadixTree {
     }
 
     fn find_child<K: KeyToken>(&self, parent: u32, page: &[K]) -> Option<u32> {
+        let p = &self.nodes[parent as usize];
+        match p.num_children {
+            0 => return None,
+            1 => {
+                // Most nodes on a chat's path have one child (its own continuation): compare
+                // with it directly instead of hashing the page and probing the map. (A
+                // `Many` bucket holds two or more children, so a sole child is `One`.)
+                let c = match p.children.values().next()? {
+                    Child::One(c) => *c,
+                    Child::Many(v) => v[0],
+                };
+                return K::page_eq(page, self.first_page(c)).then_some(c);
+            }
+            _ => {}
+        }
         let h = self.page_hash(page);
-        match self.nodes[parent as usize].children.get(&h)? {
+        match p.children.get(&h)? {
             Child::One(c) => K::page_eq(page, self.first_page(*c)).then_some(*c),
             Child::Many(v) => v
                 .iter()

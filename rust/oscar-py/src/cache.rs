@@ -126,23 +126,18 @@ fn nodes_list(py: Python<'_>, tree: &oscar_core::RadixTree) -> PyResult<Vec<PyOb
     Ok(out)
 }
 
-/// The page of every `page_size`-th of the first `whole` KV locations (a KV row).
-fn row_pages(
-    locations: &PyAny,
+/// `(prefix_tokens, duplicates or None, node)` of a KV-row insert.
+fn row_outcome(
+    py: Python<'_>,
+    out: oscar_core::InsertOutcome,
     ps: usize,
-    whole: usize,
-    num_pages: usize,
-) -> PyResult<Vec<PageId>> {
-    crate::buffer::ints_every(locations, "locations", ps, whole)?
-        .into_iter()
-        .map(|loc| {
-            let page = loc.div_euclid(ps as i64);
-            u32::try_from(page)
-                .ok()
-                .filter(|&q| (q as usize) < num_pages)
-                .ok_or_else(|| cache_error(CacheError::PageOutOfRange { page, num_pages }))
-        })
-        .collect()
+) -> PyResult<(usize, Option<PyObject>, u64)> {
+    let dups = if out.duplicates.is_empty() {
+        None
+    } else {
+        Some(page_array(py, &out.duplicates)?)
+    };
+    Ok((out.prefix_pages * ps, dups, out.node.raw()))
 }
 
 fn invariants(r: Result<(), String>) -> PyResult<()> {
@@ -675,6 +670,36 @@ pub struct RadixTree {
     inner: Mutex<oscar_core::RadixTree>,
 }
 
+impl RadixTree {
+    /// The arguments of a KV-row insert: the first `limit` token ids (unchecked in place,
+    /// see `TokenIds::get_for_row`), the page of every `page_size`-th of their whole pages'
+    /// KV locations, and the page size.
+    fn kv_row_args(
+        &self,
+        tokens: &PyAny,
+        locations: &PyAny,
+        limit: Option<i64>,
+    ) -> PyResult<(TokenIds, Vec<PageId>, usize)> {
+        let ids = TokenIds::get_for_row(tokens, limit_arg(limit)?)?;
+        let (ps, num_pages) = {
+            let t = read(&self.inner)?;
+            (t.page_size(), t.num_pages())
+        };
+        let whole = with_keys!(ids.keys(), |k| k.len()) / ps * ps;
+        let pages = crate::buffer::ints_every(locations, "locations", ps, whole)?
+            .into_iter()
+            .map(|loc| {
+                let page = loc.div_euclid(ps as i64);
+                u32::try_from(page)
+                    .ok()
+                    .filter(|&q| (q as usize) < num_pages)
+                    .ok_or_else(|| cache_error(CacheError::PageOutOfRange { page, num_pages }))
+            })
+            .collect::<PyResult<Vec<PageId>>>()?;
+        Ok((ids, pages, ps))
+    }
+}
+
 tree_methods!(RadixTree, tree_view, {
     #[new]
     #[args(page_size = "128")]
@@ -753,13 +778,7 @@ tree_methods!(RadixTree, tree_view, {
         limit: Option<i64>,
         weights: Option<&PyAny>,
     ) -> PyResult<(usize, Option<PyObject>, u64)> {
-        let ids = TokenIds::get_for_row(tokens, limit_arg(limit)?)?;
-        let (ps, num_pages) = {
-            let t = read(&self.inner)?;
-            (t.page_size(), t.num_pages())
-        };
-        let whole = with_keys!(ids.keys(), |k| k.len()) / ps * ps;
-        let pages = row_pages(locations, ps, whole, num_pages)?;
+        let (ids, pages, ps) = self.kv_row_args(tokens, locations, limit)?;
         let weights = weights.map(weight_list).transpose()?;
         let out = locked(&self.inner, |t| {
             with_keys!(ids.keys(), |k| t.insert_row(
@@ -770,12 +789,7 @@ tree_methods!(RadixTree, tree_view, {
             ))
         })?
         .map_err(cache_error)?;
-        let dups = if out.duplicates.is_empty() {
-            None
-        } else {
-            Some(page_array(py, &out.duplicates)?)
-        };
-        Ok((out.prefix_pages * ps, dups, out.node.raw()))
+        row_outcome(py, out, ps)
     }
 
     /// SGLang's `checkpoint` of a request's KV row in one call: `insert_locations` of the
@@ -807,13 +821,8 @@ tree_methods!(RadixTree, tree_view, {
         split_at: i64,
         unlock: u64,
     ) -> PyResult<(usize, Option<PyObject>, u64)> {
-        let ids = TokenIds::get_for_row(tokens, limit_arg(limit)?)?;
-        let (ps, num_pages) = {
-            let t = read(&self.inner)?;
-            (t.page_size(), t.num_pages())
-        };
-        let whole = with_keys!(ids.keys(), |k| k.len()) / ps * ps;
-        let pages = row_pages(locations, ps, whole, num_pages)?;
+        let (ids, pages, ps) = self.kv_row_args(tokens, locations, limit)?;
+        let whole = pages.len() * ps;
         let split = count("split_at", split_at)? / ps * ps;
         let old = NodeHandle::from_raw(unlock);
         let out = locked(&self.inner, |t| {
@@ -833,12 +842,7 @@ tree_methods!(RadixTree, tree_view, {
             })
         })?
         .map_err(cache_error)?;
-        let dups = if out.duplicates.is_empty() {
-            None
-        } else {
-            Some(page_array(py, &out.duplicates)?)
-        };
-        Ok((out.prefix_pages * ps, dups, out.node.raw()))
+        row_outcome(py, out, ps)
     }
 
     /// Stamps the path to `node` as just used (one new tick), as a match ending there

@@ -78,6 +78,7 @@ from sglang.srt.mem_cache.base_prefix_cache import (
     MatchResult,
     TreeLock,
 )
+from sglang.srt.mem_cache.common import coalesce_ranges
 from sglang.srt.mem_cache.radix_cache import RadixKey
 
 from oscar_kv import _native
@@ -104,17 +105,20 @@ class PartialPage:
     page: int = -1
 
 
-def _namespace(key: RadixKey) -> str | None:
-    if key.extra_key is None and key.cache_salt is None:
+def _tree_namespace(extra_key: str | None, cache_salt: str | None) -> str | None:
+    if extra_key is None and cache_salt is None:
         return None
     # repr of the pair is injective over (str | None, str | None).
-    return repr((key.extra_key, key.cache_salt))
+    return repr((extra_key, cache_salt))
+
+
+def _namespace(key: RadixKey) -> str | None:
+    return _tree_namespace(key.extra_key, key.cache_salt)
 
 
 def _request_namespace(req: Req) -> str | None:
     """The namespace of a request's keys (``RadixKey`` maps an empty salt to None)."""
-    salt = req.cache_salt or None
-    return None if req.extra_key is None and salt is None else repr((req.extra_key, salt))
+    return _tree_namespace(req.extra_key, req.cache_salt or None)
 
 
 class OscarRadixCache(BasePrefixCache):
@@ -518,17 +522,10 @@ class OscarRadixCache(BasePrefixCache):
             return
         ps = self.page_size
         row = self._host_row(kv.req_pool_idx)
-        merged: list[list[int]] = []
-        for start, end in ranges:
-            # SGLang's coalesce_ranges: adjacent ranges merge, so a seam inside a page
-            # frees that page once.
-            if merged and start == merged[-1][1]:
-                merged[-1][1] = end
-            else:
-                merged.append([start, end])
         heads = []
         prev_end = None
-        for start, end in merged:
+        # Adjacent ranges merge first, so a seam inside a page frees that page once.
+        for start, end in coalesce_ranges(ranges):
             if end <= start:
                 continue
             if start % ps or (prev_end is not None and start // ps <= (prev_end - 1) // ps):

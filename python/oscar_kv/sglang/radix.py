@@ -211,6 +211,11 @@ class OscarRadixCache(BasePrefixCache):
             self._rows_of, self._rows = table, table.numpy()
         return self._rows[idx]
 
+    def _unit_weights(self) -> bool:
+        """Whether every page weighs 1 (no companion pages anywhere), so the tree can read
+        the page ids off the KV locations itself (`_weights` would give None)."""
+        return self._host_free is None or not self.token_to_kv_pool_allocator.companion_pages
+
     def _weights(self, pages: Any) -> Any:
         """Per page, 1 + its companion pages (OscarPageAllocator), so that the tree's sizes,
         lock deltas and eviction targets count what a page holds; None when no page has
@@ -338,7 +343,7 @@ class OscarRadixCache(BasePrefixCache):
         if params.value.shape[0] < n:
             raise ValueError(f"InsertParams.value holds {len(params.value)} indices, key needs {n}")
         ns = _namespace(key)
-        if self._host_free is None or not self.token_to_kv_pool_allocator.companion_pages:
+        if self._unit_weights():
             # No page weighs more than 1: the binding reads the pages off the locations.
             value = params.value
             locs = value.numpy() if self._on_host else value[:n].cpu().numpy()
@@ -368,9 +373,7 @@ class OscarRadixCache(BasePrefixCache):
         ns = _request_namespace(req)
         prompt_len = len(req.origin_input_ids) // self.page_size * self.page_size
         split = prompt_len if 0 < prompt_len < n else 0
-        if self._on_host and (
-            self._host_free is None or not self.token_to_kv_pool_allocator.companion_pages
-        ):
+        if self._on_host and self._unit_weights():
             # Every page weighs 1: one call, and the tree reads the page ids off the row in
             # place.
             old = req.lock.node if req.lock is not None else ROOT

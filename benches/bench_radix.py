@@ -61,12 +61,22 @@ three SGLang-API caches; oscar and oscar-fine): the SGLang checkpoint's split at
 boundary leaves the output its own leaf, so LRU eviction frees fewer tokens per call than
 the Rust PrefixCache (one leaf per request) and evicts more often.
 
+A third run, the split run, repeats the interleaved one for the three SGLang-API caches with
+every public method of each cache and of its KV allocator timed (``CallTimer``; a call one
+makes into the other counts once, in the outer call). What the timed steps spend outside
+those calls is the scheduler's own code (``ReqToTokenPool``, ``Req`` state, the glue in
+``match_kv_cache`` and ``release_kv_cache``), the same work for every cache. The
+speedup_cache_* columns are the ratios of the time inside the cache and allocator calls;
+ceiling_* is what a row's split-run speedup would be if its cache and allocator calls took
+no time at all. The timers add a fraction of a microsecond per call to every row.
+
 An op is one request admission (1 + the evict calls it makes) or one request finish (1);
 ops_per_s is ops over the timed seconds. Writes benches/results/radix.csv
-(device,commit,impl,ops_per_s,matched_tokens_per_s,hit_rate,peak_rss_mb), radix_detail.csv
-and radix.png; commit is the checkout's HEAD (run it on committed code).
+(device,commit,impl,ops_per_s,matched_tokens_per_s,hit_rate,peak_rss_mb), radix_detail.csv,
+radix_split.csv (the split run per method, and the scheduler's share) and radix.png; commit
+is the checkout's HEAD (run it on committed code).
 
-    python benches/bench_radix.py                 # full run (about 4 minutes on 2 cores)
+    python benches/bench_radix.py                 # full run (about 6 minutes on 2 cores)
     python benches/bench_radix.py --conversations 200 --gsp-groups 8   # quick
 """
 
@@ -75,6 +85,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import inspect
 import json
 import os
 import resource
@@ -83,7 +94,7 @@ import sys
 import tempfile
 import time
 from array import array
-from collections import deque
+from collections import Counter, defaultdict, deque
 from pathlib import Path
 
 import numpy as np
@@ -256,6 +267,43 @@ class OscarFine(Oscar):
         if len(pages) > whole:
             c.free(pages[whole:])
         c.unlock(node)
+
+
+class CallTimer:
+    """Wall time inside the outermost calls to the cache's and the KV allocator's own
+    methods, per method. A call one of them makes into the other (RadixCache.evict freeing
+    through the allocator, a checkpoint re-matching its key) counts once, in the outer
+    call; everything else the timed scheduler steps do (the ReqToTokenPool, Req state,
+    match_kv_cache's and release_kv_cache's own code) is the scheduler's share."""
+
+    def __init__(self) -> None:
+        self.seconds: defaultdict[str, float] = defaultdict(float)
+        self.calls: Counter[str] = Counter()
+        self._inside = False
+
+    def instrument(self, obj, owner: str) -> None:
+        """Times every public method of ``obj``'s class through ``obj`` (an instance
+        attribute shadowing the method, so SGLang's glue calls the timed one)."""
+        for name, _ in inspect.getmembers(type(obj), inspect.isfunction):
+            if not name.startswith("_"):
+                setattr(obj, name, self._timed(getattr(obj, name), f"{owner}.{name}"))
+
+    def _timed(self, f, label: str):
+        clock = time.perf_counter
+
+        def timed(*args, **kwargs):
+            if self._inside:
+                return f(*args, **kwargs)
+            self._inside = True
+            t0 = clock()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                self.seconds[label] += clock() - t0
+                self.calls[label] += 1
+                self._inside = False
+
+        return timed
 
 
 class Sglang:
@@ -439,11 +487,18 @@ def make_impl(name: str, pool_pages: int, batch: int):
 _KEEP: list = []
 
 
-def run_trace(args, names: list[str], keep: bool = False) -> dict[str, dict]:
+def run_trace(
+    args, names: list[str], keep: bool = False, split: dict[str, CallTimer] | None = None
+) -> dict[str, dict]:
     """Feeds every event of the trace to every implementation in turn (the order rotating
     from event to event), timing each call: machine noise hits all of them alike. With
-    `keep`, the caches stay alive after the call (for measuring their memory)."""
+    `keep`, the caches stay alive after the call (for measuring their memory); with
+    `split`, each named SGLang-API implementation's cache and allocator calls are timed
+    too (`CallTimer`)."""
     impls = {n: make_impl(n, args.pool_pages, args.batch) for n in names}
+    for n, timer in (split or {}).items():
+        timer.instrument(impls[n].cache, "cache")
+        timer.instrument(impls[n].alloc, "allocator")
     res = {
         n: {
             "states": {},
@@ -563,6 +618,13 @@ def run_all(args) -> list[dict]:
     timed = run_trace(args, names)
     print(f"[bench_radix] interleaved timing run: {time.time() - t0:.0f} s", flush=True)
     check_agree(list(timed.values()))
+    split_names = [n for n in names if driver(n) == "sglang-server"]
+    timers = {n: CallTimer() for n in split_names}
+    if split_names:
+        t0 = time.time()
+        split = run_trace(args, split_names, split=timers)
+        print(f"[bench_radix] interleaved split run: {time.time() - t0:.0f} s", flush=True)
+        check_agree([timed[n] for n in split_names] + list(split.values()))
     results = []
     for name in names:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
@@ -577,7 +639,14 @@ def run_all(args) -> list[dict]:
         keys = ("peak_rss_mb", "rss_before_trace_mb", "cache_rss_mb")
         r = {**timed[name], **{k: alone[k] for k in keys}}
         r["seconds_alone"] = alone["seconds_alone"]
-        print(f"[bench_radix] {name}: {json.dumps(r)} ({time.time() - t0:.0f} s)", flush=True)
+        if name in timers:
+            timer = timers[name]
+            r["split_seconds"] = split[name]["seconds"]
+            r["cache_seconds"] = sum(timer.seconds.values())
+            r["split_calls"] = {k: timer.calls[k] for k in sorted(timer.calls)}
+            r["split_method_seconds"] = {k: timer.seconds[k] for k in sorted(timer.seconds)}
+        shown = {k: v for k, v in r.items() if not k.startswith("split_")}
+        print(f"[bench_radix] {name}: {json.dumps(shown)} ({time.time() - t0:.0f} s)", flush=True)
         results.append(r)
     return results
 
@@ -638,6 +707,13 @@ def write_outputs(results: list[dict], out: Path) -> None:
         "speedup_vs_sglang_rust",
         "speedup_alone_vs_sglang_python",
         "speedup_alone_vs_sglang_rust",
+        "split_seconds",
+        "cache_us_per_request",
+        "scheduler_us_per_request",
+        "speedup_cache_vs_sglang_python",
+        "speedup_cache_vs_sglang_rust",
+        "ceiling_vs_sglang_python",
+        "ceiling_vs_sglang_rust",
     ]
     with open(out / "radix_detail.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -654,9 +730,44 @@ def write_outputs(results: list[dict], out: Path) -> None:
                 row[col.replace("_vs_", "_alone_vs_")] = (
                     f"{ops_alone(r) / ops_alone(ran[base]):.2f}" if base in ran else ""
                 )
+                # The split run (see CallTimer): the same work on every SGLang-API row, so
+                # time ratios are ops/s ratios. ceiling: this row's split-run speedup if its
+                # cache and allocator calls took no time at all.
+                split = "cache_seconds" in r and base in ran and "cache_seconds" in ran[base]
+                b = ran.get(base, {})
+                row[col.replace("speedup_", "speedup_cache_")] = (
+                    f"{b['cache_seconds'] / r['cache_seconds']:.2f}" if split else ""
+                )
+                row[col.replace("speedup_", "ceiling_")] = (
+                    f"{b['split_seconds'] / (r['split_seconds'] - r['cache_seconds']):.2f}"
+                    if split
+                    else ""
+                )
+            if "cache_seconds" in r:
+                per_req = 1e6 / r["requests"]
+                row["cache_us_per_request"] = r["cache_seconds"] * per_req
+                row["scheduler_us_per_request"] = (
+                    r["split_seconds"] - r["cache_seconds"]
+                ) * per_req
+            else:
+                for c in ("split_seconds", "cache_us_per_request", "scheduler_us_per_request"):
+                    row[c] = ""
             w.writerow(
                 [row[c] if not isinstance(row[c], float) else f"{row[c]:.4f}" for c in detail]
             )
+    with open(out / "radix_split.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["device", "commit", "impl", "part", "calls", "seconds", "us_per_request"])
+        for name, r in ran.items():
+            if "cache_seconds" not in r:
+                continue
+            parts = [(k, r["split_calls"][k], v) for k, v in r["split_method_seconds"].items()]
+            parts.append(("scheduler", "", r["split_seconds"] - r["cache_seconds"]))
+            for part, calls, sec in parts:
+                us = sec / r["requests"] * 1e6
+                w.writerow(
+                    [run["device"], run["commit"], name, part, calls, f"{sec:.6f}", f"{us:.2f}"]
+                )
 
     import matplotlib
 
@@ -664,7 +775,7 @@ def write_outputs(results: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(ran)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.6))
     colors = ["#1b7837" if n.startswith("oscar") else "#762a83" for n in names]
     base = ran.get("sglang-python")
     x = np.arange(len(names))
@@ -688,6 +799,19 @@ def write_outputs(results: list[dict], out: Path) -> None:
     axes[1].set_ylabel("RSS growth while the cache is alive (MB)")
     peak = max(ran[n]["peak_rss_mb"] for n in names)
     axes[1].set_title(f"process peak RSS (torch + sglang imported): <= {peak:.0f} MB", fontsize=9)
+    split = [n for n in names if "cache_seconds" in ran[n]]
+    cache_us = [ran[n]["cache_seconds"] / ran[n]["requests"] * 1e6 for n in split]
+    sched_us = [
+        (ran[n]["split_seconds"] - ran[n]["cache_seconds"]) / ran[n]["requests"] * 1e6
+        for n in split
+    ]
+    axes[2].bar(split, sched_us, color="#bbbbbb", label="scheduler's own code")
+    axes[2].bar(split, cache_us, bottom=sched_us, color="#4393c3", label="cache + allocator")
+    for i, (a, c) in enumerate(zip(sched_us, cache_us)):
+        axes[2].text(i, a + c, f"{c:.0f} + {a:.0f}", ha="center", va="bottom", fontsize=7)
+    axes[2].set_ylabel("µs per request (split run, interleaved)")
+    axes[2].set_yscale("log")
+    axes[2].legend(fontsize=8)
     hit = next(iter(ran.values()))["hit_rate"]
     reqs = next(iter(ran.values()))["requests"]
     fig.suptitle(
@@ -740,6 +864,15 @@ def main() -> None:
                     f"[bench_radix] {name} vs {base}: {ratio:.2f}x ops/s interleaved, "
                     f"{alone:.2f}x alone"
                 )
+                if "cache_seconds" in ran[name] and "cache_seconds" in ran[base]:
+                    r, b = ran[name], ran[base]
+                    cache = b["cache_seconds"] / r["cache_seconds"]
+                    ceiling = b["split_seconds"] / (r["split_seconds"] - r["cache_seconds"])
+                    print(
+                        f"[bench_radix] {name} vs {base}: {cache:.2f}x in the cache and "
+                        f"allocator calls alone (split run); {ceiling:.2f}x if they cost "
+                        "nothing"
+                    )
 
 
 if __name__ == "__main__":

@@ -88,3 +88,33 @@ def test_tiny_trace_agrees_and_releases_through_checkpoint(bench, monkeypatch):
             assert free + evictable == args.pool_pages * bench.PAGE, (name, free, evictable)
     finally:
         bench._KEEP.clear()
+
+
+def test_split_run_times_each_cache_call_once_and_leaves_the_rest_to_the_scheduler(bench):
+    # The split run must do the same work as the plain one (same matches and evictions) and
+    # count a cache's calls into itself or its allocator once: RadixCache.checkpoint
+    # re-matches its key and RadixCache.evict frees through the allocator, so counting
+    # nested calls would give match_prefix two calls per request and alloc more than one.
+    args = argparse.Namespace(
+        seed=0,
+        conversations=12,
+        system_prompts=32,
+        active=64,
+        batch=8,
+        gsp_groups=1,
+        pool_pages=256,
+    )
+    plain = bench.run_trace(args, SGLANG_API)
+    timers = {n: bench.CallTimer() for n in SGLANG_API}
+    split = bench.run_trace(args, SGLANG_API, split=timers)
+    bench.check_agree(list(plain.values()) + list(split.values()))
+    for name in SGLANG_API:
+        r, timer = split[name], timers[name]
+        admitted = r["requests"]
+        finished = admitted - r["rejected"]
+        assert timer.calls["cache.match_prefix"] == admitted, (name, timer.calls)
+        assert timer.calls["cache.checkpoint"] == finished, (name, timer.calls)
+        assert timer.calls["cache.evict_for_alloc"] == r["evict_calls"], (name, timer.calls)
+        assert timer.calls["allocator.alloc"] == admitted, (name, timer.calls)
+        cache = sum(timer.seconds.values())
+        assert 0 < cache < r["seconds"], (name, cache, r["seconds"])

@@ -366,3 +366,41 @@ def test_a_partial_first_page_is_read_as_a_first_page(monkeypatch):
         f.cache.prefix_device_indices(r)
     f.rtp.alloc([inside_first, inside_second])
     assert seen == [True, False]
+
+
+def test_served_free_kv_row_frees_each_page_of_its_ranges_once():
+    # The host path reads page ids straight off the row: one range (release_kv_cache's),
+    # ranges meeting inside a page (that page once), a misaligned start refused.
+    import types
+
+    import torch
+
+    h = served(SchedulerHarness(OscarRadixCache, 16 * PS, PS, 4))
+    cache, alloc = h.cache, h.allocator
+    row_idx = 1
+    kv = types.SimpleNamespace(req_pool_idx=row_idx)
+
+    def fill(pages: int) -> int:
+        locs = alloc.alloc(pages * PS)
+        h.req_to_token_pool.write((row_idx, slice(0, pages * PS)), locs.to(torch.int32))
+        return alloc.available_size()
+
+    free = fill(4)
+    cache.free_kv_row(kv, [(PS, 3 * PS - 5)])  # pages 1 and 2 of the row
+    assert alloc.available_size() == free + 2 * PS
+    cache.free_kv_row(kv, [(0, PS - 7), (PS - 7, PS)])  # meet inside page 0: freed once
+    assert alloc.available_size() == free + 3 * PS
+    with pytest.raises(ValueError, match="not page-aligned"):
+        cache.free_kv_row(kv, [(3 * PS + 1, 4 * PS)])
+    with pytest.raises(ValueError, match="not page-aligned"):
+        cache.free_kv_row(kv, [(3 * PS, 3 * PS + 4), (3 * PS + 4 + 1, 4 * PS)])
+    assert alloc.available_size() == free + 3 * PS  # nothing freed by a refused call
+    cache.free_kv_row(kv, [(3 * PS, 3 * PS)])  # empty range: nothing
+    assert alloc.available_size() == free + 3 * PS
+    alloc.free_group_begin()
+    cache.free_kv_row(kv, [(3 * PS, 4 * PS)])
+    assert alloc.available_size() == free + 3 * PS  # held until the group ends
+    alloc.free_group_end()
+    assert alloc.available_size() == free + 4 * PS
+    with pytest.raises(Exception, match="(?i)free|page"):
+        cache.free_kv_row(kv, [(3 * PS, 4 * PS)])  # its page is free already

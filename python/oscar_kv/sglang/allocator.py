@@ -267,6 +267,16 @@ class OscarPageAllocator(BaseTokenToKVPoolAllocator):
         else:
             self._group_pages.append(np.array(pages, dtype=np.int64))
 
+    def free_page_heads(self, heads: np.ndarray) -> None:
+        """The host path for a KV row's page-aligned segment: its first location of each
+        page (the row read every page_size slots), each page once, no tensor."""
+        if not len(heads):
+            return
+        if self.free_group is None:
+            self._pages.free_tokens(heads, self.page_size)
+        else:
+            self._group_pages.append(heads // self.page_size)
+
     def free_group_begin(self) -> None:
         super().free_group_begin()
         self._group_pages = []

@@ -163,6 +163,7 @@ class OscarRadixCache(BasePrefixCache):
         host_free = getattr(allocator, "free_pages", None) if allocator else None
         # SGLang's paged allocator has a tensor under that name; OscarPageAllocator a method.
         self._host_free = host_free if callable(host_free) else None
+        self._free_heads = getattr(allocator, "free_page_heads", None) if self._host_free else None
         if hasattr(allocator, "reclaim_pages"):
             allocator.reclaim_pages = self._reclaim_pages
         self.tails = TailStore()
@@ -520,11 +521,18 @@ class OscarRadixCache(BasePrefixCache):
         free). Same contract: ascending, disjoint ranges, each page freed once (adjacent
         ranges merged first), starts page-aligned. Sliding windows never reach this cache
         (rejected at construction), so nothing is SWA-dead."""
-        if self._host_free is None or not self._on_host:
+        if self._free_heads is None or not self._on_host:
             super().free_kv_row(kv, ranges)
             return
         ps = self.page_size
         row = self._host_row(kv.req_pool_idx)
+        if len(ranges) == 1:  # release_kv_cache's one range: nothing to merge or overlap
+            ((start, end),) = ranges
+            if end > start:
+                if start % ps:
+                    raise ValueError(f"oscar-kv: row range [{start}, {end}) is not page-aligned")
+                self._free_heads(row[start:end:ps])
+            return
         heads = []
         prev_end = None
         # Adjacent ranges merge first, so a seam inside a page frees that page once.
@@ -539,8 +547,7 @@ class OscarRadixCache(BasePrefixCache):
             prev_end = end
             heads.append(row[start:end:ps])
         if heads:
-            locs = heads[0] if len(heads) == 1 else np.concatenate(heads)
-            self._host_free(locs // ps)
+            self._free_heads(heads[0] if len(heads) == 1 else np.concatenate(heads))
 
     def on_release(self, req: Req, *, checkpointed: bool) -> None:
         if self._residual is not None:  # the only case that keeps per-request state

@@ -113,7 +113,14 @@ MAX_CONTEXT = max(
     SYSTEM_TOKENS[1] + TURNS[1] * (USER_TOKENS[1] + ASSISTANT_TOKENS[1]),
     GSP_SYSTEM + GSP_QUESTION + GSP_OUTPUT,
 )
-IMPLS = ["oscar", "sglang-python", "sglang-rust", "oscar-fine", "oscar-sglang-backend"]
+IMPLS = [
+    "oscar",
+    "sglang-python",
+    "sglang-rust",
+    "oscar-fine",
+    "oscar-sglang-backend",
+    "oscar-sglang-tails",
+]
 HEADLINE = ["oscar", "sglang-python", "sglang-rust"]
 
 
@@ -281,12 +288,18 @@ class CallTimer:
         self.calls: Counter[str] = Counter()
         self._inside = False
 
-    def instrument(self, obj, owner: str) -> None:
-        """Times every public method of ``obj``'s class through ``obj`` (an instance
-        attribute shadowing the method, so SGLang's glue calls the timed one)."""
-        for name, _ in inspect.getmembers(type(obj), inspect.isfunction):
-            if not name.startswith("_"):
-                setattr(obj, name, self._timed(getattr(obj, name), f"{owner}.{name}"))
+    def instrument(self, obj, owner: str, names: list[str] | None = None) -> None:
+        """Times the listed methods of ``obj`` (all public methods of its class by default)
+        through ``obj`` (an instance attribute shadowing the method, so SGLang's glue calls
+        the timed one; a wrapper already set on ``obj`` is timed as it is)."""
+        if names is None:
+            members = inspect.getmembers(type(obj), inspect.isfunction)
+            names = [n for n, _ in members if not n.startswith("_")]
+        for name in names:
+            setattr(obj, name, self._timed(getattr(obj, name), f"{owner}.{name}"))
+
+    def seconds_of(self, owners: tuple[str, ...]) -> float:
+        return sum(v for k, v in self.seconds.items() if k.split(".")[0] in owners)
 
     def _timed(self, f, label: str):
         clock = time.perf_counter
@@ -329,6 +342,7 @@ class Sglang:
         self.match_kv_cache, self.release_kv_cache = match_kv_cache, release_kv_cache
         self.sampling = SamplingParams(temperature=0, max_new_tokens=ASSISTANT_TOKENS[1])
         self.empty = torch.empty((0,), dtype=torch.int64)
+        self.torch = torch
         self.size = pool_pages * PAGE
         # At most --batch requests hold a row at once (run_trace finishes one before the
         # next is admitted); the spare rows only guard against an off-by-one there.
@@ -339,20 +353,42 @@ class Sglang:
             device="cpu",
             enable_memory_saver=False,
         )
-        kv = MHATokenToKVPool(
-            size=self.size,
-            page_size=PAGE,
-            dtype=torch.bfloat16,
-            head_num=1,
-            head_dim=4,
-            layer_num=1,
-            device="cpu",
-            enable_memory_saver=False,
-        )
+        self.tails = kind == "oscar-sglang-tails"
+        if self.tails:
+            # What a --kv-quant oscar server builds: the oscar pool, one bf16 residual page
+            # per request slot (its KV budget's reservation), so a prefix may end inside a
+            # page (a cached tail) and a finished request's partial page is kept as one.
+            from oscar_kv import OscarConfig
+            from oscar_kv.sglang.pool import OscarTokenToKVPool
+
+            kv = OscarTokenToKVPool(
+                self.size,
+                PAGE,
+                torch.bfloat16,
+                1,
+                64,
+                1,
+                "cpu",
+                config=OscarConfig(),
+                residual_pages=self.rows,
+            )
+            kv.attach(self.req_to_token_pool)
+        else:
+            kv = MHATokenToKVPool(
+                size=self.size,
+                page_size=PAGE,
+                dtype=torch.bfloat16,
+                head_num=1,
+                head_dim=4,
+                layer_num=1,
+                device="cpu",
+                enable_memory_saver=False,
+            )
+        self.kv = kv
         # Pages 1..pool_pages are allocatable (page 0 is the padding page): the same pool
-        # size as oscar's. The oscar backend gets the allocator a --kv-quant oscar server
+        # size as oscar's. The oscar backends get the allocator a --kv-quant oscar server
         # builds (oscar_kv.sglang.plugin): the Rust one.
-        if kind == "oscar-sglang-backend":
+        if kind in ("oscar-sglang-backend", "oscar-sglang-tails"):
             from oscar_kv.sglang.allocator import OscarPageAllocator
 
             alloc_cls = OscarPageAllocator
@@ -418,9 +454,21 @@ class Sglang:
             req.kv.cache_protected_len = req.prefix_len
         matched = req.prefix_len
         req.lock = cache.lock(req.last_node)
+        if self.tails:
+            # A prefix may end inside a page: prefix_device_indices takes a page for the
+            # request's copy of it, and the new tokens continue that page, then take whole
+            # ones. Admitted only if both fit in what is free or evictable (PrefillAdder's
+            # check; the copy page is taken before any eviction of the shortfall).
+            need = (-(-seq_len // PAGE) - -(-matched // PAGE)) * PAGE
+            copy = PAGE if matched % PAGE else 0
+            if need + copy > alloc.available_size() + cache.evictable_size():
+                cache.unlock(req.lock)
+                req.lock = None
+                return matched, None
+        else:
+            need = -(-(seq_len - matched) // PAGE) * PAGE
         prefix = cache.prefix_device_indices(req) if matched else self.empty
         rtp.alloc([req])
-        need = -(-(seq_len - matched) // PAGE) * PAGE
         # allocator.evict_to_free_tokens's shortfall (without alloc_paged_token_slots_extend's
         # spare page per request, which oscar's admit does not take either).
         short = need - alloc.available_size()
@@ -431,11 +479,22 @@ class Sglang:
         # Page-aligned alloc() rather than alloc_extend(): on a host without Triton SGLang's
         # alloc_extend runs a torch fallback a GPU server never runs; a fresh page-aligned
         # extend takes exactly these pages either way.
-        fresh = alloc.alloc(need)
+        if self.tails:
+            # alloc_extend continues the prefix's partial page (on this allocator it is the
+            # Rust path a server runs, not SGLang's torch fallback).
+            lens = self.torch.tensor([matched])
+            last = prefix[-1:] if matched else self.torch.tensor([-1])
+            seqs = self.torch.tensor([seq_len])
+            fresh = alloc.alloc_extend(lens, lens, seqs, seqs, last, seq_len - matched)
+        else:
+            fresh = alloc.alloc(need)
         if fresh is None:
-            # The scheduler would not have admitted it: give back the lock and the row.
+            # The scheduler would not have admitted it: give back the lock, the request's own
+            # copy of a partial page, and the row.
             cache.unlock(req.lock)
             req.lock = None
+            if matched > req.kv.cache_protected_len:
+                alloc.free(prefix[req.kv.cache_protected_len :])
             rtp.free(req)
             return matched, None
         idx = req.kv.req_pool_idx
@@ -463,6 +522,9 @@ class Sglang:
         assert self.req_to_token_pool.available_size() == self.rows
         free, evictable = self.alloc.available_size(), cache.evictable_size()
         assert free + evictable == self.size, (free, evictable, self.size)
+        if self.tails:
+            res = self.kv.residual_state()
+            assert res["held"] == 0 and res["free"] + res["cached"] == res["total"], res
 
 
 def sglang_importable() -> bool:
@@ -499,6 +561,9 @@ def run_trace(
     for n, timer in (split or {}).items():
         timer.instrument(impls[n].cache, "cache")
         timer.instrument(impls[n].alloc, "allocator")
+        # SGLang's own code on every row; with residual pages the oscar cache and pool wrap
+        # both (a slot's residual page, a continued tail's copy), so they are their own part.
+        timer.instrument(impls[n].req_to_token_pool, "request_slots", ["alloc", "free"])
     res = {
         n: {
             "states": {},
@@ -592,18 +657,33 @@ def driver(impl: str) -> str:
     return "rust-prefix-cache" if impl in ("oscar", "oscar-fine") else "sglang-server"
 
 
+def same_work(impl: str) -> bool:
+    """Whether the implementation matches exactly SGLang's whole-page prefixes (all but the
+    row with tails, whose prefixes may end inside a page)."""
+    return impl != "oscar-sglang-tails"
+
+
 def check_agree(results: list[dict]) -> None:
-    """Same matches, rejections and evicted tokens everywhere; same ops and evict calls
-    among the implementations one driver runs (see the module docstring)."""
-    first = results[0]
-    for r in results[1:]:
+    """Same matches, rejections and evicted tokens among the same-work implementations (and
+    between runs of one implementation); same ops and evict calls among the implementations
+    one driver runs (see the module docstring)."""
+    shared = [r for r in results if same_work(r["impl"])]
+    for r in results:
+        if not same_work(r["impl"]):
+            own = [f for f in results if f["impl"] == r["impl"]]
+            for key in ("matched_sha1", "evicted_tokens", "rejected", "requests", "ops"):
+                assert all(f[key] == r[key] for f in own), (key, r["impl"])
+    if not shared:
+        return
+    first = shared[0]
+    for r in shared[1:]:
         assert r["matched_sha1"] == first["matched_sha1"], (
             f"{r['impl']} matched other lengths than {first['impl']}"
         )
         for key in ("hit_rate", "evicted_tokens", "rejected", "requests"):
             assert r[key] == first[key], (key, r["impl"], r[key], first["impl"], first[key])
-    for r in results:
-        same = next(f for f in results if driver(f["impl"]) == driver(r["impl"]))
+    for r in shared:
+        same = next(f for f in shared if driver(f["impl"]) == driver(r["impl"]))
         for key in ("ops", "evict_calls"):
             assert r[key] == same[key], (key, r["impl"], r[key], same["impl"], same[key])
 
@@ -642,7 +722,8 @@ def run_all(args) -> list[dict]:
         if name in timers:
             timer = timers[name]
             r["split_seconds"] = split[name]["seconds"]
-            r["cache_seconds"] = sum(timer.seconds.values())
+            r["cache_seconds"] = timer.seconds_of(("cache", "allocator"))
+            r["slots_seconds"] = timer.seconds_of(("request_slots",))
             r["split_calls"] = {k: timer.calls[k] for k in sorted(timer.calls)}
             r["split_method_seconds"] = {k: timer.seconds[k] for k in sorted(timer.seconds)}
         shown = {k: v for k, v in r.items() if not k.startswith("split_")}
@@ -709,6 +790,7 @@ def write_outputs(results: list[dict], out: Path) -> None:
         "speedup_alone_vs_sglang_rust",
         "split_seconds",
         "cache_us_per_request",
+        "slots_us_per_request",
         "scheduler_us_per_request",
         "speedup_cache_vs_sglang_python",
         "speedup_cache_vs_sglang_rust",
@@ -746,11 +828,17 @@ def write_outputs(results: list[dict], out: Path) -> None:
             if "cache_seconds" in r:
                 per_req = 1e6 / r["requests"]
                 row["cache_us_per_request"] = r["cache_seconds"] * per_req
+                row["slots_us_per_request"] = r["slots_seconds"] * per_req
                 row["scheduler_us_per_request"] = (
-                    r["split_seconds"] - r["cache_seconds"]
+                    r["split_seconds"] - r["cache_seconds"] - r["slots_seconds"]
                 ) * per_req
             else:
-                for c in ("split_seconds", "cache_us_per_request", "scheduler_us_per_request"):
+                for c in (
+                    "split_seconds",
+                    "cache_us_per_request",
+                    "slots_us_per_request",
+                    "scheduler_us_per_request",
+                ):
                     row[c] = ""
             w.writerow(
                 [row[c] if not isinstance(row[c], float) else f"{row[c]:.4f}" for c in detail]
@@ -762,7 +850,8 @@ def write_outputs(results: list[dict], out: Path) -> None:
             if "cache_seconds" not in r:
                 continue
             parts = [(k, r["split_calls"][k], v) for k, v in r["split_method_seconds"].items()]
-            parts.append(("scheduler", "", r["split_seconds"] - r["cache_seconds"]))
+            rest = r["split_seconds"] - r["cache_seconds"] - r["slots_seconds"]
+            parts.append(("scheduler", "", rest))
             for part, calls, sec in parts:
                 us = sec / r["requests"] * 1e6
                 w.writerow(
@@ -801,14 +890,20 @@ def write_outputs(results: list[dict], out: Path) -> None:
     axes[1].set_title(f"process peak RSS (torch + sglang imported): <= {peak:.0f} MB", fontsize=9)
     split = [n for n in names if "cache_seconds" in ran[n]]
     cache_us = [ran[n]["cache_seconds"] / ran[n]["requests"] * 1e6 for n in split]
+    slots_us = [ran[n]["slots_seconds"] / ran[n]["requests"] * 1e6 for n in split]
     sched_us = [
-        (ran[n]["split_seconds"] - ran[n]["cache_seconds"]) / ran[n]["requests"] * 1e6
+        (ran[n]["split_seconds"] - ran[n]["cache_seconds"] - ran[n]["slots_seconds"])
+        / ran[n]["requests"]
+        * 1e6
         for n in split
     ]
+    below = [a + b for a, b in zip(sched_us, slots_us)]
     axes[2].bar(split, sched_us, color="#bbbbbb", label="scheduler's own code")
-    axes[2].bar(split, cache_us, bottom=sched_us, color="#4393c3", label="cache + allocator")
-    for i, (a, c) in enumerate(zip(sched_us, cache_us)):
-        axes[2].text(i, a + c, f"{c:.0f} + {a:.0f}", ha="center", va="bottom", fontsize=7)
+    axes[2].bar(split, slots_us, bottom=sched_us, color="#f4a582", label="request slots")
+    axes[2].bar(split, cache_us, bottom=below, color="#4393c3", label="cache + allocator")
+    for i, (a, c) in enumerate(zip(below, cache_us)):
+        label = f"{c:.0f} + {slots_us[i]:.0f} + {sched_us[i]:.0f}"
+        axes[2].text(i, a + c, label, ha="center", va="bottom", fontsize=7)
     axes[2].set_ylabel("µs per request (split run, interleaved)")
     axes[2].set_yscale("log")
     axes[2].legend(fontsize=8)

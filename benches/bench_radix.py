@@ -373,6 +373,11 @@ class Sglang:
                 residual_pages=self.rows,
             )
             kv.attach(self.req_to_token_pool)
+            # The server's attention backend picks (and loads) the kernels at start-up,
+            # before any request: a partial page's dequantization then finds them loaded.
+            from oscar_kv import ops
+
+            ops.resolve_backend(None, torch.device("cpu"))
         else:
             kv = MHATokenToKVPool(
                 size=self.size,
@@ -533,6 +538,8 @@ def sglang_importable() -> bool:
 
         import_sglang_cache()
         import sglang.srt.mem_cache.unified_radix_cache  # noqa: F401 - same imports everywhere
+
+        import oscar_kv.sglang.pool  # noqa: F401
     except ImportError:
         return False
     return True

@@ -386,3 +386,62 @@ def test_request_released_without_insert_frees_its_partial_page_copy(monkeypatch
     assert f.allocator.available_size() == free_before
     assert len(f.cache.tails) == 1 and f.cache.pool_state()["leaked"] == 0
     f.flush_is_clean()
+
+
+@pytest.mark.parametrize("backend", ["torch", "ref"])
+def test_dequantize_into_residual_fills_every_layer_from_its_own_page(monkeypatch, backend):
+    # One call dequantizes the page of every layer: each layer's residual page must hold
+    # that layer's page (not the first layer's, not a neighbouring page's).
+    from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
+
+    monkeypatch.setenv("OSCAR_KV_BACKEND", backend)
+    torch.manual_seed(7)
+    cfg, layers, pages = OscarConfig(), 3, 4
+    pool = OscarTokenToKVPool(
+        pages * PAGE, PAGE, torch.bfloat16, HK, D, layers, "cpu", config=cfg, residual_pages=2
+    )
+    rtp = ReqToTokenPool(size=2, max_context_len=PAGE, device="cpu", enable_memory_saver=False)
+    pool.attach(rtp)
+    want = {}
+    for layer in range(layers):
+        for page in range(1, pages + 1):
+            k, v = bf16_round(torch.randn(2, PAGE, HK, D)).unbind(0)
+            pool.pages[layer, page] = quantize_kv(k, v, cfg).packed_pages()[0]
+            want[layer, page] = dequantize_kv(quantize_kv(k, v, cfg))
+    (dst,) = pool.assign_residual([1])
+    pool.dequantize_into_residual(3, 1)
+    for layer in range(layers):
+        k_res, v_res = pool.residual(layer)
+        kw, vw = want[layer, 3]
+        torch.testing.assert_close(k_res[dst].float(), bf16_round(kw.reshape(PAGE, HK, D)))
+        torch.testing.assert_close(v_res[dst].float(), bf16_round(vw.reshape(PAGE, HK, D)))
+    assert int(pool.residual_of_slot[1]) == dst
+
+
+def test_tail_store_lru_and_count_follow_every_use_add_and_removal():
+    # The store keeps its LRU order and count incrementally; after any sequence of matches,
+    # adds, removals and group drops they must equal a recount sorted by last use.
+    import random
+
+    rng = random.Random(3)
+    s = TailStore()
+    pages = iter(range(10**6))
+    for _ in range(3000):
+        group = (rng.randrange(6), rng.choice([None, "ns"]))
+        tokens = [rng.randrange(4) for _ in range(rng.randrange(1, 6))]
+        op = rng.random()
+        if op < 0.45:
+            s.add(group, tokens, next(pages))
+        elif op < 0.75:
+            s.match(group, tokens)
+        elif op < 0.9 and len(s):
+            s.remove(rng.choice(list(s)))
+        else:
+            s.drop_groups([group])
+        tails = list(s)
+        assert len(s) == len(tails)
+        assert all(t.alive for t in tails)
+        protect = {id(t) for t in tails if rng.random() < 0.2}
+        n = rng.randrange(0, len(tails) + 2)
+        want = sorted((t for t in tails if id(t) not in protect), key=lambda t: t.last_used)
+        assert s.lru(n, protect) == want[:n]

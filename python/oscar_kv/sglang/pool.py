@@ -108,6 +108,7 @@ class OscarTokenToKVPool(KVCache):
         self.residual_of_slot = torch.full(
             (0,), self.padding_residual, dtype=torch.int32, device=device
         )
+        self._slot_map_host: Any = None
         self._owner: dict[int, int] = {}  # slot -> residual page (host bookkeeping)
         self._free_residual = list(range(residual_pages - 1, -1, -1))
         self._cached: set[int] = set()  # pages the prefix cache holds as tails
@@ -174,6 +175,10 @@ class OscarTokenToKVPool(KVCache):
         self.residual_of_slot = torch.full(
             (rows,), self.padding_residual, dtype=torch.int32, device=self.pages.device
         )
+        # On the host the map is written through a numpy view (a torch index costs more).
+        self._slot_map_host = (
+            self.residual_of_slot.numpy() if self.residual_of_slot.device.type == "cpu" else None
+        )
         free_rows, clear = req_to_token_pool.free_rows, req_to_token_pool.clear
         on_alloc = getattr(req_to_token_pool, "_on_alloc_rows", None)
 
@@ -229,6 +234,16 @@ class OscarTokenToKVPool(KVCache):
 
     def _write_slot_map(self, pairs: list[tuple[int, int]]) -> None:
         if not pairs:
+            return
+        if self._slot_map_host is not None:
+            for slot, page in pairs:
+                self._slot_map_host[slot] = page
+            return
+        if len(pairs) == 1:
+            # One slot (a request's slot taken or given back): a scalar fill, no index or
+            # value tensors built and copied to the device.
+            ((slot, page),) = pairs
+            self.residual_of_slot[slot] = page
             return
         dev = self.pages.device
         idx = torch.tensor([p[0] for p in pairs], dtype=torch.long).to(dev)
@@ -291,16 +306,26 @@ class OscarTokenToKVPool(KVCache):
         page holds them), and its page is quantized again when it completes.
         ``first_page``: the page is a sequence's first (a sink page under sink_bits)."""
         dst = self._owner[slot]
-        ids = torch.tensor([page], dtype=torch.int32, device=self.pages.device)
-        for layer in range(self.layer_num):
-            if first_page and self.sink is not None:
+        if first_page and self.sink is not None:
+            ids = torch.tensor([page], dtype=torch.int32, device=self.pages.device)
+            for layer in range(self.layer_num):
                 k, v = self.sink.dequantize(self.pages[layer], ids, self.sink_table)
-            else:
-                k, v = ops.dequantize_pages(
-                    self.pages[layer], ids, self.layout.config, self.head_num, self.head_dim
-                )
-            self.k_res[layer, dst] = k[0].to(self.k_res.dtype)
-            self.v_res[layer, dst] = v[0].to(self.v_res.dtype)
+                self.k_res[layer, dst] = k[0].to(self.k_res.dtype)
+                self.v_res[layer, dst] = v[0].to(self.v_res.dtype)
+            return
+        # Every layer's copy of the page in one call (one kernel on a GPU, not one per
+        # layer): the pool's [layers, pages] rows read as one list of pages.
+        rows = self.num_pages + 1
+        ids = torch.arange(self.layer_num, dtype=torch.int32) * rows + page
+        k, v = ops.dequantize_pages(
+            self.pages.view(self.layer_num * rows, -1),
+            ids.to(self.pages.device),
+            self.layout.config,
+            self.head_num,
+            self.head_dim,
+        )
+        self.k_res[:, dst] = k.to(self.k_res.dtype)
+        self.v_res[:, dst] = v.to(self.v_res.dtype)
 
     def residual_state(self) -> dict[str, int]:
         """total / free / held (by request slots) / cached (tails in the prefix cache): the

@@ -43,10 +43,13 @@ class TailStore:
 
     def __init__(self) -> None:
         self._groups: dict[tuple[int, str | None], list[Tail]] = {}
+        # Every cached tail by id(), least recently used first (a use moves it to the end):
+        # the LRU walk and the count need no pass over all groups.
+        self._order: dict[int, Tail] = {}
         self._clock = 0
 
     def __len__(self) -> int:
-        return sum(len(g) for g in self._groups.values())
+        return len(self._order)
 
     def __iter__(self) -> Iterator[Tail]:
         for group in self._groups.values():
@@ -59,6 +62,10 @@ class TailStore:
         self._clock += 1
         return self._clock
 
+    def _used(self, tail: Tail) -> None:
+        tail.last_used = self._tick()
+        self._order[id(tail)] = self._order.pop(id(tail))
+
     def match(self, group: tuple[int, str | None], rest: Sequence[int]) -> tuple[Tail | None, int]:
         """The tail of ``group`` sharing the longest prefix with ``rest`` (the key past the
         node), and that length; stamps it as used."""
@@ -68,7 +75,7 @@ class TailStore:
             if k > best_len:
                 best, best_len = tail, k
         if best is not None:
-            best.last_used = self._tick()
+            self._used(best)
         return best, best_len
 
     def add(self, group: tuple[int, str | None], tokens: Sequence[int], page: int) -> list[int]:
@@ -79,14 +86,17 @@ class TailStore:
         members = self._groups.setdefault(group, [])
         for tail in members:
             if tail.tokens[: len(tokens)] == tokens:
-                tail.last_used = self._tick()
+                self._used(tail)
                 return [page]
         freed = [t.page for t in members if tokens[: len(t.tokens)] == t.tokens]
         kept = [t for t in members if tokens[: len(t.tokens)] != t.tokens]
         for tail in members:
             if tail not in kept:
                 tail.alive = False
-        kept.append(Tail(group, tokens, page, self._tick()))
+                del self._order[id(tail)]
+        new = Tail(group, tokens, page, self._tick())
+        kept.append(new)
+        self._order[id(new)] = new
         self._groups[group] = kept
         return freed
 
@@ -96,6 +106,7 @@ class TailStore:
             raise ValueError("tail is not cached")
         members.remove(tail)
         tail.alive = False
+        del self._order[id(tail)]
         if not members:
             del self._groups[tail.group]
 
@@ -105,13 +116,19 @@ class TailStore:
         for group in groups:
             for tail in self._groups.pop(group, ()):
                 tail.alive = False
+                del self._order[id(tail)]
                 pages.append(tail.page)
         return pages
 
     def lru(self, n: int, protect: set[int]) -> list[Tail]:
         """Up to n least recently used tails whose id() is not in ``protect``."""
-        candidates = sorted((t for t in self if id(t) not in protect), key=lambda t: t.last_used)
-        return candidates[:n]
+        out: list[Tail] = []
+        for key, tail in self._order.items():
+            if len(out) == n:
+                break
+            if key not in protect:
+                out.append(tail)
+        return out
 
     def clear(self) -> list[int]:
         return self.drop_groups(list(self._groups))

@@ -164,7 +164,12 @@ class OscarPageAllocator(BaseTokenToKVPoolAllocator):
         host = torch.frombuffer(values, dtype=torch.int64).view(2, n)
         if not continuing:
             return host[0] if self._on_host else host[0].to(self._device, non_blocking=True)
-        dev = host if self._on_host else host.to(self._device, non_blocking=True)
+        if self._on_host:
+            # The same gather-add in numpy: each host torch op costs more than the work.
+            loc, owner = host.numpy()
+            base = np.append(_host(last_loc).astype(np.int64) + 1, 0)
+            return torch.from_numpy(loc + base[owner])
+        dev = host.to(self._device, non_blocking=True)
         # Owner == batch size points at the appended 0 - 1 + 1 = 0: a fresh page's location.
         base = F.pad(last_loc.to(torch.int64) + 1, (0, 1))
         return dev[0] + base[dev[1]]

@@ -22,10 +22,22 @@ them) are timed; building requests and token arrays is not:
   lock, evict, alloc, insert, free, unlock);
 - sglang-python: ``RadixCache`` + SGLang's ``PagedTokenToKVPoolAllocator`` (CPU tensors);
 - sglang-rust: ``UnifiedRadixCache`` with tree_core_backend="rust" + the same allocator;
-- oscar-sglang-backend (detail CSV only): what a ``--kv-quant oscar`` server builds:
-  ``oscar_kv.sglang.radix.OscarRadixCache`` over ``oscar_kv.sglang.allocator.OscarPageAllocator``
-  (the Rust page allocator).
-The three SGLang-API caches run one driver, the calls a live SGLang 0.5.23 scheduler makes,
+- oscar-sglang-backend (detail CSV only): the prefix cache and allocator a ``--kv-quant
+  oscar`` server builds, ``oscar_kv.sglang.radix.OscarRadixCache`` over
+  ``oscar_kv.sglang.allocator.OscarPageAllocator`` (the Rust page allocator), over SGLang's
+  bf16 pool: without residual pages, so its prefixes are whole pages and it does exactly
+  the work SGLang's caches do;
+- oscar-sglang-tails (detail CSV only): the same over the oscar pool
+  (``OscarTokenToKVPool``, one bf16 residual page per request slot), i.e. what a
+  ``--kv-quant oscar`` server runs: a prefix may end inside a page (a cached tail copied,
+  or a packed page dequantized, into the request's residual page; on this host the torch
+  dequantization, which a GPU does in one kernel), a finished request's partial page is
+  kept as a tail, and the new tokens continue a partial page through ``alloc_extend`` (on
+  this allocator the Rust path a server runs). Its prefixes are longer, so its matches,
+  evictions and op counts are its own; a request is admitted only if its pages fit in what
+  is free or evictable (PrefillAdder's check), since its copy of a partial page is taken
+  before any eviction.
+The SGLang-API caches run one driver, the calls a live SGLang 0.5.23 scheduler makes,
 on SGLang ``Req`` objects and a CPU ``ReqToTokenPool`` (--batch + 4 rows of MAX_CONTEXT):
 - admission (``Sglang.admit``): ``common.match_kv_cache`` (``match_prefix`` with
   ``MatchPrefixParams(key=RadixKey(...), req=req)``, as ``Req.init_next_round_input``),
@@ -54,18 +66,21 @@ alone in a subprocess (same imports everywhere) for its peak RSS and its time al
 interleaved run also makes every cache start each call with caches (CPU) the others just
 filled, which costs the fast ones most; the speedup_* columns are interleaved ops/s
 ratios, speedup_alone_* the ratios of the runs alone (a server runs one cache, between
-other scheduler work): the truth for a live scheduler lies between the two. The matched length of
-every request, the rejected requests and the evicted token total must agree across all
-implementations; the op count (and evict calls) across those with the same driver (the
-three SGLang-API caches; oscar and oscar-fine): the SGLang checkpoint's split at the prompt
+other scheduler work): the truth for a live scheduler lies between the two. The matched
+length of every request, the rejected requests and the evicted token total must agree
+across all implementations but oscar-sglang-tails; the op count (and evict calls) across
+those with the same driver (the three whole-page SGLang-API caches; oscar and oscar-fine): the SGLang checkpoint's split at the prompt
 boundary leaves the output its own leaf, so LRU eviction frees fewer tokens per call than
 the Rust PrefixCache (one leaf per request) and evicts more often.
 
-A third run, the split run, repeats the interleaved one for the three SGLang-API caches with
+A third run, the split run, repeats the interleaved one for the SGLang-API caches with
 every public method of each cache and of its KV allocator timed (``CallTimer``; a call one
-makes into the other counts once, in the outer call). What the timed steps spend outside
-those calls is the scheduler's own code (``ReqToTokenPool``, ``Req`` state, the glue in
-``match_kv_cache`` and ``release_kv_cache``), the same work for every cache. The
+makes into the other counts once, in the outer call). ``ReqToTokenPool.alloc`` and ``free`` are
+timed as their own part, request slots: SGLang's code on every row, wrapped by the oscar
+cache and pool when there are residual pages (a slot's page, a continued tail's copy).
+What the timed steps spend outside all of those is the scheduler's own code (the row
+writes, ``Req`` state, the glue in ``match_kv_cache`` and ``release_kv_cache``), the same
+work for every cache. The
 speedup_cache_* columns are the ratios of the time inside the cache and allocator calls;
 ceiling_* is what a row's split-run speedup would be if its cache and allocator calls took
 no time at all. The timers add a fraction of a microsecond per call to every row.
@@ -76,7 +91,7 @@ ops_per_s is ops over the timed seconds. Writes benches/results/radix.csv
 radix_split.csv (the split run per method, and the scheduler's share) and radix.png; commit
 is the checkout's HEAD (run it on committed code).
 
-    python benches/bench_radix.py                 # full run (about 6 minutes on 2 cores)
+    python benches/bench_radix.py                 # full run (about 8 minutes on 2 cores)
     python benches/bench_radix.py --conversations 200 --gsp-groups 8   # quick
 """
 

@@ -927,7 +927,6 @@ def write_outputs(results: list[dict], out: Path) -> None:
         label = f"{c:.0f} + {slots_us[i]:.0f} + {sched_us[i]:.0f}"
         axes[2].text(i, a + c, label, ha="center", va="bottom", fontsize=7)
     axes[2].set_ylabel("µs per request (split run, interleaved)")
-    axes[2].set_yscale("log")
     axes[2].legend(fontsize=8)
     hit = next(iter(ran.values()))["hit_rate"]
     reqs = next(iter(ran.values()))["requests"]

@@ -253,10 +253,7 @@ class OscarPageAllocator(BaseTokenToKVPoolAllocator):
         heads = (free_index.numpy() if self._on_host else free_index.cpu().numpy())[
             :: self.page_size
         ]
-        if self.free_group is None:
-            self._pages.free_tokens(heads, self.page_size)
-        else:
-            self._group_pages.append(heads // self.page_size)
+        self.free_page_heads(heads)
 
     def free_page_ids(self, page_ids: torch.Tensor) -> None:
         """Frees exactly these pages (a tensor of page ids)."""

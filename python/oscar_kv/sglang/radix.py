@@ -526,13 +526,6 @@ class OscarRadixCache(BasePrefixCache):
             return
         ps = self.page_size
         row = self._host_row(kv.req_pool_idx)
-        if len(ranges) == 1:  # release_kv_cache's one range: nothing to merge or overlap
-            ((start, end),) = ranges
-            if end > start:
-                if start % ps:
-                    raise ValueError(f"oscar-kv: row range [{start}, {end}) is not page-aligned")
-                self._free_heads(row[start:end:ps])
-            return
         heads = []
         prev_end = None
         # Adjacent ranges merge first, so a seam inside a page frees that page once.

@@ -62,6 +62,10 @@ class TailStore:
         self._clock += 1
         return self._clock
 
+    def _forget(self, tail: Tail) -> None:
+        tail.alive = False
+        del self._order[id(tail)]
+
     def _used(self, tail: Tail) -> None:
         tail.last_used = self._tick()
         self._order[id(tail)] = self._order.pop(id(tail))
@@ -92,8 +96,7 @@ class TailStore:
         kept = [t for t in members if tokens[: len(t.tokens)] != t.tokens]
         for tail in members:
             if tail not in kept:
-                tail.alive = False
-                del self._order[id(tail)]
+                self._forget(tail)
         new = Tail(group, tokens, page, self._tick())
         kept.append(new)
         self._order[id(new)] = new
@@ -105,8 +108,7 @@ class TailStore:
         if not tail.alive or members is None:
             raise ValueError("tail is not cached")
         members.remove(tail)
-        tail.alive = False
-        del self._order[id(tail)]
+        self._forget(tail)
         if not members:
             del self._groups[tail.group]
 
@@ -115,8 +117,7 @@ class TailStore:
         pages = []
         for group in groups:
             for tail in self._groups.pop(group, ()):
-                tail.alive = False
-                del self._order[id(tail)]
+                self._forget(tail)
                 pages.append(tail.page)
         return pages
 

@@ -345,7 +345,7 @@ class Sglang:
         from sglang.srt.mem_cache.base_prefix_cache import EvictParams
         from sglang.srt.mem_cache.cache_init_params import CacheInitParams
         from sglang.srt.mem_cache.common import match_kv_cache, release_kv_cache
-        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+        from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
         from sglang.srt.mem_cache.radix_cache import RadixCache
         from sglang.srt.sampling.sampling_params import SamplingParams
         from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
@@ -394,16 +394,9 @@ class Sglang:
 
             ops.resolve_backend(None, torch.device("cpu"))
         else:
-            kv = MHATokenToKVPool(
-                size=self.size,
-                page_size=PAGE,
-                dtype=torch.bfloat16,
-                head_num=1,
-                head_dim=4,
-                layer_num=1,
-                device="cpu",
-                enable_memory_saver=False,
-            )
+            from oscar_kv.sglang._testing import bookkeeping_kv_pool
+
+            kv = bookkeeping_kv_pool(self.size, PAGE)
         self.kv = kv
         # Pages 1..pool_pages are allocatable (page 0 is the padding page): the same pool
         # size as oscar's. The oscar backends get the allocator a --kv-quant oscar server

@@ -30,6 +30,20 @@ def bench():
     return bench_radix
 
 
+def tiny_trace(conversations: int, gsp_groups: int) -> argparse.Namespace:
+    """The benchmark's trace arguments at test size: 256 pages of 128 tokens against
+    requests of up to 20K tokens."""
+    return argparse.Namespace(
+        seed=0,
+        conversations=conversations,
+        system_prompts=32,
+        active=64,
+        batch=8,
+        gsp_groups=gsp_groups,
+        pool_pages=256,
+    )
+
+
 def checkpoint_classes() -> list[type]:
     from sglang.srt.mem_cache.radix_cache import RadixCache
     from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
@@ -55,15 +69,7 @@ def test_tiny_trace_agrees_and_releases_through_checkpoint(bench, monkeypatch):
 
     # 256 pages of 128 tokens against requests of up to 20K tokens: eviction throughout,
     # and some requests do not fit (the rejection path runs too).
-    args = argparse.Namespace(
-        seed=0,
-        conversations=20,
-        system_prompts=32,
-        active=64,
-        batch=8,
-        gsp_groups=2,
-        pool_pages=256,
-    )
+    args = tiny_trace(conversations=20, gsp_groups=2)
     bench._KEEP.clear()
     try:
         results = bench.run_trace(args, bench.IMPLS, keep=True)
@@ -98,15 +104,7 @@ def test_split_run_times_each_cache_call_once_and_leaves_the_rest_to_the_schedul
     # count a cache's calls into itself or its allocator once: RadixCache.checkpoint
     # re-matches its key and RadixCache.evict frees through the allocator, so counting
     # nested calls would give match_prefix two calls per request and alloc more than one.
-    args = argparse.Namespace(
-        seed=0,
-        conversations=12,
-        system_prompts=32,
-        active=64,
-        batch=8,
-        gsp_groups=1,
-        pool_pages=256,
-    )
+    args = tiny_trace(conversations=12, gsp_groups=1)
     plain = bench.run_trace(args, SGLANG_API)
     timers = {n: bench.CallTimer() for n in SGLANG_API}
     split = bench.run_trace(args, SGLANG_API, split=timers)

@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import sys
 import types
+from typing import Any
 
 INSTALL_HINT = (
     "sglang 0.5.23 is not importable; install it with `bash scripts/install_sglang.sh` "
@@ -68,6 +69,24 @@ def import_sglang_cache() -> types.ModuleType:
     return importlib.import_module("sglang")
 
 
+def bookkeeping_kv_pool(num_tokens: int, page_size: int) -> Any:
+    """SGLang's bf16 ``MHATokenToKVPool`` at the smallest shape (one layer, one head of 4):
+    what prefix-cache bookkeeping needs from a pool, on the host."""
+    import torch
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    return MHATokenToKVPool(
+        size=num_tokens,
+        page_size=page_size,
+        dtype=torch.bfloat16,
+        head_num=1,
+        head_dim=4,
+        layer_num=1,
+        device="cpu",
+        enable_memory_saver=False,
+    )
+
+
 class SchedulerHarness:
     """Drives an SGLang prefix cache the way the scheduler does, on CPU tensors.
 
@@ -94,7 +113,7 @@ class SchedulerHarness:
         import torch
         from sglang.srt.mem_cache.allocator.paged import PagedTokenToKVPoolAllocator
         from sglang.srt.mem_cache.cache_init_params import CacheInitParams
-        from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
+        from sglang.srt.mem_cache.memory_pool import ReqToTokenPool
         from sglang.srt.server_args import ServerArgs, set_global_server_args_for_scheduler
 
         set_global_server_args_for_scheduler(ServerArgs(model_path="dummy", page_size=page_size))
@@ -102,16 +121,7 @@ class SchedulerHarness:
         self.req_to_token_pool = ReqToTokenPool(
             size=max_reqs, max_context_len=max_context_len, device="cpu", enable_memory_saver=False
         )
-        kv = MHATokenToKVPool(
-            size=num_tokens,
-            page_size=page_size,
-            dtype=torch.bfloat16,
-            head_num=1,
-            head_dim=4,
-            layer_num=1,
-            device="cpu",
-            enable_memory_saver=False,
-        )
+        kv = bookkeeping_kv_pool(num_tokens, page_size)
         self.allocator = PagedTokenToKVPoolAllocator(
             num_tokens, page_size, torch.bfloat16, "cpu", kv, need_sort=False
         )
